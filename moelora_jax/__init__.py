@@ -1,0 +1,20 @@
+"""moelora_jax: mixtures of LoRA experts with Riemannian preconditioning, in JAX/Flax."""
+
+from moelora_jax.adapters import (
+    ADAPTER_LEAF_NAMES,
+    AdaptedDense,
+    AdapterConfig,
+    moe_lora_delta,
+    topk_softmax_gate,
+)
+from moelora_jax.riemann import riemann_precond
+
+__all__ = [
+    "ADAPTER_LEAF_NAMES",
+    "AdaptedDense",
+    "AdapterConfig",
+    "moe_lora_delta",
+    "riemann_precond",
+    "topk_softmax_gate",
+]
+__version__ = "0.1.0"

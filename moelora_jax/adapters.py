@@ -1,0 +1,287 @@
+"""LoRA and MoE-LoRA adapters: a pure functional delta and the Flax module that wraps a frozen projection.
+
+Convention (JAX, ``y = x @ W``): a frozen kernel ``W0: (d_in, d_out)`` is adapted by ``E`` low-rank experts stored
+stacked, ``lora_a: (E, d_in, r)`` and ``lora_b: (E, r, d_out)``, a gate ``gate: (d_in, E)`` and optionally a
+MoSLoRA mixer ``mixer: (E, r, r)``::
+
+    p = softmax(x @ W_g)                      (float32, over all E experts)
+    g_i = p_i / sum_{j in top-k(p)} p_j       for i in top-k(p), else 0
+    y = x @ W0 + s * sum_i g_i * (drop(x) @ A_i [@ M_i]) @ B_i,      s = alpha / r
+
+The experts run fused: one matmul into ``E*r`` columns, a per-column gate scale, one matmul out.
+``E == 1`` without a gate is plain LoRA (or MoSLoRA with a mixer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Strategy = Literal["standard", "sqrt_gate"]
+STRATEGIES: tuple[str, ...] = ("standard", "sqrt_gate")
+
+# Leaf names of adapter parameters in a parameter tree; everything else belongs to the frozen base.
+ADAPTER_LEAF_NAMES: tuple[str, ...] = ("lora_a", "lora_b", "gate", "mixer")
+
+
+def topk_softmax_gate(logits: jax.Array, top_k: int) -> jax.Array:
+    """Top-k renormalised softmax gate.
+
+    Args:
+      logits: ``(..., E)`` gate logits.
+      top_k: number of experts kept per token, ``1 <= top_k <= E``.
+
+    Returns:
+      ``(..., E)`` float32 weights ``g`` with ``g_i = p_i / sum_{j in topk} p_j`` on the top-k entries of
+      ``p = softmax(logits)`` and 0 elsewhere; this equals a softmax over the kept logits alone.
+    """
+    logits = logits.astype(jnp.float32)
+    num_experts = logits.shape[-1]
+    if top_k == num_experts:
+        return jax.nn.softmax(logits, axis=-1)
+    _, kept = jax.lax.top_k(logits, top_k)
+    mask = jnp.sum(jax.nn.one_hot(kept, num_experts, dtype=jnp.bool_), axis=-2, dtype=jnp.bool_)
+    return jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gated_expert_out(h: jax.Array, g: jax.Array, b_cat: jax.Array, scale: float, sqrt_gate: bool) -> jax.Array:
+    """``(s * g expanded over r) * h @ B_cat`` with a hand-written backward.
+
+    Shapes: ``h: (..., E*r)``, ``g: (..., E)`` float32, ``b_cat: (E*r, d_out)``; returns ``(..., d_out)``.
+    The backward weights the expert branch (``dh`` and ``dB``) by ``s * g`` (standard) or ``s * sqrt(g)``
+    (sqrt_gate), while the gate always receives its true gradient ``dL/dg_i = s * <dL/dy, h_i B_i>``.
+    """
+    return (h * _expand_gate(scale * g, h)) @ b_cat
+
+
+def _expand_gate(g: jax.Array, h: jax.Array) -> jax.Array:
+    """Repeats the ``(..., E)`` gate over each expert's ``r`` columns of ``h: (..., E*r)``, in ``h``'s dtype."""
+    rank = h.shape[-1] // g.shape[-1]
+    return jnp.repeat(g, rank, axis=-1).astype(h.dtype)
+
+
+def _gated_expert_out_fwd(h, g, b_cat, scale, sqrt_gate):
+    return _gated_expert_out(h, g, b_cat, scale, sqrt_gate), (h, g, b_cat)
+
+
+def _gated_expert_out_bwd(scale, sqrt_gate, residuals, dy):
+    h, g, b_cat = residuals
+    dz = dy @ b_cat.T  # (..., E*r): gradient reaching the un-gated expert activations
+    branch_weight = _expand_gate(scale * (jnp.sqrt(g) if sqrt_gate else g), h)
+    dh = dz * branch_weight
+    tokens_h = (h * branch_weight).reshape(-1, h.shape[-1])
+    db = tokens_h.T @ dy.reshape(-1, dy.shape[-1])
+    per_expert = (dz * h).astype(jnp.float32).reshape(*g.shape, -1)
+    dg = scale * jnp.sum(per_expert, axis=-1)
+    return dh, dg.astype(g.dtype), db.astype(b_cat.dtype)
+
+
+_gated_expert_out.defvjp(_gated_expert_out_fwd, _gated_expert_out_bwd)
+
+
+def _check_delta_args(
+    x: jax.Array,
+    lora_a: jax.Array,
+    lora_b: jax.Array,
+    gate: jax.Array | None,
+    mixer: jax.Array | None,
+    top_k: int,
+    strategy: str,
+    dropout_rate: float,
+) -> None:
+    """Raises ValueError naming the problem for shapes or options that do not fit together."""
+    if lora_a.ndim != 3 or lora_b.ndim != 3:
+        raise ValueError(
+            f"lora_a must be (E, d_in, r) and lora_b (E, r, d_out); got {lora_a.shape} and {lora_b.shape}. "
+            "Index a stacked layer axis away (or use the Flax module inside nn.scan) before calling."
+        )
+    num_experts, d_in, rank = lora_a.shape
+    if lora_b.shape[:2] != (num_experts, rank):
+        raise ValueError(
+            f"lora_b {lora_b.shape} does not match lora_a {lora_a.shape}: expected ({num_experts}, {rank}, d_out)."
+        )
+    if x.shape[-1] != d_in:
+        raise ValueError(f"x has {x.shape[-1]} features but lora_a expects d_in={d_in}.")
+    if gate is None and num_experts != 1:
+        raise ValueError(f"{num_experts} experts need a gate of shape ({d_in}, {num_experts}); got gate=None.")
+    if gate is not None and gate.shape != (d_in, num_experts):
+        raise ValueError(f"gate has shape {gate.shape}; expected (d_in, E) = ({d_in}, {num_experts}).")
+    if mixer is not None and mixer.shape != (num_experts, rank, rank):
+        raise ValueError(f"mixer has shape {mixer.shape}; expected (E, r, r) = ({num_experts}, {rank}, {rank}).")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k={top_k} must lie in [1, E={num_experts}].")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Unknown gradient strategy {strategy!r}; choose one of {STRATEGIES}.")
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate={dropout_rate} must lie in [0, 1).")
+
+
+def moe_lora_delta(
+    x: jax.Array,
+    lora_a: jax.Array,
+    lora_b: jax.Array,
+    gate: jax.Array | None,
+    *,
+    top_k: int | None = None,
+    scale: float,
+    strategy: Strategy = "standard",
+    mixer: jax.Array | None = None,
+    dropout_rng: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+) -> jax.Array:
+    """The MoE-LoRA update ``s * sum_i g_i * (drop(x) @ A_i [@ M_i]) @ B_i``, computed fused.
+
+    Args:
+      x: ``(..., d_in)`` activations; all leading axes are kept. Its dtype is the compute dtype.
+      lora_a: ``(E, d_in, r)`` down-projections.
+      lora_b: ``(E, r, d_out)`` up-projections.
+      gate: ``(d_in, E)`` gate kernel (no bias), or None for plain LoRA (``E == 1``, ``g = 1``).
+      top_k: experts kept per token (default: all ``E``, a dense softmax mixture).
+      scale: ``s = alpha / r``.
+      strategy: ``"standard"`` (plain autodiff of the formula) or ``"sqrt_gate"`` (Sun et al. 2025): same forward,
+        but the gradient into the experts (their ``A_i, M_i, B_i`` and through them into ``x``) is weighted by
+        ``sqrt(g_i)`` instead of ``g_i``; the gate still gets the true ``dL/dg_i``. Equivalently, with
+        ``sg = stop_gradient``: ``term_i = sg(sqrt g_i) E_i(x) + (g_i - sg(sqrt g_i)) sg(E_i(x))``.
+      mixer: optional ``(E, r, r)`` MoSLoRA mixer ``M_i`` between the factors.
+      dropout_rng: PRNG key for dropout on the experts' input; dropout is applied only when given and
+        ``dropout_rate > 0`` (mask ``bernoulli(dropout_rng, 1 - rate, x.shape)``, inverted scaling).
+        The gate always sees the un-dropped ``x``.
+      dropout_rate: probability of zeroing an input feature.
+
+    Returns:
+      ``(..., d_out)`` in ``x``'s dtype. The gate softmax runs in float32; the adapter weights are cast to the
+      compute dtype for the matmuls (their gradients come back in their own dtype).
+    """
+    top_k = lora_a.shape[0] if top_k is None else top_k
+    _check_delta_args(x, lora_a, lora_b, gate, mixer, top_k, strategy, dropout_rate)
+    num_experts, d_in, rank = lora_a.shape
+    dtype = x.dtype
+    a_cat = jnp.swapaxes(lora_a, 0, 1).reshape(d_in, num_experts * rank).astype(dtype)
+    b_cat = lora_b.reshape(num_experts * rank, -1).astype(dtype)
+
+    if dropout_rng is not None and dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, x.shape)
+        h = jnp.where(keep, x / (1.0 - dropout_rate), 0).astype(dtype) @ a_cat
+        logits = None if gate is None else jnp.dot(x, gate.astype(dtype), preferred_element_type=jnp.float32)
+    elif gate is None:
+        h, logits = x @ a_cat, None
+    else:
+        # One matmul for the experts and the gate: x @ [A_cat | W_g] into E*r + E columns.
+        fused = jnp.dot(x, jnp.concatenate([a_cat, gate.astype(dtype)], axis=1), preferred_element_type=jnp.float32)
+        h, logits = fused[..., : num_experts * rank].astype(dtype), fused[..., num_experts * rank :]
+
+    if mixer is not None:
+        h = jnp.einsum("...ei,eij->...ej", h.reshape(*h.shape[:-1], num_experts, rank), mixer.astype(dtype))
+        h = h.reshape(*h.shape[:-2], num_experts * rank)
+
+    if logits is None:
+        return scale * (h @ b_cat)
+    g = topk_softmax_gate(logits, top_k)
+    return _gated_expert_out(h, g, b_cat, float(scale), strategy == "sqrt_gate")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """What adapter a projection carries.
+
+    ``num_experts == 1`` is plain LoRA (no gate); ``mixer=True`` adds a MoSLoRA ``r x r`` mixer per expert.
+    ``top_k=None`` keeps all experts (dense softmax mixture).
+    """
+
+    num_experts: int = 1
+    rank: int = 4
+    top_k: int | None = None
+    alpha: float = 16.0
+    dropout: float = 0.0
+    strategy: Strategy = "standard"
+    mixer: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            raise ValueError(f"AdapterConfig.rank={self.rank} must be a positive integer.")
+        if self.num_experts <= 0:
+            raise ValueError(f"AdapterConfig.num_experts={self.num_experts} must be a positive integer.")
+        if self.top_k is not None and not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"AdapterConfig.top_k={self.top_k} must lie in [1, num_experts={self.num_experts}] (or be None)."
+            )
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"AdapterConfig.strategy={self.strategy!r} must be one of {STRATEGIES}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"AdapterConfig.dropout={self.dropout} must lie in [0, 1).")
+
+    @property
+    def scale(self) -> float:
+        """``s = alpha / r``."""
+        return self.alpha / self.rank
+
+
+def kaiming_uniform_fan_in(fan_in_axis: int = -2) -> nn.initializers.Initializer:
+    """PyTorch's ``kaiming_uniform_(a=sqrt(5))`` (the ``nn.Linear`` default): ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+        bound = 1.0 / math.sqrt(shape[fan_in_axis])
+        return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+
+    return init
+
+
+class AdaptedDense(nn.Module):
+    """A frozen dense projection ``x @ kernel`` plus an optional (MoE-)LoRA adapter.
+
+    Parameters (leaf names are the contract ``riemann_precond`` and the trainer rely on):
+      kernel ``(d_in, d_out)`` in ``param_dtype``, and with an adapter, always float32:
+      lora_a ``(E, d_in, r)`` Kaiming-uniform, lora_b ``(E, r, d_out)`` zeros, gate ``(d_in, E)`` PyTorch-Linear
+      default (only when ``E > 1``), mixer ``(E, r, r)`` Kaiming-uniform (only with ``mixer=True``).
+    Dropout on the adapter input draws from the ``"dropout"`` RNG stream unless ``deterministic``.
+    """
+
+    features: int
+    adapter: AdapterConfig | None = None
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    deterministic: bool | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool | None = None) -> jax.Array:
+        """``x: (..., d_in) -> (..., features)`` in ``dtype``."""
+        d_in = x.shape[-1]
+        x = x.astype(self.dtype)
+        kernel = self.param("kernel", self.kernel_init, (d_in, self.features), self.param_dtype)
+        y = x @ kernel.astype(self.dtype)
+        cfg = self.adapter
+        if cfg is None:
+            return y
+        num_experts, rank = cfg.num_experts, cfg.rank
+        lora_a = self.param("lora_a", kaiming_uniform_fan_in(-2), (num_experts, d_in, rank), jnp.float32)
+        lora_b = self.param("lora_b", nn.initializers.zeros, (num_experts, rank, self.features), jnp.float32)
+        gate = None
+        if num_experts > 1:
+            gate = self.param("gate", kaiming_uniform_fan_in(-2), (d_in, num_experts), jnp.float32)
+        mixer = (
+            self.param("mixer", kaiming_uniform_fan_in(-2), (num_experts, rank, rank), jnp.float32)
+            if cfg.mixer
+            else None
+        )
+        use_dropout = cfg.dropout > 0.0 and not nn.merge_param("deterministic", self.deterministic, deterministic)
+        delta = moe_lora_delta(
+            x,
+            lora_a,
+            lora_b,
+            gate,
+            top_k=cfg.top_k,
+            scale=cfg.scale,
+            strategy=cfg.strategy,
+            mixer=mixer,
+            dropout_rng=self.make_rng("dropout") if use_dropout else None,
+            dropout_rate=cfg.dropout,
+        )
+        return y + delta

@@ -1,0 +1,202 @@
+"""``riemann_precond()``: the r x r Riemannian preconditioner for LoRA factors as an Optax transformation."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+_FACTOR_NAMES = ("lora_a", "lora_b", "mixer")
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class _AdapterGroup(NamedTuple):
+    """Flat indices of one adapter's gradient leaves (``mixer`` is None when the adapter has none)."""
+
+    lora_a: int
+    lora_b: int
+    mixer: int | None
+
+
+def _key_name(key: Any) -> str | None:
+    if isinstance(key, jax.tree_util.DictKey):
+        return str(key.key)
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return key.name
+    return None
+
+
+def _is_masked(leaf: Any) -> bool:
+    return isinstance(leaf, optax.MaskedNode)
+
+
+def _find_adapter_groups(paths: list[tuple], leaves: list[Any]) -> list[_AdapterGroup]:
+    """Pairs every ``lora_a`` gradient with the ``lora_b`` (and ``mixer``) beside it, or raises ValueError."""
+    siblings: dict[tuple, dict[str, int]] = {}
+    for index, path in enumerate(paths):
+        name = _key_name(path[-1]) if path else None
+        if name in _FACTOR_NAMES:
+            siblings.setdefault(path[:-1], {})[name] = index
+    groups = []
+    for parent, members in siblings.items():
+        present = {name for name, index in members.items() if not _is_masked(leaves[index])}
+        if not present & {"lora_a", "lora_b"}:
+            continue
+        where = jax.tree_util.keystr(parent) or "<root>"
+        missing = [name for name in ("lora_a", "lora_b") if name not in present]
+        if missing:
+            raise ValueError(
+                f"riemann_precond: the adapter at {where} has no {missing[0]} gradient beside its other factor; "
+                "keep lora_a, lora_b (and mixer) of one adapter together, in the same optax.partition group."
+            )
+        if "mixer" in members and "mixer" not in present:
+            raise ValueError(
+                f"riemann_precond: the adapter at {where} has a mixer outside this transformation's group; "
+                "put the mixer in the same optax.partition group as lora_a and lora_b."
+            )
+        groups.append(_AdapterGroup(members["lora_a"], members["lora_b"], members.get("mixer")))
+    return groups
+
+
+def _check_shapes(where: str, a: jax.Array, b: jax.Array, m: jax.Array | None) -> None:
+    if a.ndim < 2 or b.ndim != a.ndim:
+        raise ValueError(
+            f"riemann_precond: at {where}, lora_a {a.shape} and lora_b {b.shape} must be (..., d_in, r) and "
+            "(..., r, d_out) with the same leading axes."
+        )
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(
+            f"riemann_precond: at {where}, lora_a has rank {a.shape[-1]} but lora_b has rank {b.shape[-2]} "
+            f"(shapes {a.shape} and {b.shape}); the factors of one adapter must share r."
+        )
+    if a.shape[:-2] != b.shape[:-2]:
+        raise ValueError(
+            f"riemann_precond: at {where}, lora_a {a.shape} and lora_b {b.shape} differ in their leading "
+            "(layer, expert) axes."
+        )
+    rank = a.shape[-1]
+    if m is not None and m.shape != (*a.shape[:-2], rank, rank):
+        raise ValueError(f"riemann_precond: at {where}, mixer {m.shape} must be (..., {rank}, {rank}).")
+
+
+def _gram(x: jax.Array, subscripts: str) -> jax.Array:
+    """An ``(..., r, r)`` Gram matrix of a factor in float32.
+
+    Under a mesh with Explicit axes the contracted ``d`` axis may be sharded, so the output sharding is stated:
+    leading (layer, expert) axes as in ``x``, the ``r x r`` block replicated. Auto meshes need no annotation.
+    """
+    sharding = jax.typeof(x).sharding
+    out_sharding = None
+    if AxisType.Explicit in getattr(sharding.mesh, "axis_types", ()):
+        leading = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+        out_sharding = NamedSharding(sharding.mesh, PartitionSpec(*leading[:-2], None, None))
+    return jnp.einsum(subscripts, x, x, precision=_HIGHEST, out_sharding=out_sharding)
+
+
+def _damped(gram: jax.Array, reg: float) -> jax.Array:
+    return gram + reg * jnp.eye(gram.shape[-1], dtype=gram.dtype)
+
+
+def _right_solve(grad: jax.Array, precond: jax.Array) -> jax.Array:
+    """``grad @ inv(precond)`` for a symmetric ``precond``: ``(..., n, r) x (..., r, r)``."""
+    return jnp.swapaxes(jnp.linalg.solve(precond, jnp.swapaxes(grad, -1, -2)), -1, -2)
+
+
+def _precondition(
+    a: jax.Array, b: jax.Array, m: jax.Array | None, grads: tuple[jax.Array, ...], reg: float
+) -> tuple[jax.Array, ...]:
+    """Preconditions ``(G_A, G_B[, G_M])`` in float32 from the current factors; returns them in their dtypes."""
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    gram_a = _gram(a, "...dr,...ds->...rs")  # A^T A
+    gram_b = _gram(b, "...rd,...sd->...rs")  # B B^T
+    g32 = [g.astype(jnp.float32) for g in grads]
+    if m is None:
+        new = [_right_solve(g32[0], _damped(gram_b, reg)), jnp.linalg.solve(_damped(gram_a, reg), g32[1])]
+    else:
+        m = m.astype(jnp.float32)
+        mt = jnp.swapaxes(m, -1, -2)
+        right_of_a = jnp.matmul(jnp.matmul(m, gram_b, precision=_HIGHEST), mt, precision=_HIGHEST)  # (MB)(MB)^T
+        left_of_b = jnp.matmul(jnp.matmul(mt, gram_a, precision=_HIGHEST), m, precision=_HIGHEST)  # (AM)^T (AM)
+        new = [
+            _right_solve(g32[0], _damped(right_of_a, reg)),
+            jnp.linalg.solve(_damped(left_of_b, reg), g32[1]),
+        ]
+        if len(grads) == 3:
+            new.append(_right_solve(jnp.linalg.solve(_damped(gram_a, reg), g32[2]), _damped(gram_b, reg)))
+    return tuple(n.astype(g.dtype) for n, g in zip(new, grads, strict=True))
+
+
+def riemann_precond(reg: float = 1e-6) -> optax.GradientTransformationExtraArgs:
+    """Riemannian preconditioning of LoRA factor gradients (Zhang & Pilanci, ICML 2024, arXiv:2402.02347).
+
+    For every adapter in the gradient tree, i.e. sibling leaves named ``lora_a: (..., d_in, r)`` and
+    ``lora_b: (..., r, d_out)`` (``y = x @ A @ B``, any leading layer/expert axes, each slice its own adapter)::
+
+        G_A <- G_A @ inv(B @ B.T + reg * I_r)
+        G_B <- inv(A.T @ A + reg * I_r) @ G_B
+
+    with ``A`` and ``B`` read from the current ``params`` (Jacobi: both from before this step). This is the
+    scaled gradient of the low-rank product ``A @ B`` in the quotient geometry of fixed-rank matrices.
+
+    With a MoSLoRA mixer ``mixer: (..., r, r)`` beside the factors (``dW = A @ M @ B``), each factor is
+    preconditioned by the Gram matrix of the rest of the product, and the mixer by both neighbours::
+
+        G_A <- G_A @ inv((M B)(M B)^T + reg I)      G_B <- inv((A M)^T (A M) + reg I) @ G_B
+        G_M <- inv(A^T A + reg I) @ G_M @ inv(B B^T + reg I)
+
+    The ``r x r`` systems are solved (never inverted explicitly) in float32 and the results cast back to each
+    gradient's dtype. Every leaf that is not a LoRA factor (base weights, gates, biases) passes through untouched,
+    so this can sit first in any chain: ``optax.chain(riemann_precond(), optax.adamw(lr))``, also inside
+    ``optax.partition``, as long as an adapter's factors share one group.
+
+    Args:
+      reg: damping ``lambda >= 0`` added to the Gram matrices' diagonal (reference code 1e-6; PEFT's default 1e-2).
+
+    Returns:
+      A stateless ``GradientTransformationExtraArgs`` whose ``update`` requires ``params``.
+    """
+    if not reg >= 0.0:
+        raise ValueError(f"riemann_precond: reg={reg} must be >= 0 (it is the damping added to r x r Gram matrices).")
+
+    def init_fn(params: optax.Params) -> optax.EmptyState:
+        del params
+        return optax.EmptyState()
+
+    def update_fn(
+        updates: optax.Updates, state: optax.EmptyState, params: optax.Params | None = None, **extra_args: Any
+    ) -> tuple[optax.Updates, optax.EmptyState]:
+        del extra_args
+        if params is None:
+            raise ValueError("riemann_precond needs the current parameters: call tx.update(grads, opt_state, params).")
+        path_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_masked)
+        paths = [path for path, _ in path_leaves]
+        leaves = [leaf for _, leaf in path_leaves]
+        groups = _find_adapter_groups(paths, leaves)
+        if not groups:
+            return updates, state
+        param_by_path = dict(jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_masked)[0])
+        for group in groups:
+            where = jax.tree_util.keystr(paths[group.lora_a][:-1]) or "<root>"
+            factors = []
+            for index in (group.lora_a, group.lora_b, group.mixer):
+                if index is None:
+                    factors.append(None)
+                    continue
+                param = param_by_path.get(paths[index])
+                if param is None or _is_masked(param) or jnp.shape(param) != jnp.shape(leaves[index]):
+                    raise ValueError(
+                        f"riemann_precond: params has no {jax.tree_util.keystr(paths[index])} matching its gradient "
+                        f"{jnp.shape(leaves[index])}; pass the same parameter tree the gradients were taken of."
+                    )
+                factors.append(param)
+            _check_shapes(where, *factors)
+            indices = [i for i in group if i is not None]
+            new = _precondition(*factors, tuple(leaves[i] for i in indices), reg)
+            for index, value in zip(indices, new, strict=True):
+                leaves[index] = value
+        return jax.tree_util.tree_unflatten(treedef, leaves), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

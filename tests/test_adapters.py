@@ -1,0 +1,288 @@
+"""MoE-LoRA delta and module, checked against an explicit per-expert loop (NumPy and plain JAX autodiff)."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moelora_jax import AdaptedDense, AdapterConfig, moe_lora_delta, topk_softmax_gate
+
+E, D_IN, R, D_OUT = 5, 12, 3, 7
+
+
+def _random_adapter(seed: int, num_experts: int = E, mixer: bool = False, batch: tuple[int, ...] = (2, 4)):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(*batch, D_IN)).astype(np.float32)
+    a = rng.normal(size=(num_experts, D_IN, R)).astype(np.float32) / math.sqrt(D_IN)
+    b = rng.normal(size=(num_experts, R, D_OUT)).astype(np.float32)
+    gate = rng.normal(size=(D_IN, num_experts)).astype(np.float32)
+    m = rng.normal(size=(num_experts, R, R)).astype(np.float32) if mixer else None
+    return x, a, b, gate, m
+
+
+def _topk_mask(logits: np.ndarray, top_k: int) -> np.ndarray:
+    order = np.argsort(-logits, axis=-1)[..., :top_k]
+    mask = np.zeros_like(logits, dtype=bool)
+    np.put_along_axis(mask, order, True, axis=-1)
+    return mask
+
+
+def numpy_moe_delta(x, a, b, gate, top_k, scale, mixer=None):
+    """Explicit loop over experts in float64: s * sum_i g_i (x A_i [M_i]) B_i."""
+    x, a, b = (np.asarray(v, np.float64) for v in (x, a, b))
+    out = np.zeros((*x.shape[:-1], b.shape[-1]))
+    if gate is None:
+        g = np.ones((*x.shape[:-1], 1))
+    else:
+        logits = x @ np.asarray(gate, np.float64)
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        p = np.where(_topk_mask(logits, top_k), p, 0.0)
+        g = p / p.sum(-1, keepdims=True)
+    for i in range(a.shape[0]):
+        h = x @ a[i]
+        if mixer is not None:
+            h = h @ np.asarray(mixer[i], np.float64)
+        out += g[..., i : i + 1] * (h @ b[i])
+    return scale * out
+
+
+def loop_delta_autodiff(x, a, b, gate, mask, scale, mixer=None, sqrt_gate=False):
+    """Per-expert loop in JAX, differentiated by plain autodiff; sqrt_gate via the stop-gradient formula."""
+    sg = jax.lax.stop_gradient
+    p = jax.nn.softmax(x @ gate, axis=-1) * mask
+    g = p / jnp.sum(p, axis=-1, keepdims=True)
+    out = 0.0
+    for i in range(a.shape[0]):
+        h = x @ a[i]
+        if mixer is not None:
+            h = h @ mixer[i]
+        expert = h @ b[i]
+        gi = g[..., i : i + 1]
+        # sqrt_gate: the stop-gradient formula of DESIGN.md; standard: plain g_i * E_i(x).
+        term = sg(jnp.sqrt(gi)) * expert + (gi - sg(jnp.sqrt(gi))) * sg(expert) if sqrt_gate else gi * expert
+        out = out + term
+    return scale * out
+
+
+@pytest.mark.parametrize("top_k", [1, 2, E])
+@pytest.mark.parametrize("mixer", [False, True])
+def test_fused_delta_equals_per_expert_loop(top_k, mixer):
+    x, a, b, gate, m = _random_adapter(0, mixer=mixer)
+    got = moe_lora_delta(x, a, b, gate, top_k=top_k, scale=1.7, mixer=m)
+    np.testing.assert_allclose(got, numpy_moe_delta(x, a, b, gate, top_k, 1.7, m), rtol=2e-5, atol=2e-5)
+
+
+def test_single_expert_is_lora():
+    x, a, b, gate, _ = _random_adapter(1, num_experts=1)
+    lora = 2.0 * (x.astype(np.float64) @ a[0] @ b[0])
+    np.testing.assert_allclose(moe_lora_delta(x, a, b, None, scale=2.0), lora, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(moe_lora_delta(x, a, b, gate, scale=2.0), lora, rtol=2e-5, atol=2e-5)
+
+
+def test_topk_gate_renormalises_over_kept_experts():
+    logits = jnp.array([[2.0, 0.0, 1.0, -1.0]])
+    p = np.exp([2.0, 0.0, 1.0, -1.0])
+    expected = np.array([p[0], 0.0, p[2], 0.0]) / (p[0] + p[2])
+    np.testing.assert_allclose(topk_softmax_gate(logits, 2)[0], expected, rtol=1e-6)
+    np.testing.assert_allclose(topk_softmax_gate(logits, 4)[0], p / p.sum(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["standard", "sqrt_gate"])
+@pytest.mark.parametrize("mixer", [False, True])
+def test_gradients_equal_autodiff_of_the_formula(strategy, mixer):
+    x, a, b, gate, m = _random_adapter(2, mixer=mixer)
+    top_k, scale = 2, 0.8
+    mask = jnp.asarray(_topk_mask(x @ gate, top_k), jnp.float32)
+    target = np.random.default_rng(3).normal(size=(*x.shape[:-1], D_OUT)).astype(np.float32)
+    m = jnp.zeros((E, R, R)) if m is None else m
+
+    def loss_fused(x, a, b, gate, m):
+        mixer_arg = m if mixer else None
+        out = moe_lora_delta(x, a, b, gate, top_k=top_k, scale=scale, strategy=strategy, mixer=mixer_arg)
+        return jnp.sum(jnp.tanh(out) * target)
+
+    def loss_loop(x, a, b, gate, m):
+        out = loop_delta_autodiff(x, a, b, gate, mask, scale, m if mixer else None, strategy == "sqrt_gate")
+        return jnp.sum(jnp.tanh(out) * target)
+
+    args = tuple(jnp.asarray(v) for v in (x, a, b, gate, m))
+    got = jax.grad(loss_fused, argnums=range(5))(*args)
+    want = jax.grad(loss_loop, argnums=range(5))(*args)
+    for name, g1, g2 in zip(["x", "lora_a", "lora_b", "gate", "mixer"], got, want, strict=True):
+        np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_sqrt_gate_changes_only_the_expert_backward():
+    x, a, b, gate, _ = _random_adapter(4)
+    target = np.random.default_rng(5).normal(size=(*x.shape[:-1], D_OUT)).astype(np.float32)
+
+    def run(strategy):
+        def loss(a, b, gate):
+            return jnp.sum(moe_lora_delta(x, a, b, gate, top_k=3, scale=2.0, strategy=strategy) ** 2 * target)
+
+        return loss(a, b, gate), jax.grad(loss, argnums=(0, 1, 2))(a, b, gate)
+
+    (loss_std, (ga_std, gb_std, gg_std)), (loss_sqrt, (ga_sqrt, gb_sqrt, gg_sqrt)) = run("standard"), run("sqrt_gate")
+    np.testing.assert_allclose(loss_std, loss_sqrt, rtol=1e-6)
+    np.testing.assert_allclose(gg_std, gg_sqrt, rtol=1e-5, atol=1e-6)
+    # sqrt(g) > g for 0 < g < 1: the experts get larger gradients under sqrt_gate.
+    assert np.linalg.norm(ga_sqrt) > 1.05 * np.linalg.norm(ga_std)
+    assert np.linalg.norm(gb_sqrt) > 1.05 * np.linalg.norm(gb_std)
+
+
+def _count_dots(closed_jaxpr) -> int:
+    """Matmuls in a traced program, nested sub-programs (custom_vjp, pjit) included."""
+    return str(closed_jaxpr).count("dot_general[")
+
+
+@pytest.mark.parametrize("num_experts", [1, 4, 20])
+def test_experts_are_fused_not_looped(num_experts):
+    """Forward: one matmul into E*r + E columns, one out; backward: the same matmul count for both strategies."""
+    x, a, b, gate, _ = _random_adapter(6, num_experts=num_experts)
+    fwd = jax.make_jaxpr(lambda x: moe_lora_delta(x, a, b, gate, top_k=1, scale=1.0))(x)
+    assert _count_dots(fwd) == 2
+    counts = set()
+    for strategy in ("standard", "sqrt_gate"):
+
+        def loss(a, b, g, x, s=strategy):
+            return jnp.sum(moe_lora_delta(x, a, b, g, top_k=1, scale=1.0, strategy=s))
+
+        counts.add(_count_dots(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(a, b, gate, x)))
+    assert counts == {6}
+
+
+def test_bfloat16_activations_under_jit():
+    x, a, b, gate, _ = _random_adapter(7)
+    fn = jax.jit(lambda x: moe_lora_delta(x, a, b, gate, top_k=2, scale=1.0))
+    out16 = fn(jnp.asarray(x, jnp.bfloat16))
+    assert out16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.float32(out16), fn(x), rtol=0.05, atol=0.05)
+
+
+def test_dropout_hits_experts_only():
+    x, a, b, gate, _ = _random_adapter(8)
+    rng, rate = jax.random.key(0), 0.3
+    got = moe_lora_delta(x, a, b, gate, top_k=2, scale=1.0, dropout_rng=rng, dropout_rate=rate)
+    keep = np.asarray(jax.random.bernoulli(rng, 1.0 - rate, x.shape))
+    x_dropped = np.where(keep, x / (1.0 - rate), 0.0)
+    # Experts see the dropped input; the gate the clean one.
+    logits = x @ gate
+    p = np.exp(logits - logits.max(-1, keepdims=True)) * _topk_mask(logits, 2)
+    g = p / p.sum(-1, keepdims=True)
+    want = sum(g[..., i : i + 1] * (x_dropped @ a[i] @ b[i]) for i in range(E))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(got, moe_lora_delta(x, a, b, gate, top_k=2, scale=1.0), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"top_k": 6}, "top_k=6 must lie in"),
+        ({"top_k": 0}, "top_k=0 must lie in"),
+        ({"strategy": "sqrt"}, "Unknown gradient strategy"),
+        ({"dropout_rate": 1.0}, "dropout_rate"),
+        ({"mixer": np.zeros((E, R, R + 1))}, "mixer has shape"),
+    ],
+)
+def test_delta_rejects_bad_options(kwargs, message):
+    x, a, b, gate, _ = _random_adapter(9)
+    with pytest.raises(ValueError, match=message):
+        moe_lora_delta(x, a, b, gate, scale=1.0, **kwargs)
+
+
+def test_delta_rejects_mismatched_shapes():
+    x, a, b, gate, _ = _random_adapter(10)
+    with pytest.raises(ValueError, match="does not match lora_a"):
+        moe_lora_delta(x, a, b[:, :2], gate, scale=1.0)
+    with pytest.raises(ValueError, match="x has 11 features"):
+        moe_lora_delta(x[..., :11], a, b, gate, scale=1.0)
+    with pytest.raises(ValueError, match="need a gate"):
+        moe_lora_delta(x, a, b, None, scale=1.0)
+    with pytest.raises(ValueError, match="gate has shape"):
+        moe_lora_delta(x, a, b, gate.T, scale=1.0)
+
+
+def test_module_init_matches_reference_and_starts_at_base():
+    cfg = AdapterConfig(num_experts=E, rank=R, top_k=2, alpha=8.0, mixer=True)
+    x = jnp.asarray(_random_adapter(11)[0])
+    module = AdaptedDense(D_OUT, adapter=cfg)
+    params = module.init(jax.random.key(0), x)["params"]
+    assert {k: v.shape for k, v in params.items()} == {
+        "kernel": (D_IN, D_OUT),
+        "lora_a": (E, D_IN, R),
+        "lora_b": (E, R, D_OUT),
+        "gate": (D_IN, E),
+        "mixer": (E, R, R),
+    }
+    assert all(params[k].dtype == jnp.float32 for k in ("lora_a", "lora_b", "gate", "mixer"))
+    assert not np.any(params["lora_b"])
+    for name, fan_in in (("lora_a", D_IN), ("gate", D_IN), ("mixer", R)):
+        assert np.max(np.abs(params[name])) <= 1 / math.sqrt(fan_in)
+        assert np.std(params[name]) > 0.3 / math.sqrt(fan_in)  # uniform: std = bound / sqrt(3)
+    np.testing.assert_allclose(module.apply({"params": params}, x), x @ params["kernel"], rtol=1e-6)
+
+
+def test_module_matches_functional_delta_and_plain_lora_has_no_gate():
+    x = jnp.asarray(_random_adapter(12)[0])
+    lora = AdaptedDense(D_OUT, adapter=AdapterConfig(rank=R))
+    params = lora.init(jax.random.key(0), x)["params"]
+    assert set(params) == {"kernel", "lora_a", "lora_b"}
+    params = {**params, "lora_b": jnp.ones_like(params["lora_b"])}
+    want = x @ params["kernel"] + (16.0 / R) * (x @ params["lora_a"][0] @ params["lora_b"][0])
+    np.testing.assert_allclose(lora.apply({"params": params}, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_module_dropout_uses_the_dropout_stream():
+    cfg = AdapterConfig(num_experts=E, rank=R, top_k=2, dropout=0.5)
+    x = jnp.asarray(_random_adapter(13)[0])
+    module = AdaptedDense(D_OUT, adapter=cfg)
+    params = module.init(jax.random.key(0), x, deterministic=True)["params"]
+    params = {**params, "lora_b": jnp.ones_like(params["lora_b"])}
+
+    def run(seed):
+        return module.apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.key(seed)})
+
+    np.testing.assert_allclose(run(1), run(1))
+    assert not np.allclose(run(1), run(2))
+    np.testing.assert_allclose(
+        module.apply({"params": params}, x, deterministic=True),
+        x @ params["kernel"]
+        + moe_lora_delta(x, params["lora_a"], params["lora_b"], params["gate"], top_k=2, scale=cfg.scale),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    with pytest.raises(ValueError, match="deterministic"):
+        module.apply({"params": params}, x)
+
+
+def test_module_under_nn_vmap_over_layers_keeps_leaf_names():
+    """Stacked layers: a leading layer axis on every leaf, as nn.scan/nn.vmap produce."""
+    stacked = nn.vmap(
+        AdaptedDense,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=None,
+        axis_size=3,
+    )(D_OUT, adapter=AdapterConfig(num_experts=E, rank=R, top_k=2))
+    params = stacked.init(jax.random.key(0), jnp.ones((2, D_IN)))["params"]
+    assert params["lora_a"].shape == (3, E, D_IN, R)
+    assert params["gate"].shape == (3, D_IN, E)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rank": 0}, "rank=0"),
+        ({"num_experts": 4, "top_k": 5}, "top_k=5"),
+        ({"strategy": "plain"}, "strategy"),
+        ({"dropout": -0.1}, "dropout"),
+        ({"num_experts": 0}, "num_experts=0"),
+    ],
+)
+def test_adapter_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AdapterConfig(**kwargs)

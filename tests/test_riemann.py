@@ -1,0 +1,216 @@
+"""riemann_precond against the per-expert closed form, through Optax chains, partitions, jit and a device mesh."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from moelora_jax import riemann_precond
+
+L, E, D_IN, R, D_OUT = 2, 3, 16, 4, 8
+
+
+def _adapter_tree(seed: int, mixer: bool = False, dtype=jnp.float32) -> dict:
+    """A two-projection tree with stacked (layer, expert) axes, a gate and a frozen kernel beside the factors."""
+    rng = np.random.default_rng(seed)
+
+    def proj(d_out):
+        leaves = {
+            "kernel": rng.normal(size=(L, D_IN, d_out)),
+            "lora_a": rng.normal(size=(L, E, D_IN, R)) / 4,
+            "lora_b": rng.normal(size=(L, E, R, d_out)),
+            "gate": rng.normal(size=(L, D_IN, E)),
+        }
+        if mixer:
+            # Well conditioned (cond(M)^2 enters the Gram), so the float32 solve can be held to a tight tolerance.
+            leaves["mixer"] = np.eye(R) + 0.3 * rng.normal(size=(L, E, R, R))
+        return {k: jnp.asarray(v, dtype) for k, v in leaves.items()}
+
+    return {"attn": {"q": proj(D_OUT), "k": proj(D_OUT // 2)}, "norm": jnp.asarray(rng.normal(size=(D_IN,)), dtype)}
+
+
+def _closed_form(params: dict, grads: dict, reg: float, mixer: bool) -> dict:
+    """Per layer, per expert loop in float64 with explicit inverses (the oracle)."""
+    a, b = np.asarray(params["lora_a"], np.float64), np.asarray(params["lora_b"], np.float64)
+    ga, gb = np.asarray(grads["lora_a"], np.float64), np.asarray(grads["lora_b"], np.float64)
+    out = {"lora_a": np.empty_like(ga), "lora_b": np.empty_like(gb)}
+    if mixer:
+        m, gm = np.asarray(params["mixer"], np.float64), np.asarray(grads["mixer"], np.float64)
+        out["mixer"] = np.empty_like(gm)
+    eye = np.eye(R)
+    for layer in range(L):
+        for e in range(E):
+            A, B = a[layer, e], b[layer, e]
+            if mixer:
+                M = m[layer, e]
+                right, left = M @ B, A @ M
+                inv_a, inv_b = np.linalg.inv(A.T @ A + reg * eye), np.linalg.inv(B @ B.T + reg * eye)
+                out["mixer"][layer, e] = inv_a @ gm[layer, e] @ inv_b
+            else:
+                right, left = B, A
+            out["lora_a"][layer, e] = ga[layer, e] @ np.linalg.inv(right @ right.T + reg * eye)
+            out["lora_b"][layer, e] = np.linalg.inv(left.T @ left + reg * eye) @ gb[layer, e]
+    return out
+
+
+@pytest.mark.parametrize("mixer", [False, True])
+@pytest.mark.parametrize("reg", [1e-6, 1e-2])
+def test_matches_per_expert_closed_form(mixer, reg):
+    params, grads = _adapter_tree(0, mixer), _adapter_tree(1, mixer)
+    tx = riemann_precond(reg)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    for proj in ("q", "k"):
+        want = _closed_form(params["attn"][proj], grads["attn"][proj], reg, mixer)
+        for name, value in want.items():
+            # float32 solves of damped Grams: error relative to the array's scale, not each entry's.
+            atol = 1e-5 * np.abs(value).max()
+            np.testing.assert_allclose(updates["attn"][proj][name], value, rtol=1e-4, atol=atol, err_msg=name)
+
+
+def test_non_lora_leaves_pass_through_untouched():
+    params, grads = _adapter_tree(0), _adapter_tree(1)
+    tx = riemann_precond()
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert updates["norm"] is grads["norm"]
+    for proj in ("q", "k"):
+        assert updates["attn"][proj]["kernel"] is grads["attn"][proj]["kernel"]
+        assert updates["attn"][proj]["gate"] is grads["attn"][proj]["gate"]
+        assert not np.allclose(updates["attn"][proj]["lora_a"], grads["attn"][proj]["lora_a"])
+
+
+def test_returns_gradient_dtype_and_solves_in_float32():
+    params, grads = _adapter_tree(0, dtype=jnp.bfloat16), _adapter_tree(1, dtype=jnp.bfloat16)
+    tx = riemann_precond(1e-3)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    grads32, params32 = jax.tree.map(lambda v: v.astype(jnp.float32), (grads, params))
+    ref, _ = tx.update(grads32, tx.init(params32), params32)
+    for proj in ("q", "k"):
+        got = updates["attn"][proj]["lora_a"]
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(got, ref["attn"][proj]["lora_a"].astype(jnp.bfloat16))
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        optax.sgd(0.1),
+        optax.sgd(0.1, momentum=0.9),
+        optax.adam(1e-2),
+        optax.adamw(1e-2, weight_decay=0.1),
+        optax.lion(1e-3),
+    ],
+    ids=["sgd", "momentum", "adam", "adamw", "lion"],
+)
+def test_first_in_a_chain_equals_preconditioning_by_hand(optimizer):
+    params = _adapter_tree(0)
+    chained = optax.chain(riemann_precond(1e-3), optimizer)
+    state_c, state_o = chained.init(params), optimizer.init(params)
+    precond = riemann_precond(1e-3)
+    step_c = jax.jit(chained.update)
+    for seed in range(3):
+        grads = _adapter_tree(10 + seed)
+        pre, _ = precond.update(grads, precond.init(params), params)
+        want, state_o = optimizer.update(pre, state_o, params)
+        got, state_c = step_c(grads, state_c, params)
+        jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7), got, want)
+        params = optax.apply_updates(params, got)
+
+
+def _labels(params):
+    def label(path, _):
+        name = path[-1].key
+        return {"lora_a": "experts", "lora_b": "experts", "mixer": "experts", "gate": "gate"}.get(name, "frozen")
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def test_inside_optax_partition():
+    params, grads = _adapter_tree(0, mixer=True), _adapter_tree(1, mixer=True)
+    tx = optax.partition(
+        {
+            "experts": optax.chain(riemann_precond(1e-3), optax.sgd(0.5)),
+            "gate": optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)),
+            "frozen": optax.set_to_zero(),
+        },
+        _labels,
+    )
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    precond, _ = riemann_precond(1e-3).update(grads, optax.EmptyState(), params)
+    for proj in ("q", "k"):
+        for name in ("lora_a", "lora_b", "mixer"):
+            np.testing.assert_allclose(updates["attn"][proj][name], -0.5 * precond["attn"][proj][name], rtol=1e-5)
+        assert not np.any(updates["attn"][proj]["kernel"])
+    assert not np.any(updates["norm"])
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_sharded_update_equals_unsharded_and_keeps_shardings(axis_type):
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type, axis_type))
+    params, grads = _adapter_tree(0), _adapter_tree(1)
+    specs = {
+        "lora_a": P(None, None, "model", None),  # d_in over the mesh; the rank axis replicated
+        "lora_b": P(None, None, None, "model"),
+        "kernel": P(None, "data", "model"),
+        "gate": P(None, "model", None),
+    }
+    shardings = {
+        "attn": {proj: {k: NamedSharding(mesh, specs[k]) for k in params["attn"][proj]} for proj in ("q", "k")},
+        "norm": NamedSharding(mesh, P()),
+    }
+    tx = optax.chain(riemann_precond(1e-3), optax.adamw(1e-2))
+    state = tx.init(params)
+    want, _ = jax.jit(tx.update)(grads, state, params)
+    with jax.set_mesh(mesh):
+        sharded_params, sharded_grads = jax.device_put(params, shardings), jax.device_put(grads, shardings)
+        got, _ = jax.jit(tx.update)(sharded_grads, tx.init(sharded_params), sharded_params)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7), got, want)
+    for proj in ("q", "k"):
+        for name, value in got["attn"][proj].items():
+            assert value.sharding.is_equivalent_to(shardings["attn"][proj][name], value.ndim), (proj, name)
+
+
+def test_dataclass_and_tuple_containers():
+    """Factors found by attribute name as well as dict key; leading axes optional."""
+    from typing import NamedTuple
+
+    class Lora(NamedTuple):
+        lora_a: jax.Array
+        lora_b: jax.Array
+
+    rng = np.random.default_rng(0)
+    params = Lora(jnp.asarray(rng.normal(size=(D_IN, R))), jnp.asarray(rng.normal(size=(R, D_OUT))))
+    grads = Lora(jnp.ones((D_IN, R)), jnp.ones((R, D_OUT)))
+    updates, _ = riemann_precond(0.0).update(grads, optax.EmptyState(), params)
+    B = np.asarray(params.lora_b, np.float64)
+    np.testing.assert_allclose(updates.lora_a, np.ones((D_IN, R)) @ np.linalg.inv(B @ B.T), rtol=1e-4)
+
+
+def test_bad_input_fails_loudly():
+    params, grads = _adapter_tree(0), _adapter_tree(1)
+    with pytest.raises(ValueError, match=r"reg=-0\.1 must be >= 0"):
+        riemann_precond(-0.1)
+    tx = riemann_precond()
+    with pytest.raises(ValueError, match="needs the current parameters"):
+        tx.update(grads, tx.init(params), None)
+    lonely = {"layer": {"lora_a": grads["attn"]["q"]["lora_a"]}}
+    with pytest.raises(ValueError, match=r"\['layer'\] has no lora_b"):
+        tx.update(lonely, optax.EmptyState(), {"layer": {"lora_a": params["attn"]["q"]["lora_a"]}})
+    bad = {"lora_a": jnp.ones((E, D_IN, R)), "lora_b": jnp.ones((E, R + 1, D_OUT))}
+    with pytest.raises(ValueError, match="rank 4 but lora_b has rank 5"):
+        tx.update(bad, optax.EmptyState(), bad)
+    with pytest.raises(ValueError, match="params has no"):
+        tx.update(grads, optax.EmptyState(), {"attn": {}, "norm": params["norm"]})
+
+
+def test_factors_split_across_partition_groups_are_refused():
+    params = _adapter_tree(0, mixer=True)
+    for moved in ("lora_b", "mixer"):
+        labels = jax.tree_util.tree_map_with_path(
+            lambda path, _, moved=moved: "other" if path[-1].key == moved else "experts", params
+        )
+        tx = optax.partition({"experts": riemann_precond(), "other": optax.identity()}, labels)
+        with pytest.raises(ValueError, match=r"same optax\.partition group"):
+            tx.update(params, tx.init(params), params)
