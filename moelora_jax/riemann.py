@@ -100,9 +100,32 @@ def _damped(gram: jax.Array, reg: float) -> jax.Array:
     return gram + reg * jnp.eye(gram.shape[-1], dtype=gram.dtype)
 
 
+def _spd_solve(precond: jax.Array, rhs: jax.Array) -> jax.Array:
+    """``inv(precond) @ rhs`` for symmetric positive definite ``precond: (..., r, r)``, ``rhs: (..., r, k)``.
+
+    Gauss-Jordan elimination without pivoting (stable for SPD matrices), looping over the ``r`` pivots with
+    elementwise array ops only. No LAPACK custom call: those deadlocked XLA's CPU runtime here when run beside
+    multi-threaded matmuls (jaxlib 0.10.2, 2 cores), and the loop batches over all leading axes on any backend.
+    """
+    rank = precond.shape[-1]
+    is_row = jnp.arange(rank)[:, None]
+
+    def eliminate(k: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        p, x = carry
+        pivot_p = jax.lax.dynamic_index_in_dim(p, k, axis=-2)  # (..., 1, r)
+        pivot = jax.lax.dynamic_index_in_dim(pivot_p, k, axis=-1)  # (..., 1, 1)
+        pivot_p, pivot_x = pivot_p / pivot, jax.lax.dynamic_index_in_dim(x, k, axis=-2) / pivot
+        column = jax.lax.dynamic_index_in_dim(p, k, axis=-1)  # (..., r, 1)
+        p = jnp.where(is_row == k, pivot_p, p - column * pivot_p)
+        x = jnp.where(is_row == k, pivot_x, x - column * pivot_x)
+        return p, x
+
+    return jax.lax.fori_loop(0, rank, eliminate, (precond, rhs), unroll=rank <= 16)[1]
+
+
 def _right_solve(grad: jax.Array, precond: jax.Array) -> jax.Array:
-    """``grad @ inv(precond)`` for a symmetric ``precond``: ``(..., n, r) x (..., r, r)``."""
-    return jnp.swapaxes(jnp.linalg.solve(precond, jnp.swapaxes(grad, -1, -2)), -1, -2)
+    """``grad @ inv(precond)`` for SPD ``precond``: ``(..., n, r) x (..., r, r)``."""
+    return jnp.swapaxes(_spd_solve(precond, jnp.swapaxes(grad, -1, -2)), -1, -2)
 
 
 def _precondition(
@@ -114,7 +137,7 @@ def _precondition(
     gram_b = _gram(b, "...rd,...sd->...rs")  # B B^T
     g32 = [g.astype(jnp.float32) for g in grads]
     if m is None:
-        new = [_right_solve(g32[0], _damped(gram_b, reg)), jnp.linalg.solve(_damped(gram_a, reg), g32[1])]
+        new = [_right_solve(g32[0], _damped(gram_b, reg)), _spd_solve(_damped(gram_a, reg), g32[1])]
     else:
         m = m.astype(jnp.float32)
         mt = jnp.swapaxes(m, -1, -2)
@@ -122,10 +145,10 @@ def _precondition(
         left_of_b = jnp.matmul(jnp.matmul(mt, gram_a, precision=_HIGHEST), m, precision=_HIGHEST)  # (AM)^T (AM)
         new = [
             _right_solve(g32[0], _damped(right_of_a, reg)),
-            jnp.linalg.solve(_damped(left_of_b, reg), g32[1]),
+            _spd_solve(_damped(left_of_b, reg), g32[1]),
         ]
         if len(grads) == 3:
-            new.append(_right_solve(jnp.linalg.solve(_damped(gram_a, reg), g32[2]), _damped(gram_b, reg)))
+            new.append(_right_solve(_spd_solve(_damped(gram_a, reg), g32[2]), _damped(gram_b, reg)))
     return tuple(n.astype(g.dtype) for n, g in zip(new, grads, strict=True))
 
 
@@ -147,10 +170,11 @@ def riemann_precond(reg: float = 1e-6) -> optax.GradientTransformationExtraArgs:
         G_A <- G_A @ inv((M B)(M B)^T + reg I)      G_B <- inv((A M)^T (A M) + reg I) @ G_B
         G_M <- inv(A^T A + reg I) @ G_M @ inv(B B^T + reg I)
 
-    The ``r x r`` systems are solved (never inverted explicitly) in float32 and the results cast back to each
-    gradient's dtype. Every leaf that is not a LoRA factor (base weights, gates, biases) passes through untouched,
-    so this can sit first in any chain: ``optax.chain(riemann_precond(), optax.adamw(lr))``, also inside
-    ``optax.partition``, as long as an adapter's factors share one group.
+    The ``r x r`` systems are solved (Gauss-Jordan on the SPD Grams, never an explicit inverse) in float32 and
+    the results cast back to each gradient's dtype. Every leaf that is not a LoRA factor (base weights, gates,
+    biases) passes through untouched, so this can sit first in any chain:
+    ``optax.chain(riemann_precond(), optax.adamw(lr))``, also inside ``optax.partition``, as long as an adapter's
+    factors share one group.
 
     Args:
       reg: damping ``lambda >= 0`` added to the Gram matrices' diagonal (reference code 1e-6; PEFT's default 1e-2).
