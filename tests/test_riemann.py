@@ -172,7 +172,7 @@ def test_inside_optax_partition():
 
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
 def test_sharded_update_equals_unsharded_and_keeps_shardings(axis_type):
-    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type, axis_type))
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type, axis_type), devices=jax.devices("cpu")[:8])
     params, grads = _adapter_tree(0), _adapter_tree(1)
     specs = {
         "lora_a": P(None, None, "model", None),  # d_in over the mesh; the rank axis replicated
