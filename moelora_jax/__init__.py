@@ -1,7 +1,6 @@
 """moelora_jax: mixtures of LoRA experts with Riemannian preconditioning, in JAX/Flax."""
 
 from moelora_jax.adapters import (
-    ADAPTER_LEAF_NAMES,
     AdaptedDense,
     AdapterConfig,
     moe_lora_delta,
@@ -10,7 +9,6 @@ from moelora_jax.adapters import (
 from moelora_jax.riemann import riemann_precond
 
 __all__ = [
-    "ADAPTER_LEAF_NAMES",
     "AdaptedDense",
     "AdapterConfig",
     "moe_lora_delta",

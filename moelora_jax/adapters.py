@@ -8,7 +8,8 @@ MoSLoRA mixer ``mixer: (E, r, r)``::
     g_i = p_i / sum_{j in top-k(p)} p_j       for i in top-k(p), else 0
     y = x @ W0 + s * sum_i g_i * (drop(x) @ A_i [@ M_i]) @ B_i,      s = alpha / r
 
-The experts run fused: one matmul into ``E*r`` columns, a per-column gate scale, one matmul out.
+The experts run fused: one matmul into ``E*r`` columns (``E*r + E`` with the gate kernel folded in), a
+per-column gate scale, one matmul out.
 ``E == 1`` without a gate is plain LoRA (or MoSLoRA with a mixer).
 """
 
@@ -25,9 +26,6 @@ import jax.numpy as jnp
 
 Strategy = Literal["standard", "sqrt_gate"]
 STRATEGIES: tuple[str, ...] = ("standard", "sqrt_gate")
-
-# Leaf names of adapter parameters in a parameter tree; everything else belongs to the frozen base.
-ADAPTER_LEAF_NAMES: tuple[str, ...] = ("lora_a", "lora_b", "gate", "mixer")
 
 
 def topk_softmax_gate(logits: jax.Array, top_k: int) -> jax.Array:
@@ -78,7 +76,7 @@ def _gated_expert_out_bwd(scale, sqrt_gate, residuals, dy):
     dh = dz * branch_weight
     tokens_h = (h * branch_weight).reshape(-1, h.shape[-1])
     db = tokens_h.T @ dy.reshape(-1, dy.shape[-1])
-    per_expert = (dz * h).astype(jnp.float32).reshape(*g.shape, -1)
+    per_expert = (dz.astype(jnp.float32) * h.astype(jnp.float32)).reshape(*g.shape, h.shape[-1] // g.shape[-1])
     dg = scale * jnp.sum(per_expert, axis=-1)
     return dh, dg.astype(g.dtype), db.astype(b_cat.dtype)
 
@@ -97,6 +95,8 @@ def _check_delta_args(
     dropout_rate: float,
 ) -> None:
     """Raises ValueError naming the problem for shapes or options that do not fit together."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x has dtype {x.dtype}; the adapter computes in x's dtype, which must be floating point.")
     if lora_a.ndim != 3 or lora_b.ndim != 3:
         raise ValueError(
             f"lora_a must be (E, d_in, r) and lora_b (E, r, d_out); got {lora_a.shape} and {lora_b.shape}. "
@@ -144,7 +144,7 @@ def moe_lora_delta(
       lora_b: ``(E, r, d_out)`` up-projections.
       gate: ``(d_in, E)`` gate kernel (no bias), or None for plain LoRA (``E == 1``, ``g = 1``).
       top_k: experts kept per token (default: all ``E``, a dense softmax mixture).
-      scale: ``s = alpha / r``.
+      scale: ``s = alpha / r``, a static Python number.
       strategy: ``"standard"`` (plain autodiff of the formula) or ``"sqrt_gate"`` (Sun et al. 2025): same forward,
         but the gradient into the experts (their ``A_i, M_i, B_i`` and through them into ``x``) is weighted by
         ``sqrt(g_i)`` instead of ``g_i``; the gate still gets the true ``dL/dg_i``. Equivalently, with
@@ -156,9 +156,14 @@ def moe_lora_delta(
       dropout_rate: probability of zeroing an input feature.
 
     Returns:
-      ``(..., d_out)`` in ``x``'s dtype. The gate softmax runs in float32; the adapter weights are cast to the
-      compute dtype for the matmuls (their gradients come back in their own dtype).
+      ``(..., d_out)`` in ``x``'s dtype. The adapter weights, gate kernel included, are cast to the compute dtype
+      for the matmuls (their gradients come back in their own dtype); the gate logits accumulate in float32 and
+      the top-k softmax runs in float32. Differentiable in reverse mode (``grad``/``vjp``), not forward mode:
+      the expert mixture is a ``custom_vjp``.
     """
+    if isinstance(scale, jax.core.Tracer):
+        raise TypeError("moe_lora_delta: scale must be a static Python number (alpha / r), not a traced array.")
+    scale = float(scale)
     top_k = lora_a.shape[0] if top_k is None else top_k
     _check_delta_args(x, lora_a, lora_b, gate, mixer, top_k, strategy, dropout_rate)
     num_experts, d_in, rank = lora_a.shape
@@ -184,7 +189,7 @@ def moe_lora_delta(
     if logits is None:
         return scale * (h @ b_cat)
     g = topk_softmax_gate(logits, top_k)
-    return _gated_expert_out(h, g, b_cat, float(scale), strategy == "sqrt_gate")
+    return _gated_expert_out(h, g, b_cat, scale, strategy == "sqrt_gate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,8 +241,9 @@ def kaiming_uniform_fan_in(fan_in_axis: int = -2) -> nn.initializers.Initializer
 class AdaptedDense(nn.Module):
     """A frozen dense projection ``x @ kernel`` plus an optional (MoE-)LoRA adapter.
 
-    Parameters (leaf names are the contract ``riemann_precond`` and the trainer rely on):
-      kernel ``(d_in, d_out)`` in ``param_dtype``, and with an adapter, always float32:
+    Parameters (leaf names are the contract ``riemann_precond`` relies on):
+      kernel ``(d_in, d_out)`` in ``param_dtype`` (frozen by convention: train only the adapter leaves), and with an
+      adapter, always float32:
       lora_a ``(E, d_in, r)`` Kaiming-uniform, lora_b ``(E, r, d_out)`` zeros, gate ``(d_in, E)`` PyTorch-Linear
       default (only when ``E > 1``), mixer ``(E, r, r)`` Kaiming-uniform (only with ``mixer=True``).
     Dropout on the adapter input draws from the ``"dropout"`` RNG stream unless ``deterministic``.

@@ -43,13 +43,13 @@ def _find_adapter_groups(paths: list[tuple], leaves: list[Any]) -> list[_Adapter
     groups = []
     for parent, members in siblings.items():
         present = {name for name, index in members.items() if not _is_masked(leaves[index])}
-        if not present & {"lora_a", "lora_b"}:
-            continue
+        if not present or not members.keys() & {"lora_a", "lora_b"}:
+            continue  # masked out of this group, or a leaf that merely shares a name but has no factors
         where = jax.tree_util.keystr(parent) or "<root>"
         missing = [name for name in ("lora_a", "lora_b") if name not in present]
         if missing:
             raise ValueError(
-                f"riemann_precond: the adapter at {where} has no {missing[0]} gradient beside its other factor; "
+                f"riemann_precond: the adapter at {where} has no {missing[0]} gradient beside its {sorted(present)}; "
                 "keep lora_a, lora_b (and mixer) of one adapter together, in the same optax.partition group."
             )
         if "mixer" in members and "mixer" not in present:
@@ -77,7 +77,13 @@ def _check_shapes(where: str, a: jax.Array, b: jax.Array, m: jax.Array | None) -
             f"riemann_precond: at {where}, lora_a {a.shape} and lora_b {b.shape} differ in their leading "
             "(layer, expert) axes."
         )
-    rank = a.shape[-1]
+    rank, d_in, d_out = a.shape[-1], a.shape[-2], b.shape[-1]
+    if rank > min(d_in, d_out):
+        raise ValueError(
+            f"riemann_precond: at {where}, lora_a {a.shape} and lora_b {b.shape} give rank {rank} > "
+            f"min(d_in, d_out) = {min(d_in, d_out)}; factors in PyTorch layout (r, d_in) / (d_out, r) must be "
+            "transposed to (d_in, r) / (r, d_out)."
+        )
     if m is not None and m.shape != (*a.shape[:-2], rank, rank):
         raise ValueError(f"riemann_precond: at {where}, mixer {m.shape} must be (..., {rank}, {rank}).")
 
@@ -147,8 +153,7 @@ def _precondition(
             _right_solve(g32[0], _damped(right_of_a, reg)),
             _spd_solve(_damped(left_of_b, reg), g32[1]),
         ]
-        if len(grads) == 3:
-            new.append(_right_solve(_spd_solve(_damped(gram_a, reg), g32[2]), _damped(gram_b, reg)))
+        new.append(_right_solve(_spd_solve(_damped(gram_a, reg), g32[2]), _damped(gram_b, reg)))
     return tuple(n.astype(g.dtype) for n, g in zip(new, grads, strict=True))
 
 
@@ -177,13 +182,17 @@ def riemann_precond(reg: float = 1e-6) -> optax.GradientTransformationExtraArgs:
     factors share one group.
 
     Args:
-      reg: damping ``lambda >= 0`` added to the Gram matrices' diagonal (reference code 1e-6; PEFT's default 1e-2).
+      reg: damping ``lambda > 0`` added to the Gram matrices' diagonal, a static Python number (reference code
+        1e-6; PEFT's default 1e-2).
 
     Returns:
       A stateless ``GradientTransformationExtraArgs`` whose ``update`` requires ``params``.
     """
-    if not reg >= 0.0:
-        raise ValueError(f"riemann_precond: reg={reg} must be >= 0 (it is the damping added to r x r Gram matrices).")
+    if not reg > 0.0:
+        raise ValueError(
+            f"riemann_precond: reg={reg} must be > 0: it damps the r x r Gram matrices, which are singular while "
+            "lora_b is still zero (its initial value)."
+        )
 
     def init_fn(params: optax.Params) -> optax.EmptyState:
         del params
@@ -200,7 +209,12 @@ def riemann_precond(reg: float = 1e-6) -> optax.GradientTransformationExtraArgs:
         leaves = [leaf for _, leaf in path_leaves]
         groups = _find_adapter_groups(paths, leaves)
         if not groups:
-            return updates, state
+            if not any(path and _key_name(path[-1]) in ("lora_a", "lora_b") for path in paths):
+                raise ValueError(
+                    "riemann_precond found no leaves named lora_a / lora_b in the gradients; it preconditions "
+                    "LoRA factors stored under those names (rename e.g. PyTorch-style lora_A / lora_B)."
+                )
+            return updates, state  # every adapter of this tree is masked out of this partition group
         param_by_path = dict(jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_masked)[0])
         for group in groups:
             where = jax.tree_util.keystr(paths[group.lora_a][:-1]) or "<root>"

@@ -62,7 +62,7 @@ def loop_delta_autodiff(x, a, b, gate, mask, scale, mixer=None, sqrt_gate=False)
             h = h @ mixer[i]
         expert = h @ b[i]
         gi = g[..., i : i + 1]
-        # sqrt_gate: the stop-gradient formula of DESIGN.md; standard: plain g_i * E_i(x).
+        # sqrt_gate: the stop-gradient formula (Sun et al. 2025); standard: plain g_i * E_i(x).
         term = sg(jnp.sqrt(gi)) * expert + (gi - sg(jnp.sqrt(gi))) * sg(expert) if sqrt_gate else gi * expert
         out = out + term
     return scale * out
@@ -194,6 +194,34 @@ def test_delta_rejects_bad_options(kwargs, message):
         moe_lora_delta(x, a, b, gate, scale=1.0, **kwargs)
 
 
+def test_empty_batch_and_unbatched_input():
+    x, a, b, gate, _ = _random_adapter(14)
+
+    def loss(a, x):
+        return jnp.sum(moe_lora_delta(x, a, b, gate, top_k=2, scale=1.0))
+
+    assert jax.grad(loss)(a, jnp.zeros((0, D_IN))).shape == a.shape
+    single = x[0, 0]  # (d_in,)
+    np.testing.assert_allclose(
+        moe_lora_delta(single, a, b, gate, top_k=2, scale=1.0), numpy_moe_delta(single, a, b, gate, 2, 1.0), rtol=2e-5
+    )
+
+
+def test_bfloat16_gradients_follow_float32():
+    x, a, b, gate, _ = _random_adapter(15)
+
+    def grads(x):
+        def loss(a, b, gate):
+            out = moe_lora_delta(x, a, b, gate, top_k=2, scale=1.0, strategy="sqrt_gate")
+            return jnp.sum(out.astype(jnp.float32) ** 2)
+
+        return jax.grad(loss, argnums=(0, 1, 2))(a, b, gate)
+
+    for g16, g32 in zip(grads(jnp.asarray(x, jnp.bfloat16)), grads(x), strict=True):
+        assert g16.dtype == jnp.float32  # parameter gradients in the parameters' dtype
+        np.testing.assert_allclose(g16, g32, rtol=0.05, atol=0.05 * np.abs(g32).max())
+
+
 def test_delta_rejects_mismatched_shapes():
     x, a, b, gate, _ = _random_adapter(10)
     with pytest.raises(ValueError, match="does not match lora_a"):
@@ -204,6 +232,10 @@ def test_delta_rejects_mismatched_shapes():
         moe_lora_delta(x, a, b, None, scale=1.0)
     with pytest.raises(ValueError, match="gate has shape"):
         moe_lora_delta(x, a, b, gate.T, scale=1.0)
+    with pytest.raises(ValueError, match="must be floating point"):
+        moe_lora_delta(x.astype(np.int32), a, b, gate, scale=1.0)
+    with pytest.raises(TypeError, match="scale must be a static Python number"):
+        jax.jit(lambda s: moe_lora_delta(x, a, b, gate, scale=s))(1.0)
 
 
 def test_module_init_matches_reference_and_starts_at_base():

@@ -207,15 +207,18 @@ def test_dataclass_and_tuple_containers():
     rng = np.random.default_rng(0)
     params = Lora(jnp.asarray(rng.normal(size=(D_IN, R))), jnp.asarray(rng.normal(size=(R, D_OUT))))
     grads = Lora(jnp.ones((D_IN, R)), jnp.ones((R, D_OUT)))
-    updates, _ = riemann_precond(0.0).update(grads, optax.EmptyState(), params)
+    updates, _ = riemann_precond(1e-3).update(grads, optax.EmptyState(), params)
     B = np.asarray(params.lora_b, np.float64)
-    np.testing.assert_allclose(updates.lora_a, np.ones((D_IN, R)) @ np.linalg.inv(B @ B.T), rtol=1e-4)
+    np.testing.assert_allclose(
+        updates.lora_a, np.ones((D_IN, R)) @ np.linalg.inv(B @ B.T + 1e-3 * np.eye(R)), rtol=1e-4
+    )
 
 
 def test_bad_input_fails_loudly():
     params, grads = _adapter_tree(0), _adapter_tree(1)
-    with pytest.raises(ValueError, match=r"reg=-0\.1 must be >= 0"):
-        riemann_precond(-0.1)
+    for reg in (-0.1, 0.0):
+        with pytest.raises(ValueError, match=f"reg={reg} must be > 0"):
+            riemann_precond(reg)
     tx = riemann_precond()
     with pytest.raises(ValueError, match="needs the current parameters"):
         tx.update(grads, tx.init(params), None)
@@ -225,15 +228,34 @@ def test_bad_input_fails_loudly():
     bad = {"lora_a": jnp.ones((E, D_IN, R)), "lora_b": jnp.ones((E, R + 1, D_OUT))}
     with pytest.raises(ValueError, match="rank 4 but lora_b has rank 5"):
         tx.update(bad, optax.EmptyState(), bad)
+    torch_layout = {"lora_a": jnp.ones((R, D_IN)), "lora_b": jnp.ones((D_IN, R))}  # a square layer, transposed
+    with pytest.raises(ValueError, match="PyTorch layout"):
+        tx.update(torch_layout, optax.EmptyState(), torch_layout)
+    with pytest.raises(ValueError, match="found no leaves named lora_a / lora_b"):
+        tx.update({"lora_A": jnp.ones((4, 2))}, optax.EmptyState(), {"lora_A": jnp.ones((4, 2))})
     with pytest.raises(ValueError, match="params has no"):
         tx.update(grads, optax.EmptyState(), {"attn": {}, "norm": params["norm"]})
 
 
+def test_zero_lora_b_at_init_gives_finite_updates():
+    """B starts at zero, so B B^T is singular: the damping must keep the first update finite."""
+    params = {"lora_a": jnp.ones((E, D_IN, R)), "lora_b": jnp.zeros((E, R, D_OUT))}
+    updates, _ = riemann_precond(1e-6).update(params, optax.EmptyState(), params)
+    assert all(np.isfinite(v).all() for v in jax.tree.leaves(updates))
+    np.testing.assert_allclose(updates["lora_a"], params["lora_a"] / 1e-6, rtol=1e-5)
+
+
+def test_a_lone_leaf_named_mixer_is_not_an_adapter():
+    params = {"mixer": jnp.ones((4, 4)), "proj": {"lora_a": jnp.ones((8, 2)), "lora_b": jnp.ones((2, 3))}}
+    updates, _ = riemann_precond().update(params, optax.EmptyState(), params)
+    assert updates["mixer"] is params["mixer"]
+
+
 def test_factors_split_across_partition_groups_are_refused():
     params = _adapter_tree(0, mixer=True)
-    for moved in ("lora_b", "mixer"):
+    for moved in ("lora_b", "mixer", "lora_a|lora_b"):
         labels = jax.tree_util.tree_map_with_path(
-            lambda path, _, moved=moved: "other" if path[-1].key == moved else "experts", params
+            lambda path, _, moved=moved: "other" if path[-1].key in moved.split("|") else "experts", params
         )
         tx = optax.partition({"experts": riemann_precond(), "other": optax.identity()}, labels)
         with pytest.raises(ValueError, match=r"same optax\.partition group"):
