@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -86,16 +87,35 @@ def projection_step(adapter: AdapterConfig | None, dtype, tokens: int, einsum_ba
     return lambda: grad_fn(trainable, x, x_o)
 
 
-def bench_projections(tokens: int, dtype, rounds: int, warmup: int) -> dict[str, float]:
-    moe = dict(num_experts=20, rank=4, top_k=10, alpha=16.0)
-    variants = {
-        "frozen projections": projection_step(None, dtype, tokens),
-        "LoRA r=4": projection_step(AdapterConfig(rank=4, alpha=16.0), dtype, tokens),
-        "MoE-LoRA standard": projection_step(AdapterConfig(**moe), dtype, tokens),
-        "MoE-LoRA sqrt_gate": projection_step(AdapterConfig(**moe, strategy="sqrt_gate"), dtype, tokens),
-        "MoE-LoRA einsum+autodiff": projection_step(AdapterConfig(**moe), dtype, tokens, einsum_baseline=True),
+def projection_flops(adapter: AdapterConfig | None, tokens: int) -> float:
+    """Matmul FLOPs of one fwd+bwd through q, k, v, o (2 per multiply-add; elementwise work not counted).
+
+    Frozen: ``x @ W0`` and ``dx = dy @ W0^T``. An adapter adds, per projection, three matmuls over its
+    ``c_in = E*r (+ E gate columns)`` and three over its ``c_out = E*r`` columns (forward, input and weight grads).
+    """
+    total = 0.0
+    for d_out in PROJECTIONS.values():
+        total += 2 * 2 * tokens * D_MODEL * d_out
+        if adapter is not None:
+            c_out = adapter.num_experts * adapter.rank
+            c_in = c_out + (adapter.num_experts if adapter.num_experts > 1 else 0)
+            total += 3 * 2 * tokens * (c_in * D_MODEL + c_out * d_out)
+    return total
+
+
+def bench_projections(tokens: int, dtype, rounds: int, warmup: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds and matmul FLOPs per variant."""
+    moe = AdapterConfig(num_experts=20, rank=4, top_k=10, alpha=16.0)
+    configs = {
+        "frozen projections": (None, False),
+        "LoRA r=4": (AdapterConfig(rank=4, alpha=16.0), False),
+        "MoE-LoRA standard": (moe, False),
+        "MoE-LoRA sqrt_gate": (dataclasses.replace(moe, strategy="sqrt_gate"), False),
+        "MoE-LoRA einsum+autodiff": (moe, True),
     }
-    return interleaved_medians(variants, rounds, warmup)
+    variants = {name: projection_step(cfg, dtype, tokens, einsum) for name, (cfg, einsum) in configs.items()}
+    flops = {name: projection_flops(cfg, tokens) for name, (cfg, _) in configs.items()}
+    return interleaved_medians(variants, rounds, warmup), flops
 
 
 def whole_model_adapters(num_experts: int = 20, rank: int = 4) -> dict:
@@ -141,7 +161,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
@@ -150,12 +170,13 @@ def main() -> None:
     print(f"device: {device.device_kind} x{jax.device_count()} ({jax.default_backend()}), jax {jax.__version__}")
     print(f"tokens={args.tokens} dtype={args.dtype} rounds={args.rounds} (medians, interleaved)\n")
 
-    proj = bench_projections(args.tokens, dtype, args.rounds, args.warmup)
+    proj, flops = bench_projections(args.tokens, dtype, args.rounds, args.warmup)
     lora, frozen = proj["LoRA r=4"], proj["frozen projections"]
-    print("fwd+bwd through q, k, v, o at d=3072, kv=1024")
-    print(f"{'variant':<28}{'ms':>10}{'/ LoRA r=4':>12}{'/ frozen':>10}")
+    print("fwd+bwd through q, k, v, o at d=3072, kv=1024 (GFLOP: matmuls only, 2 per multiply-add)")
+    print(f"{'variant':<28}{'ms':>10}{'/ LoRA r=4':>12}{'/ frozen':>10}{'GFLOP':>9}{'TFLOP/s':>9}")
     for name, seconds in proj.items():
-        print(f"{name:<28}{1e3 * seconds:>10.2f}{seconds / lora:>12.3f}{seconds / frozen:>10.3f}")
+        ratios = f"{seconds / lora:>12.3f}{seconds / frozen:>10.3f}"
+        print(f"{name:<28}{1e3 * seconds:>10.2f}{ratios}{flops[name] / 1e9:>9.1f}{flops[name] / seconds / 1e12:>9.2f}")
 
     opt = bench_optimizer(args.rounds, args.warmup)
     extra = opt["riemann_precond + adamw"] - opt["adamw"]
@@ -168,7 +189,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             record = {"device": device.device_kind, "backend": jax.default_backend(), **vars(args)}
-            json.dump({**record, "projection_seconds": proj, "optimizer_seconds": opt}, f, indent=2)
+            results = {"projection_seconds": proj, "projection_flops": flops, "optimizer_seconds": opt}
+            json.dump({**record, **results}, f, indent=2)
 
 
 if __name__ == "__main__":
