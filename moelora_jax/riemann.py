@@ -152,8 +152,8 @@ def _precondition(
         new = [
             _right_solve(g32[0], _damped(right_of_a, reg)),
             _spd_solve(_damped(left_of_b, reg), g32[1]),
+            _right_solve(_spd_solve(_damped(gram_a, reg), g32[2]), _damped(gram_b, reg)),
         ]
-        new.append(_right_solve(_spd_solve(_damped(gram_a, reg), g32[2]), _damped(gram_b, reg)))
     return tuple(n.astype(g.dtype) for n, g in zip(new, grads, strict=True))
 
 
