@@ -196,8 +196,8 @@ def test_sharded_update_equals_unsharded_and_keeps_shardings(axis_type):
             assert value.sharding.is_equivalent_to(shardings["attn"][proj][name], value.ndim), (proj, name)
 
 
-def test_dataclass_and_tuple_containers():
-    """Factors found by attribute name as well as dict key; leading axes optional."""
+def test_factors_found_by_attribute_name_in_a_namedtuple():
+    """Factors found by attribute name (GetAttrKey) as well as dict key; leading axes optional."""
     from typing import NamedTuple
 
     class Lora(NamedTuple):
