@@ -17,3 +17,40 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+TINY_LLAMA = {
+    "vocab_size": 96,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "max_position_embeddings": 256,
+    "initializer_range": 0.1,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
+
+
+@pytest.fixture
+def tiny_llama(tmp_path):
+    """``make(**overrides) -> (torch LlamaForCausalLM, directory it was saved to as safetensors)``: a tiny random
+    transformers LLaMA, the PyTorch oracle for our model and loader."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+
+    def make(seed: int = 0, max_shard_size: str | None = None, dtype=None, **overrides):
+        torch.manual_seed(seed)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY_LLAMA, **overrides})).eval()
+        if dtype is not None:
+            model = model.to(dtype)
+        directory = tmp_path / f"llama-{seed}-{len(list(tmp_path.iterdir()))}"
+        kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+        model.save_pretrained(directory, **kwargs)
+        return model, directory
+
+    return make

