@@ -15,32 +15,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
-import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
+from timing import interleaved_medians
 
 from moelora_jax import AdaptedDense, AdapterConfig, riemann_precond, topk_softmax_gate
 
 D_MODEL, LAYERS = 3072, 28
 PROJECTIONS = {"q": 3072, "k": 1024, "v": 1024, "o": 3072}  # output features; all read d_model inputs
-
-
-def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call, calling each function once per round in turn so machine noise hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            jax.block_until_ready(fn())
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _einsum_moe_delta(x, lora_a, lora_b, gate, *, top_k, scale):

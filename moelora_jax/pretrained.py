@@ -1,7 +1,7 @@
 """Pretrained LLaMA-family weights and tokenizers: Hugging Face directories and GGUF files, loaded without torch.
 
 A Hugging Face directory holds ``config.json`` and ``model.safetensors`` (or shards listed in
-``model.safetensors.index.json``); tensors are memory-mapped and copied one at a time into the stacked
+``model.safetensors.index.json``); tensors are read one at a time into the stacked
 ``(layers, ...)`` leaves of our parameter tree, each placed on its devices before the next is built, so peak host
 memory stays near one copy of the weights. A GGUF file (llama.cpp) is dequantized with ``gguf`` once into a cached
 Hugging Face directory, undoing llama.cpp's rotary permutation of the Q/K rows; its tokenizer comes from the GGUF's
@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import struct
@@ -74,7 +75,7 @@ def _layout(config: LlamaConfig) -> dict[tuple[str, ...], _Tensor]:
 
 
 class SafetensorsFile:
-    """Lazy, memory-mapped reader of one ``.safetensors`` file (numpy, bfloat16 included)."""
+    """Reader of one ``.safetensors`` file, one tensor at a time, into numpy (bfloat16 included)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -102,9 +103,9 @@ class SafetensorsFile:
         begin, _ = entry["data_offsets"]
         shape = tuple(entry["shape"])
         dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-        if 0 in shape:
-            return np.zeros(shape, dtype)
-        return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape)
+        # A plain read, not a memory map: mapped pages would count against the process until the file is closed.
+        count = math.prod(shape)
+        return np.fromfile(self.path, dtype=dtype, count=count, offset=self._data_start + begin).reshape(shape)
 
 
 def _tensor_index(directory: Path) -> dict[str, Path]:
