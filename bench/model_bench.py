@@ -5,7 +5,8 @@
 
 Reports: loading the weights (seconds, and the growth of peak host memory over the weights' size), compile time
 of the forward and of the MoE-LoRA train step, forward tokens/s, and per-step time of
-  - a frozen-model forward+backward (gradients to the activations of every layer, none to the weights),
+  - a frozen-model forward+backward (gradients to every layer's activations; the only weights differentiated are
+    the attention-norm scales, which cost nothing),
   - LoRA r=4 and MoE-LoRA (E=20, r=4, top-k 10) on q, k, v, o: forward+backward into the adapters,
   - the MoE-LoRA train step: that plus ``chain(riemann_precond, adamw)`` and the update,
 as ratios to the frozen forward+backward of the same batch. The loss is token cross-entropy.

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from flax import traverse_util
 
 from moelora_jax.models.llama import Llama, LlamaConfig, abstract_variables
 from moelora_jax.sharding import DEFAULT_RULES, LogicalRules, logical_shardings
@@ -146,6 +147,7 @@ def load_params(
     files = _tensor_index(directory)
     expected = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_variables(Llama(config)))["params"])[0]
     layout = _layout(config)
+    flat_shardings = None if shardings is None else traverse_util.flatten_dict(shardings)
     readers: dict[Path, SafetensorsFile] = {}
     host_dtype = np.dtype(param_dtype)
     leaves = {}
@@ -175,26 +177,9 @@ def load_params(
                 host[i] = tensor
             else:
                 host[...] = tensor
-        sharding = None if shardings is None else _leaf(shardings, keys)
-        leaves[keys] = jax.device_put(host, sharding)
+        leaves[keys] = jax.device_put(host, None if shardings is None else flat_shardings[keys])
         del host
-    return _unflatten(leaves)
-
-
-def _leaf(tree: Any, keys: tuple[str, ...]) -> Any:
-    for key in keys:
-        tree = tree[key]
-    return tree
-
-
-def _unflatten(leaves: dict[tuple[str, ...], Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for keys, value in leaves.items():
-        node = tree
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
-    return tree
+    return traverse_util.unflatten_dict(leaves)
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Any:

@@ -213,8 +213,8 @@ class RMSNorm(nn.Module):
         return normed.astype(self.dtype) * scale.astype(self.dtype)
 
 
-class _Projections(nn.Module):
-    """Shared fields of the attention and MLP blocks: how to build an (adapted) projection."""
+class _LayerPart(nn.Module):
+    """Fields every part of a decoder layer shares, and how it builds its (adapted) projections."""
 
     config: LlamaConfig
     adapter: AdapterConfig | None
@@ -236,7 +236,7 @@ class _Projections(nn.Module):
         )
 
 
-class Attention(_Projections):
+class Attention(_LayerPart):
     """Grouped-query attention: ``num_heads`` query heads share ``num_kv_heads`` key/value heads."""
 
     @nn.compact
@@ -273,7 +273,7 @@ class Attention(_Projections):
         return self.proj("o", c.hidden_size, ("heads", "embed"))(out), layer_cache
 
 
-class MLP(_Projections):
+class MLP(_LayerPart):
     """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
 
     @nn.compact
@@ -285,7 +285,7 @@ class MLP(_Projections):
         return self.proj("down", c.hidden_size, ("mlp", "embed"))(hidden)
 
 
-class DecoderLayer(_Projections):
+class DecoderLayer(_LayerPart):
     """One pre-norm block; the ``nn.scan`` body (``carry = x``)."""
 
     @nn.compact
