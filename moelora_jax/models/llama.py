@@ -190,6 +190,7 @@ class KVCache(NamedTuple):
 
     @classmethod
     def create(cls, config: LlamaConfig, batch: int, length: int, dtype: jnp.dtype = jnp.float32) -> KVCache:
+        """An empty cache of ``length`` slots, which must cover the prompt and every token to be generated."""
         shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
         return cls(
             jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32)
@@ -352,6 +353,8 @@ class Llama(nn.Module):
             prior, cache_index, valid = jnp.zeros((batch,), jnp.int32), jnp.zeros((), jnp.int32), token_mask
             slots = length
         else:
+            if length > cache.valid.shape[1]:
+                raise ValueError(f"{length} tokens do not fit a KV cache of {cache.valid.shape[1]} slots.")
             prior, cache_index = jnp.sum(cache.valid, axis=1, dtype=jnp.int32), cache.index
             valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, cache_index))
             slots = cache.valid.shape[1]
