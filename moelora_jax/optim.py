@@ -1,0 +1,145 @@
+"""The whole adapter optimizer, built from a config: parameter groups, schedules, the preconditioner, accumulation.
+
+Adapter leaves are labelled by name (``adapter_labels``): ``lora_a`` / ``lora_b`` / ``mixer`` are ``experts``,
+``gate`` is ``gate``, and any leaf named in ``frozen`` is ``frozen`` (no update). Each group gets its own chain
+under ``optax.partition``::
+
+    experts: [riemann_precond(reg)] -> sgd | adamw | reference_adamw   (lr schedule, weight decay on factors)
+    gate:    [clip_by_global_norm(c)] -> the same family                 (its own lr schedule)
+
+wrapped in ``optax.MultiSteps`` when gradients are accumulated over several micro-batches.
+``reference_adamw`` is the reference code's AdamW: no bias correction and ``eps`` outside the square root,
+``u = -lr * m / (sqrt(v) + eps)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from moelora_jax.riemann import riemann_precond
+
+Family = Literal["sgd", "adamw", "reference_adamw"]
+FAMILIES: tuple[str, ...] = ("sgd", "adamw", "reference_adamw")
+EXPERT_LEAVES: tuple[str, ...] = ("lora_a", "lora_b", "mixer")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """How adapters are optimised (see the module docstring). Schedules are in optimizer updates, not micro-steps."""
+
+    family: Family = "adamw"
+    lr: float = 1e-5
+    gate_lr: float = 3e-8
+    gate_clip_norm: float | None = 1.0
+    momentum: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-6
+    weight_decay: float = 0.0
+    riemann: bool = True
+    riemann_reg: float = 1e-6
+    warmup_steps: int = 0
+    decay_steps: int | None = None
+    end_factor: float = 0.0
+    accumulation_steps: int = 1
+    frozen: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"optim family={self.family!r} must be one of {FAMILIES}.")
+        for name in ("lr", "gate_lr", "weight_decay", "momentum", "end_factor", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"optim {name}={getattr(self, name)} must be >= 0.")
+        if self.riemann and self.riemann_reg <= 0:
+            raise ValueError(f"optim riemann_reg={self.riemann_reg} must be > 0.")
+        if self.accumulation_steps < 1:
+            raise ValueError(f"optim accumulation_steps={self.accumulation_steps} must be >= 1.")
+        if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
+            raise ValueError(f"optim decay_steps={self.decay_steps} must exceed warmup_steps={self.warmup_steps}.")
+        if self.gate_clip_norm is not None and self.gate_clip_norm <= 0:
+            raise ValueError(f"optim gate_clip_norm={self.gate_clip_norm} must be > 0 (or None for no clipping).")
+
+
+def lr_schedule(peak: float, config: OptimConfig) -> optax.Schedule:
+    """Linear warmup from 0 over ``warmup_steps``, then linear decay to ``end_factor * peak`` at ``decay_steps``
+    (held there after); constant after warmup when ``decay_steps`` is None."""
+    warmup = optax.linear_schedule(0.0, peak, config.warmup_steps) if config.warmup_steps else None
+    if config.decay_steps is None:
+        after = optax.constant_schedule(peak)
+    else:
+        after = optax.linear_schedule(peak, peak * config.end_factor, config.decay_steps - config.warmup_steps)
+    if warmup is None:
+        return after
+    return optax.join_schedules([warmup, after], [config.warmup_steps])
+
+
+class ReferenceAdamState(NamedTuple):
+    mu: Any
+    nu: Any
+
+
+def scale_by_reference_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6) -> optax.GradientTransformation:
+    """The reference code's Adam direction: ``m / (sqrt(v) + eps)`` with the raw (not bias-corrected) moments."""
+
+    def init(params):
+        zeros = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
+        return ReferenceAdamState(zeros, zeros)
+
+    def update(grads, state, params=None):
+        del params
+        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g.astype(jnp.float32), state.mu, grads)
+        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g.astype(jnp.float32)), state.nu, grads)
+        updates = jax.tree.map(lambda m, v, g: (m / (jnp.sqrt(v) + eps)).astype(g.dtype), mu, nu, grads)
+        return updates, ReferenceAdamState(mu, nu)
+
+    return optax.GradientTransformation(init, update)
+
+
+def adapter_labels(adapters: Any, frozen: tuple[str, ...] = ()) -> Any:
+    """``"experts"``, ``"gate"`` or ``"frozen"`` per adapter leaf, by the leaf's name."""
+
+    def label(path, _):
+        name = path[-1].key if hasattr(path[-1], "key") else str(path[-1])
+        if name in frozen:
+            return "frozen"
+        if name == "gate":
+            return "gate"
+        if name in EXPERT_LEAVES:
+            return "experts"
+        raise ValueError(f"adapter leaf {jax.tree_util.keystr(path)} is not an expert factor, mixer or gate.")
+
+    return jax.tree_util.tree_map_with_path(label, adapters)
+
+
+def _family(config: OptimConfig, lr: optax.Schedule, decay: bool) -> optax.GradientTransformation:
+    weight_decay = config.weight_decay if decay else 0.0
+    if config.family == "sgd":
+        parts = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
+        return optax.chain(*parts, optax.sgd(lr, momentum=config.momentum or None))
+    if config.family == "adamw":
+        return optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=weight_decay)
+    parts = [scale_by_reference_adam(config.b1, config.b2, config.eps)]
+    if weight_decay:
+        parts.append(optax.add_decayed_weights(weight_decay))
+    return optax.chain(*parts, optax.scale_by_learning_rate(lr))
+
+
+def build_optimizer(config: OptimConfig, adapters: Any) -> optax.GradientTransformation:
+    """The optimizer for an ``"adapters"`` tree (its structure fixes the labels)."""
+    experts = _family(config, lr_schedule(config.lr, config), decay=True)
+    if config.riemann:
+        experts = optax.chain(riemann_precond(config.riemann_reg), experts)
+    gate = _family(config, lr_schedule(config.gate_lr, config), decay=False)
+    if config.gate_clip_norm is not None:
+        gate = optax.chain(optax.clip_by_global_norm(config.gate_clip_norm), gate)
+    tx = optax.partition(
+        {"experts": experts, "gate": gate, "frozen": optax.set_to_zero()}, adapter_labels(adapters, config.frozen)
+    )
+    if config.accumulation_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=config.accumulation_steps)
+    return tx

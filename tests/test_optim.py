@@ -1,0 +1,113 @@
+"""The adapter optimizer built from OptimConfig: groups, schedules, the reference AdamW, accumulation."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from moelora_jax import riemann_precond
+from moelora_jax.optim import OptimConfig, adapter_labels, build_optimizer, lr_schedule, scale_by_reference_adam
+
+
+def _adapters(seed=0):
+    rng = np.random.RandomState(seed)
+    layer = {
+        "lora_a": rng.randn(2, 3, 8, 2).astype(np.float32),
+        "lora_b": rng.randn(2, 3, 2, 6).astype(np.float32),
+        "gate": rng.randn(2, 8, 3).astype(np.float32),
+    }
+    return {"layers": {"attn": {"q_proj": layer}}}
+
+
+def _grads(seed=1):
+    return jax.tree.map(lambda x: jnp.asarray(np.random.RandomState(seed).randn(*x.shape), jnp.float32), _adapters())
+
+
+def test_reference_adam_has_no_bias_correction_and_eps_outside_the_sqrt():
+    b1, b2, eps = 0.9, 0.999, 1e-6
+    tx = scale_by_reference_adam(b1, b2, eps)
+    params = {"w": jnp.zeros(5)}
+    state = tx.init(params)
+    m = v = np.zeros(5)
+    for seed in range(3):
+        g = np.random.RandomState(seed).randn(5)
+        updates, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state)
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g**2
+        np.testing.assert_allclose(updates["w"], m / (np.sqrt(v) + eps), rtol=1e-5)
+    first = scale_by_reference_adam().update({"w": jnp.ones(5)}, scale_by_reference_adam().init(params))[0]["w"]
+    assert np.allclose(first, 0.1 / (np.sqrt(0.001) + 1e-6))  # bias-corrected Adam would give ~1.0
+
+
+def test_labels_by_leaf_name():
+    labels = adapter_labels(_adapters())["layers"]["attn"]["q_proj"]
+    assert labels == {"lora_a": "experts", "lora_b": "experts", "gate": "gate"}
+    assert adapter_labels(_adapters(), frozen=("gate",))["layers"]["attn"]["q_proj"]["gate"] == "frozen"
+    with pytest.raises(ValueError, match="kernel"):
+        adapter_labels({"q": {"kernel": jnp.zeros(2)}})
+
+
+def test_groups_get_their_own_chains():
+    """SGD: experts move by -lr * riemann(g); the gate by -gate_lr * clip(g); frozen leaves not at all."""
+    config = OptimConfig(family="sgd", lr=0.1, gate_lr=0.01, gate_clip_norm=0.5, riemann_reg=1e-3)
+    adapters, grads = _adapters(), _grads()
+    tx = build_optimizer(config, adapters)
+    updates, _ = tx.update(grads, tx.init(adapters), adapters)
+    got = updates["layers"]["attn"]["q_proj"]
+    pair = ("lora_a", "lora_b")
+    expert_grads = {k: grads["layers"]["attn"]["q_proj"][k] for k in pair}
+    expert_params = {k: adapters["layers"]["attn"]["q_proj"][k] for k in pair}
+    pre, _ = riemann_precond(1e-3).update(expert_grads, optax.EmptyState(), expert_params)
+    for name in pair:
+        np.testing.assert_allclose(got[name], -0.1 * pre[name], rtol=1e-5)
+    gate_grad = grads["layers"]["attn"]["q_proj"]["gate"]
+    clipped = gate_grad * 0.5 / np.linalg.norm(gate_grad)
+    np.testing.assert_allclose(got["gate"], -0.01 * clipped, rtol=1e-5)
+
+    frozen = build_optimizer(dataclasses.replace(config, frozen=("gate",)), adapters)
+    updates, _ = frozen.update(grads, frozen.init(adapters), adapters)
+    assert not np.any(updates["layers"]["attn"]["q_proj"]["gate"])
+
+
+def test_schedule_warms_up_then_decays_like_the_reference():
+    """The reference decays linearly to 0 over 2222 steps and stops at 2000: about 0.1x there."""
+    sched = lr_schedule(1e-5, OptimConfig(warmup_steps=100, decay_steps=2222, end_factor=0.0))
+    assert float(sched(0)) == 0.0
+    np.testing.assert_allclose(float(sched(50)), 0.5e-5, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(100)), 1e-5, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(2000)), 1e-5 * 222 / 2122, rtol=1e-5)
+    assert float(sched(5000)) == 0.0
+    assert float(lr_schedule(3e-4, OptimConfig())(10**6)) == pytest.approx(3e-4)
+
+
+def test_accumulation_applies_the_mean_gradient_every_k_steps():
+    config = OptimConfig(family="adamw", lr=1e-2, accumulation_steps=3, riemann=False)
+    plain = build_optimizer(OptimConfig(family="adamw", lr=1e-2, riemann=False), _adapters())
+    tx = build_optimizer(config, _adapters())
+    adapters, state = _adapters(), tx.init(_adapters())
+    micro = [_grads(seed) for seed in (1, 2, 3)]
+    for i, g in enumerate(micro):
+        updates, state = tx.update(g, state, adapters)
+        if i < 2:
+            assert all(not np.any(u) for u in jax.tree.leaves(updates))
+    mean = jax.tree.map(lambda *g: sum(g) / 3, *micro)
+    want, _ = plain.update(mean, plain.init(adapters), adapters)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9), updates, want)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"family": "lion"}, "family='lion'"),
+        ({"lr": -1.0}, "lr=-1.0"),
+        ({"riemann_reg": 0.0}, "riemann_reg=0.0"),
+        ({"accumulation_steps": 0}, "accumulation_steps=0"),
+        ({"warmup_steps": 10, "decay_steps": 5}, "decay_steps=5"),
+        ({"gate_clip_norm": 0.0}, "gate_clip_norm=0.0"),
+    ],
+)
+def test_bad_optim_config_fails_clearly(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        OptimConfig(**kwargs)
