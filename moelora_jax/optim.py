@@ -1,4 +1,4 @@
-"""The whole adapter optimizer, built from a config: parameter groups, schedules, the preconditioner, accumulation.
+"""The whole adapter optimizer, built from a config: parameter groups, schedules and the preconditioner.
 
 Adapter leaves are labelled by name (``adapter_labels``): ``lora_a`` / ``lora_b`` / ``mixer`` are ``experts``,
 ``gate`` is ``gate``, and any leaf named in ``frozen`` is ``frozen`` (no update). Each group gets its own chain
@@ -7,7 +7,7 @@ under ``optax.partition``::
     experts: [riemann_precond(reg)] -> sgd | adamw | reference_adamw   (lr schedule, weight decay on factors)
     gate:    [clip_by_global_norm(c)] -> the same family                 (its own lr schedule)
 
-wrapped in ``optax.MultiSteps`` when gradients are accumulated over several micro-batches.
+(Gradient accumulation happens inside the trainer's step, which sums micro-batch gradients before one update.)
 ``reference_adamw`` is the reference code's AdamW: no bias correction and ``eps`` outside the square root,
 ``u = -lr * m / (sqrt(v) + eps)``.
 """
@@ -46,7 +46,6 @@ class OptimConfig:
     warmup_steps: int = 0
     decay_steps: int | None = None
     end_factor: float = 0.0
-    accumulation_steps: int = 1
     frozen: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -57,8 +56,6 @@ class OptimConfig:
                 raise ValueError(f"optim {name}={getattr(self, name)} must be >= 0.")
         if self.riemann and self.riemann_reg <= 0:
             raise ValueError(f"optim riemann_reg={self.riemann_reg} must be > 0.")
-        if self.accumulation_steps < 1:
-            raise ValueError(f"optim accumulation_steps={self.accumulation_steps} must be >= 1.")
         if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
             raise ValueError(f"optim decay_steps={self.decay_steps} must exceed warmup_steps={self.warmup_steps}.")
         if self.gate_clip_norm is not None and self.gate_clip_norm <= 0:
@@ -137,9 +134,6 @@ def build_optimizer(config: OptimConfig, adapters: Any) -> optax.GradientTransfo
     gate = _family(config, lr_schedule(config.gate_lr, config), decay=False)
     if config.gate_clip_norm is not None:
         gate = optax.chain(optax.clip_by_global_norm(config.gate_clip_norm), gate)
-    tx = optax.partition(
+    return optax.partition(
         {"experts": experts, "gate": gate, "frozen": optax.set_to_zero()}, adapter_labels(adapters, config.frozen)
     )
-    if config.accumulation_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=config.accumulation_steps)
-    return tx

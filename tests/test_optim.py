@@ -1,4 +1,4 @@
-"""The adapter optimizer built from OptimConfig: groups, schedules, the reference AdamW, accumulation."""
+"""The adapter optimizer built from OptimConfig: groups, schedules, the reference AdamW."""
 
 import dataclasses
 
@@ -82,28 +82,12 @@ def test_schedule_warms_up_then_decays_like_the_reference():
     assert float(lr_schedule(3e-4, OptimConfig())(10**6)) == pytest.approx(3e-4)
 
 
-def test_accumulation_applies_the_mean_gradient_every_k_steps():
-    config = OptimConfig(family="adamw", lr=1e-2, accumulation_steps=3, riemann=False)
-    plain = build_optimizer(OptimConfig(family="adamw", lr=1e-2, riemann=False), _adapters())
-    tx = build_optimizer(config, _adapters())
-    adapters, state = _adapters(), tx.init(_adapters())
-    micro = [_grads(seed) for seed in (1, 2, 3)]
-    for i, g in enumerate(micro):
-        updates, state = tx.update(g, state, adapters)
-        if i < 2:
-            assert all(not np.any(u) for u in jax.tree.leaves(updates))
-    mean = jax.tree.map(lambda *g: sum(g) / 3, *micro)
-    want, _ = plain.update(mean, plain.init(adapters), adapters)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9), updates, want)
-
-
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"family": "lion"}, "family='lion'"),
         ({"lr": -1.0}, "lr=-1.0"),
         ({"riemann_reg": 0.0}, "riemann_reg=0.0"),
-        ({"accumulation_steps": 0}, "accumulation_steps=0"),
         ({"warmup_steps": 10, "decay_steps": 5}, "decay_steps=5"),
         ({"gate_clip_norm": 0.0}, "gate_clip_norm=0.0"),
     ],

@@ -1,0 +1,228 @@
+"""The training step and evaluation, each one jitted XLA program with explicit shardings over a device mesh.
+
+Loss: mean next-token cross-entropy over the response tokens of the whole (accumulated) batch,
+``L = sum_{b,t} m[b,t] * -log p(x[b,t] | x[b,<t]) / sum_{b,t} m[b,t]`` with ``m`` the loss mask. A step takes
+``(n_micro, B, T)`` batches, scans over the micro-batches summing gradients of the *summed* loss and the token
+counts, then divides once, so accumulating ``n`` micro-batches equals one ``n``-times larger batch exactly.
+Gradients exist only for the ``"adapters"`` tree. An update whose loss or gradients are not finite is skipped
+(state unchanged) and counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from moelora_jax.data import Example, encode_prompt, left_pad
+from moelora_jax.generation import generate
+from moelora_jax.models.llama import Llama, abstract_variables, init_variables
+from moelora_jax.sharding import DEFAULT_RULES, LogicalRules, logical_shardings
+from moelora_jax.tasks import Task
+
+BATCH_AXES = ("data", "fsdp")
+
+
+class TrainState(NamedTuple):
+    """``step``: updates attempted; ``skipped``: of those, how many were dropped as non-finite."""
+
+    step: jax.Array
+    adapters: Any
+    opt_state: Any
+    rng: jax.Array
+    skipped: jax.Array
+
+
+def token_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token NLL over target positions, and their count. ``logits: (B, T, V)``, ``tokens, loss_mask:
+    (B, T)``; ``loss_mask[b, t]`` marks ``tokens[b, t]`` as a target of position ``t - 1``."""
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    mask = loss_mask[:, 1:].astype(jnp.float32)
+    return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+class Trainer:
+    """Holds the model, optimizer and mesh; ``init``, ``train_step``, ``eval_loss`` and ``generate`` run under the
+    mesh and its logical-axis rules, with parameters, adapters and batches placed by those rules."""
+
+    def __init__(
+        self,
+        model: Llama,
+        optimizer: optax.GradientTransformation,
+        mesh: jax.sharding.Mesh,
+        rules: LogicalRules = DEFAULT_RULES,
+    ) -> None:
+        if model.adapter is None:
+            raise ValueError("the model has no adapter: training updates adapters only.")
+        self.model, self.optimizer, self.mesh, self.rules = model, optimizer, mesh, rules
+        self.shardings = logical_shardings(abstract_variables(model), mesh, rules)
+        self._replicated = NamedSharding(mesh, PartitionSpec())
+        self._train_step = None
+        self._eval_loss = jax.jit(self._eval_loss_fn)
+
+    @contextlib.contextmanager
+    def _context(self) -> Iterator[None]:
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+    def batch_sharding(self, ndim: int, leading: int = 0) -> NamedSharding:
+        """Shard the batch axis (after ``leading`` unsharded axes) over ``data x fsdp``."""
+        return NamedSharding(
+            self.mesh, PartitionSpec(*([None] * leading), BATCH_AXES, *([None] * (ndim - leading - 1)))
+        )
+
+    def place_params(self, params: Any) -> Any:
+        """Frozen weights placed by the rules (a no-op for weights already loaded that way)."""
+        return jax.device_put(params, self.shardings["params"])
+
+    def init(self, rng: jax.Array) -> TrainState:
+        """Fresh adapters (B = 0, so the model starts as the base) and optimizer state, placed on the mesh."""
+        init_rng, rng = jax.random.split(rng)
+        adapters = jax.device_put(
+            init_variables(self.model, init_rng, ("adapters",))["adapters"], self.shardings["adapters"]
+        )
+        with self._context():
+            opt_state = jax.jit(self.optimizer.init)(adapters)
+        state = TrainState(jnp.zeros((), jnp.int32), adapters, opt_state, rng, jnp.zeros((), jnp.int32))
+        return jax.device_put(state, self.state_shardings(state))
+
+    def state_shardings(self, state: TrainState) -> TrainState:
+        """Adapters by the rules; optimizer leaves as the compiler placed them; scalars and the rng replicated."""
+
+        def sharding(x):
+            return x.sharding if isinstance(getattr(x, "sharding", None), NamedSharding) else self._replicated
+
+        return TrainState(
+            self._replicated,
+            self.shardings["adapters"],
+            jax.tree.map(sharding, state.opt_state),
+            self._replicated,
+            self._replicated,
+        )
+
+    def _loss_and_grads(self, params, adapters, batch, rng):
+        def micro(carry, xs):
+            grads, total, count = carry
+            mb, index = xs
+
+            def loss(ad):
+                logits = self.model.apply(
+                    {"params": params, "adapters": ad},
+                    mb["tokens"],
+                    mb["attention_mask"],
+                    deterministic=False,
+                    rngs={"dropout": jax.random.fold_in(rng, index)},
+                )
+                return token_loss(logits, mb["tokens"], mb["loss_mask"])
+
+            (s, n), g = jax.value_and_grad(loss, has_aux=True)(adapters)
+            return (jax.tree.map(jnp.add, grads, g), total + s, count + n), None
+
+        n_micro = batch["tokens"].shape[0]
+        zeros = jax.tree.map(jnp.zeros_like, adapters)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grads, total, count), _ = jax.lax.scan(micro, init, (batch, jnp.arange(n_micro)))
+        denom = jnp.maximum(count, 1.0)
+        return total / denom, jax.tree.map(lambda g: g / denom, grads), count
+
+    def _train_step_fn(self, state: TrainState, params: Any, batch: dict[str, jax.Array]):
+        rng, step_rng = jax.random.split(state.rng)
+        loss, grads, count = self._loss_and_grads(params, state.adapters, batch, step_rng)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.adapters)
+        adapters = optax.apply_updates(state.adapters, updates)
+        finite = jnp.isfinite(loss) & _all_finite(grads)
+
+        def keep(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        new_state = TrainState(
+            state.step + 1,
+            keep(adapters, state.adapters),
+            keep(opt_state, state.opt_state),
+            rng,
+            state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
+        )
+        metrics = {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads), "finite": finite}
+        return new_state, metrics
+
+    def train_step(self, state: TrainState, params: Any, batch: dict[str, np.ndarray]) -> tuple[TrainState, dict]:
+        """One optimizer update from a ``(n_micro, B, T)`` batch (``tokens``, ``attention_mask``, ``loss_mask``)."""
+        if self._train_step is None:
+            self._train_step = jax.jit(
+                self._train_step_fn,
+                in_shardings=(self.state_shardings(state), self.shardings["params"], self.batch_sharding(3, 1)),
+                out_shardings=(self.state_shardings(state), self._replicated),
+                donate_argnums=(0,),
+            )
+        with self._context():
+            return self._train_step(state, params, batch)
+
+    def _eval_loss_fn(self, params, adapters, batch):
+        logits = self.model.apply({"params": params, "adapters": adapters}, batch["tokens"], batch["attention_mask"])
+        return token_loss(logits, batch["tokens"], batch["loss_mask"])
+
+    def eval_loss(self, params: Any, adapters: Any, batches: Sequence[dict[str, np.ndarray]]) -> float:
+        """Mean response-token loss over ``(B, T)`` batches."""
+        total = count = 0.0
+        with self._context():
+            for batch in batches:
+                s, n = self._eval_loss(params, adapters, jax.device_put(batch, self.batch_sharding(2)))
+                total, count = total + float(s), count + float(n)
+        return total / max(count, 1.0)
+
+    def generate_answers(
+        self,
+        params: Any,
+        adapters: Any,
+        tokenizer: Any,
+        examples: Sequence[Example],
+        *,
+        batch_size: int,
+        prompt_length: int,
+        max_new_tokens: int,
+        use_chat_template: bool = True,
+    ) -> list[str]:
+        """Greedy answers to each example's prompt, decoded; batches are padded to a fixed shape (one compile)."""
+        eos = tuple(self.model.config.eos_token_ids) or (tokenizer.eos_token_id,)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+        prompts = [
+            encode_prompt(tokenizer, e.prompt, prompt_length, use_chat_template=use_chat_template) for e in examples
+        ]
+        answers = []
+        variables = {"params": params, "adapters": adapters}
+        with self._context():
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start : start + batch_size]
+                chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # fixed shape; extra rows are dropped
+                tokens, mask = left_pad(chunk, prompt_length, pad)
+                sharding = self.batch_sharding(2)
+                out = generate(
+                    self.model,
+                    variables,
+                    jax.device_put(tokens, sharding),
+                    jax.device_put(mask, sharding),
+                    max_new_tokens=max_new_tokens,
+                    eos_ids=eos,
+                    pad_id=pad,
+                )
+                out = np.asarray(out)[: min(batch_size, len(prompts) - start)]
+                answers += [tokenizer.decode(row, skip_special_tokens=True) for row in out]
+        return answers
+
+    def evaluate(
+        self, params: Any, adapters: Any, tokenizer: Any, task: Task, examples: Sequence[Example], **kwargs
+    ) -> float:
+        """The task's score (accuracy or MCC) of greedy answers; ``kwargs`` as for ``generate_answers``."""
+        return task.score(self.generate_answers(params, adapters, tokenizer, examples, **kwargs), examples)
