@@ -8,7 +8,7 @@ of the forward and of the MoE-LoRA train step, forward tokens/s, and per-step ti
   - a frozen-model forward+backward (gradients to every layer's activations; the only weights differentiated are
     the attention-norm scales, which cost nothing),
   - LoRA r=4 and MoE-LoRA (E=20, r=4, top-k 10) on q, k, v, o: forward+backward into the adapters,
-  - the MoE-LoRA train step: that plus ``chain(riemann_precond, adamw)`` and the update,
+  - the MoE-LoRA train step: that plus ``adamw`` and the update, and the same with ``riemann_precond`` first,
 as ratios to the frozen forward+backward of the same batch. The loss is token cross-entropy.
 """
 
@@ -88,13 +88,18 @@ def main() -> None:
         return jax.jit(jax.grad(loss))
 
     lora_grad, moe_grad = adapter_grad("lora"), adapter_grad("moe_lora")
-    tx = optax.chain(riemann_precond(), optax.adamw(1e-4))
 
-    @jax.jit
-    def train_step(ad, opt_state, p, t):
-        grads = jax.grad(lambda a: cross_entropy(models["moe_lora"].apply({"params": p, "adapters": a}, t), t))(ad)
-        updates, opt_state = tx.update(grads, opt_state, ad)
-        return optax.apply_updates(ad, updates), opt_state
+    def make_train_step(tx):
+        @jax.jit
+        def train_step(ad, opt_state, p, t):
+            grads = jax.grad(lambda a: cross_entropy(models["moe_lora"].apply({"params": p, "adapters": a}, t), t))(ad)
+            updates, opt_state = tx.update(grads, opt_state, ad)
+            return optax.apply_updates(ad, updates), opt_state
+
+        return train_step
+
+    tx, plain_tx = optax.chain(riemann_precond(), optax.adamw(1e-4)), optax.adamw(1e-4)
+    train_step, plain_train_step = make_train_step(tx), make_train_step(plain_tx)
 
     def compile_seconds(fn, *fn_args) -> float:
         start = time.perf_counter()
@@ -102,7 +107,7 @@ def main() -> None:
         return time.perf_counter() - start
 
     scales = params["layers"]["attn_norm"]["scale"]
-    opt_state = tx.init(adapters["moe_lora"])
+    opt_state, plain_opt_state = tx.init(adapters["moe_lora"]), plain_tx.init(adapters["moe_lora"])
     compile_s = {
         "forward": compile_seconds(forward, params, tokens),
         "moe_lora_train_step": compile_seconds(train_step, adapters["moe_lora"], opt_state, params, tokens),
@@ -113,6 +118,9 @@ def main() -> None:
             "frozen_fwd_bwd": lambda: frozen_grad(scales, params, tokens),
             "lora_fwd_bwd": lambda: lora_grad(adapters["lora"], params, tokens),
             "moe_lora_fwd_bwd": lambda: moe_grad(adapters["moe_lora"], params, tokens),
+            "moe_lora_train_step_adamw": lambda: plain_train_step(
+                adapters["moe_lora"], plain_opt_state, params, tokens
+            ),
             "moe_lora_train_step": lambda: train_step(adapters["moe_lora"], opt_state, params, tokens),
         },
         args.rounds,
@@ -139,9 +147,12 @@ def main() -> None:
     )
     print("compile: " + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()))
     print(f"forward: {results['forward_tokens_per_s']:.0f} tokens/s")
-    print(f"{'step':<22}{'ms':>10}{'/ frozen fwd+bwd':>18}")
+    print(f"{'step':<28}{'ms':>10}{'/ frozen fwd+bwd':>18}")
     for name, ms in results["step_ms"].items():
-        print(f"{name:<22}{ms:>10.1f}{results['ratio_to_frozen_fwd_bwd'][name]:>18.3f}")
+        print(f"{name:<28}{ms:>10.1f}{results['ratio_to_frozen_fwd_bwd'][name]:>18.3f}")
+    ratio = medians["moe_lora_train_step"] / medians["moe_lora_train_step_adamw"]
+    print(f"riemann_precond + adamw over adamw alone, whole train step: {ratio:.3f}")
+    results["riemann_over_adamw_train_step"] = ratio
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

