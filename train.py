@@ -17,6 +17,21 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file, 
 flags.mark_flag_as_required("config")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with every bad ``--config`` override (unknown key, wrong type) as one line and exit 2."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        message = str(e)
+        if "Traceback" in message:  # an exception inside the config file: keep its last line
+            message = message.strip().splitlines()[-1]
+        if isinstance(e, AttributeError | KeyError):
+            key = message.strip("\"'")
+            message = f"unknown config key {key!r} in a --config override; the config file lists the valid keys"
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: settings go through --config.KEY=VALUE.")
@@ -31,4 +46,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

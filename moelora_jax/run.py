@@ -67,7 +67,9 @@ def plan(config: Any) -> Plan:
     if config.data.task not in TASKS:
         raise ValueError(f"data.task={config.data.task!r} is not a task format: choose from {sorted(TASKS)}.")
     t = config.train
-    for name in ("steps", "batch_size", "micro_batches", "eval_batch_size", "max_new_tokens"):
+    if config.model.remat not in ("none", "full", "dots"):
+        raise ValueError(f"model.remat={config.model.remat!r} must be 'none', 'full' or 'dots'.")
+    for name in ("steps", "batch_size", "micro_batches", "eval_batch_size", "max_new_tokens", "log_every"):
         if t[name] < 1:
             raise ValueError(f"train.{name}={t[name]} must be >= 1.")
     if t.batch_size % t.micro_batches:
