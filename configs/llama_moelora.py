@@ -49,6 +49,7 @@ def get_config(preset: str = "") -> ConfigDict:
     config.optim.weight_decay = 0.0
     config.optim.riemann = True
     config.optim.riemann_reg = 1e-6
+    config.optim.gauss_seidel = False  # True: B preconditioned with the updated A, as the reference AdamW does
     config.optim.warmup_steps = 5
     config.optim.decay_steps = 55
     config.optim.end_factor = 0.0

@@ -8,6 +8,8 @@ under ``optax.partition``::
     gate:    [clip_by_global_norm(c)] -> the same family                 (its own lr schedule)
 
 (Gradient accumulation happens inside the trainer's step, which sums micro-batch gradients before one update.)
+With ``gauss_seidel`` the experts follow the reference code's scaled AdamW exactly: ``A`` is preconditioned (by the
+old ``B``) and updated first, then ``G_B`` is preconditioned by the *updated* ``A`` before ``B``'s update.
 ``reference_adamw`` is the reference code's AdamW: no bias correction and ``eps`` outside the square root,
 ``u = -lr * m / (sqrt(v) + eps)``.
 """
@@ -43,6 +45,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     riemann: bool = True
     riemann_reg: float = 1e-6
+    gauss_seidel: bool = False
     warmup_steps: int = 0
     decay_steps: int | None = None
     end_factor: float = 0.0
@@ -56,6 +59,8 @@ class OptimConfig:
                 raise ValueError(f"optim {name}={getattr(self, name)} must be >= 0.")
         if self.riemann and self.riemann_reg <= 0:
             raise ValueError(f"optim riemann_reg={self.riemann_reg} must be > 0.")
+        if self.gauss_seidel and not self.riemann:
+            raise ValueError("optim gauss_seidel=True preconditions with the updated factors: it needs riemann=True.")
         if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
             raise ValueError(f"optim decay_steps={self.decay_steps} must exceed warmup_steps={self.warmup_steps}.")
         if self.gate_clip_norm is not None and self.gate_clip_norm <= 0:
@@ -126,10 +131,54 @@ def _family(config: OptimConfig, lr: optax.Schedule, decay: bool) -> optax.Gradi
     return optax.chain(*parts, optax.scale_by_learning_rate(lr))
 
 
+def _leaf_name(path: tuple) -> str:
+    return str(getattr(path[-1], "key", path[-1]))
+
+
+def _named(name: str):
+    """A mask function: True on leaves called ``name`` (optax ``MaskedNode`` placeholders hold no leaves)."""
+    return lambda tree: jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) == name, tree)
+
+
+class GaussSeidelState(NamedTuple):
+    lora_a: Any
+    lora_b: Any
+
+
+def gauss_seidel_precond(inner: optax.GradientTransformation, reg: float) -> optax.GradientTransformationExtraArgs:
+    """Precondition and update ``lora_a`` first, then precondition ``G_B`` with the updated ``A`` and update
+    ``lora_b``; ``inner`` runs separately (own state) on each factor. Only ``lora_a`` / ``lora_b`` leaves allowed."""
+    inner_a, inner_b = optax.masked(inner, _named("lora_a")), optax.masked(inner, _named("lora_b"))
+    precond = riemann_precond(reg)
+
+    def init(params):
+        names = {_leaf_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+        if names - {"lora_a", "lora_b"}:
+            raise ValueError(f"optim gauss_seidel=True supports lora_a / lora_b experts only, not {sorted(names)}.")
+        return GaussSeidelState(inner_a.init(params), inner_b.init(params))
+
+    def update(grads, state, params=None, **extra):
+        del extra
+        if params is None:
+            raise ValueError("gauss_seidel_precond needs the current parameters.")
+        is_a = _named("lora_a")(grads)
+        pre_a, _ = precond.update(grads, optax.EmptyState(), params)
+        step_a, state_a = inner_a.update(pre_a, state.lora_a, params)
+        moved = jax.tree.map(lambda p, u, a: p + u if a else p, params, step_a, is_a)
+        pre_b, _ = precond.update(grads, optax.EmptyState(), moved)
+        step_b, state_b = inner_b.update(pre_b, state.lora_b, params)
+        updates = jax.tree.map(lambda ua, ub, a: ua if a else ub, step_a, step_b, is_a)
+        return updates, GaussSeidelState(state_a, state_b)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
 def build_optimizer(config: OptimConfig, adapters: Any) -> optax.GradientTransformation:
     """The optimizer for an ``"adapters"`` tree (its structure fixes the labels)."""
     experts = _family(config, lr_schedule(config.lr, config), decay=True)
-    if config.riemann:
+    if config.gauss_seidel:
+        experts = gauss_seidel_precond(experts, config.riemann_reg)
+    elif config.riemann:
         experts = optax.chain(riemann_precond(config.riemann_reg), experts)
     gate = _family(config, lr_schedule(config.gate_lr, config), decay=False)
     if config.gate_clip_norm is not None:

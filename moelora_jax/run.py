@@ -108,6 +108,13 @@ def run(config: Any) -> dict[str, Any]:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model_config.eos_token_ids[0]
 
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    for name, size in (
+        ("batch_size // micro_batches", t.batch_size // t.micro_batches),
+        ("eval_batch_size", t.eval_batch_size),
+    ):
+        if size % shards:
+            raise ValueError(f"train.{name}={size} must be a multiple of the mesh's data x fsdp = {shards} devices.")
     model = Llama(
         model_config,
         adapter=settings.adapter,

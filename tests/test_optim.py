@@ -95,3 +95,37 @@ def test_schedule_warms_up_then_decays_like_the_reference():
 def test_bad_optim_config_fails_clearly(kwargs, message):
     with pytest.raises(ValueError, match=message):
         OptimConfig(**kwargs)
+
+
+def test_gauss_seidel_mode_follows_the_reference_scaled_adamw():
+    """Reference order per step: A's gradient by the old B, A updated, then B's gradient by the updated A."""
+    lr, reg, b1, b2, eps = 0.05, 1e-2, 0.9, 0.999, 1e-6
+    config = OptimConfig(
+        family="reference_adamw", lr=lr, gate_lr=0.0, riemann_reg=reg, gauss_seidel=True, gate_clip_norm=None
+    )
+    adapters = _adapters()
+    tx = build_optimizer(config, adapters)
+    state = tx.init(adapters)
+    a = np.asarray(adapters["layers"]["attn"]["q_proj"]["lora_a"], np.float64)
+    b = np.asarray(adapters["layers"]["attn"]["q_proj"]["lora_b"], np.float64)
+    moments = {name: [np.zeros_like(x), np.zeros_like(x)] for name, x in (("a", a), ("b", b))}
+
+    def adam(name, g):
+        m, v = moments[name]
+        m[...] = b1 * m + (1 - b1) * g
+        v[...] = b2 * v + (1 - b2) * g**2
+        return -lr * m / (np.sqrt(v) + eps)
+
+    eye = np.eye(a.shape[-1])
+    for seed in (1, 2):
+        grads = _grads(seed)
+        updates, state = tx.update(grads, state, adapters)
+        adapters = optax.apply_updates(adapters, updates)
+        ga = np.asarray(grads["layers"]["attn"]["q_proj"]["lora_a"], np.float64)
+        gb = np.asarray(grads["layers"]["attn"]["q_proj"]["lora_b"], np.float64)
+        a = a + adam("a", ga @ np.linalg.inv(b @ np.swapaxes(b, -1, -2) + reg * eye))
+        b = b + adam("b", np.linalg.inv(np.swapaxes(a, -1, -2) @ a + reg * eye) @ gb)  # the *updated* a
+    np.testing.assert_allclose(adapters["layers"]["attn"]["q_proj"]["lora_a"], a, rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(adapters["layers"]["attn"]["q_proj"]["lora_b"], b, rtol=2e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="needs riemann=True"):
+        OptimConfig(gauss_seidel=True, riemann=False)
