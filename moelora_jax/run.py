@@ -164,14 +164,14 @@ def run(config: Any) -> dict[str, Any]:
     batches = train_batches(encoded, t.batch_size, d.max_length, pad, seed=t.seed)
     micro = t.batch_size // t.micro_batches
     bar = tqdm(range(1, t.steps + 1), desc="train", dynamic_ncols=True)
-    train_start, tokens_seen, last = time.perf_counter(), 0.0, before
+    train_start, tokens_seen, eval_seconds = time.perf_counter(), 0, 0.0
     for step in bar:
         batch = jax.tree.map(lambda x: x.reshape(t.micro_batches, micro, *x.shape[1:]), next(batches))
+        tokens_seen += int(np.sum(batch["attention_mask"]))
         state, metrics = trainer.train_step(state, params, batch)
         if step % t.log_every == 0 or step == t.steps:
             metrics = jax.device_get(metrics)
-            tokens_seen += float(np.sum(batch["attention_mask"])) * t.log_every
-            rate = tokens_seen / (time.perf_counter() - train_start)
+            rate = tokens_seen / (time.perf_counter() - train_start - eval_seconds)
             lr = float(schedule(step - 1))
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
             record(
@@ -186,12 +186,14 @@ def run(config: Any) -> dict[str, Any]:
                 }
             )
         if t.eval_every and step % t.eval_every == 0 and step != t.steps:
-            last = evaluate(step)
-            record({"event": "eval", **last})
+            eval_start = time.perf_counter()
+            record({"event": "eval", **evaluate(step)})
+            eval_seconds += time.perf_counter() - eval_start
+    jax.block_until_ready(state)
+    train_seconds = time.perf_counter() - train_start - eval_seconds
     after = evaluate(t.steps)
     record({"event": "eval", **after})
     log.close()
-    train_seconds = time.perf_counter() - train_start
     summary = {
         "model": str(directory),
         "task": d.task,
@@ -203,6 +205,7 @@ def run(config: Any) -> dict[str, Any]:
         "eval_loss_before": before["eval_loss"],
         "eval_loss_after": after["eval_loss"],
         "train_seconds": train_seconds,
+        "train_tokens_per_s": tokens_seen / train_seconds,
         "total_seconds": time.perf_counter() - start,
         "output_dir": str(output_dir),
     }
@@ -210,7 +213,8 @@ def run(config: Any) -> dict[str, Any]:
     print(
         f"\n{d.task}: {task.metric} {before[task.metric]:.3f} -> {after[task.metric]:.3f}, eval loss "
         f"{before['eval_loss']:.3f} -> {after['eval_loss']:.3f} over {len(eval_examples)} held-out examples\n"
-        f"{t.steps} steps x {t.batch_size} examples ({int(state.skipped)} skipped), {train_seconds:.0f} s training, "
+        f"{t.steps} steps x {t.batch_size} examples ({int(state.skipped)} skipped), {train_seconds:.0f} s training "
+        f"at {summary['train_tokens_per_s']:.0f} tokens/s, "
         f"{summary['total_seconds']:.0f} s total\nmetrics: {output_dir / 'metrics.jsonl'}; summary: "
         f"{output_dir / 'summary.json'}"
     )
