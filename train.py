@@ -11,7 +11,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from moelora_jax.run import plan, run
+from moelora_jax.run import run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file, optionally with ':preset'")
 flags.mark_flag_as_required("config")
@@ -38,8 +38,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     try:
-        plan(config)  # fail fast, before anything heavy
-        run(config)
+        run(config)  # validates the whole config (plan) before loading anything
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

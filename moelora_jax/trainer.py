@@ -24,10 +24,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from moelora_jax.data import Example, encode_prompt, left_pad
 from moelora_jax.generation import generate
 from moelora_jax.models.llama import Llama, abstract_variables, init_variables
-from moelora_jax.sharding import DEFAULT_RULES, LogicalRules, logical_shardings
+from moelora_jax.sharding import DEFAULT_RULES, LogicalRules, batch_sharding, logical_shardings
 from moelora_jax.tasks import Task
-
-BATCH_AXES = ("data", "fsdp")
 
 
 class TrainState(NamedTuple):
@@ -76,12 +74,6 @@ class Trainer:
     def _context(self) -> Iterator[None]:
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             yield
-
-    def batch_sharding(self, ndim: int, leading: int = 0) -> NamedSharding:
-        """Shard the batch axis (after ``leading`` unsharded axes) over ``data x fsdp``."""
-        return NamedSharding(
-            self.mesh, PartitionSpec(*([None] * leading), BATCH_AXES, *([None] * (ndim - leading - 1)))
-        )
 
     def place_params(self, params: Any) -> Any:
         """Frozen weights placed by the rules (a no-op for weights already loaded that way)."""
@@ -162,7 +154,11 @@ class Trainer:
         if self._train_step is None:
             self._train_step = jax.jit(
                 self._train_step_fn,
-                in_shardings=(self.state_shardings(state), self.shardings["params"], self.batch_sharding(3, 1)),
+                in_shardings=(
+                    self.state_shardings(state),
+                    self.shardings["params"],
+                    batch_sharding(self.mesh, 3, leading=1),
+                ),
                 out_shardings=(self.state_shardings(state), self._replicated),
                 donate_argnums=(0,),
             )
@@ -178,7 +174,7 @@ class Trainer:
         total = count = 0.0
         with self._context():
             for batch in batches:
-                s, n = self._eval_loss(params, adapters, jax.device_put(batch, self.batch_sharding(2)))
+                s, n = self._eval_loss(params, adapters, jax.device_put(batch, batch_sharding(self.mesh)))
                 total, count = total + float(s), count + float(n)
         return total / max(count, 1.0)
 
@@ -207,7 +203,7 @@ class Trainer:
                 chunk = prompts[start : start + batch_size]
                 chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # fixed shape; extra rows are dropped
                 tokens, mask = left_pad(chunk, prompt_length, pad)
-                sharding = self.batch_sharding(2)
+                sharding = batch_sharding(self.mesh)
                 out = generate(
                     self.model,
                     variables,

@@ -54,3 +54,26 @@ def tiny_llama(tmp_path):
         return model, directory
 
     return make
+
+
+TEST_WORDS = ["the", "answer", "is", "a", "b", "c", "yes", "no", "question", ":", "what", "colour", "sky", "blue"]
+TEST_WORDS += ["why", "?", ".", "passage", "title"]
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer():
+    """A word-level tokenizer (pad 0, bos 1, eos 2, ``<user>`` 4, ``<bot>`` 5; 25 tokens) that adds BOS like
+    LLaMA's, with a tiny chat template: fully predictable ids for data and CLI tests."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<user>": 4, "<bot>": 5}
+    vocab |= {w: i + len(vocab) for i, w in enumerate(TEST_WORDS)}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    backend.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<user>", "<bot>"]})
+    tokenizer.chat_template = "{% for m in messages %}<user> {{ m['content'] }} {% endfor %}<bot>"
+    return tokenizer

@@ -9,24 +9,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ["the", "answer", "is", "yes", "no", "why", "what", "colour", "sky", "blue", "?", "."]
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random LLaMA with a word-level tokenizer and a chat template, saved as a HF directory."""
+def tiny_model_dir(tmp_path_factory, word_tokenizer):
+    """A tiny random LLaMA with the word-level test tokenizer and its chat template, saved as a HF directory."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<user>": 4, "<bot>": 5}
-    vocab |= {w: i + len(vocab) for i, w in enumerate(WORDS)}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<user>", "<bot>"]})
-    tokenizer.chat_template = "{% for m in messages %}<user> {{ m['content'] }} {% endfor %}<bot>"
     directory = tmp_path_factory.mktemp("tiny-model")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
@@ -42,7 +31,7 @@ def tiny_model_dir(tmp_path_factory):
         pad_token_id=0,
     )
     transformers.LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    word_tokenizer.save_pretrained(directory)
     return directory
 
 

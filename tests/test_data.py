@@ -15,91 +15,52 @@ from moelora_jax.data import (
     train_batches,
 )
 
-WORDS = [
-    "the",
-    "answer",
-    "is",
-    "a",
-    "b",
-    "c",
-    "yes",
-    "no",
-    "question",
-    ":",
-    "what",
-    "colour",
-    "sky",
-    "blue",
-    "why",
-    "?",
-    "passage",
-    "title",
-]
 
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    """A word-level tokenizer (pad 0, bos 1, eos 2) that adds BOS like LLaMA's, with a tiny chat template."""
-    tokenizers = pytest.importorskip("tokenizers")
-    transformers = pytest.importorskip("transformers")
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<user>": 4, "<bot>": 5}
-    vocab |= {w: i + len(vocab) for i, w in enumerate(WORDS)}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    backend.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    tok.add_special_tokens({"additional_special_tokens": ["<user>", "<bot>"]})
-    tok.chat_template = "{% for m in messages %}<user> {{ m['content'] }} {% endfor %}<bot>"
-    return tok
-
-
-def _ids(tokenizer, text):
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def _ids(word_tokenizer, text):
+    return word_tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 @pytest.mark.parametrize("chat", [False, True])
-def test_loss_mask_covers_exactly_the_response_and_eos(tokenizer, chat):
+def test_loss_mask_covers_exactly_the_response_and_eos(word_tokenizer, chat):
     example = Example("what colour is the sky ?", "the answer is blue", "blue")
-    enc = encode_example(tokenizer, example, 32, use_chat_template=chat)
-    response = [*_ids(tokenizer, "the answer is blue"), 2]
+    enc = encode_example(word_tokenizer, example, 32, use_chat_template=chat)
+    response = [*_ids(word_tokenizer, "the answer is blue"), 2]
     assert enc.tokens[enc.loss_mask].tolist() == response
     assert enc.tokens[-len(response) :].tolist() == response and enc.loss_mask[-len(response) :].all()
     assert not enc.loss_mask[: -len(response)].any()
     prompt = enc.tokens[: -len(response)].tolist()
     if chat:
-        assert prompt == [4, *_ids(tokenizer, "what colour is the sky ?"), 5]  # the template, no extra BOS
+        assert prompt == [4, *_ids(word_tokenizer, "what colour is the sky ?"), 5]  # the template, no extra BOS
     else:
-        assert prompt == [1, *_ids(tokenizer, "what colour is the sky ?")]
-    np.testing.assert_array_equal(encode_prompt(tokenizer, example.prompt, 32, use_chat_template=chat), prompt)
+        assert prompt == [1, *_ids(word_tokenizer, "what colour is the sky ?")]
+    np.testing.assert_array_equal(encode_prompt(word_tokenizer, example.prompt, 32, use_chat_template=chat), prompt)
 
 
-def test_long_examples_lose_prompt_tokens_from_the_left_only(tokenizer):
+def test_long_examples_lose_prompt_tokens_from_the_left_only(word_tokenizer):
     prompt = "why why what colour is the sky ?"  # 9 tokens with BOS; + "blue" + eos = 11 > 10
-    enc = encode_example(tokenizer, Example(prompt, "blue"), 10, use_chat_template=False)
+    enc = encode_example(word_tokenizer, Example(prompt, "blue"), 10, use_chat_template=False)
     assert len(enc.tokens) == 10
-    assert enc.tokens[-2:].tolist() == [*_ids(tokenizer, "blue"), 2] and enc.loss_mask.sum() == 2
-    assert enc.tokens[:-2].tolist() == _ids(tokenizer, prompt)  # only BOS went
+    assert enc.tokens[-2:].tolist() == [*_ids(word_tokenizer, "blue"), 2] and enc.loss_mask.sum() == 2
+    assert enc.tokens[:-2].tolist() == _ids(word_tokenizer, prompt)  # only BOS went
 
 
-def test_windows_too_small_fail_with_the_example_index(tokenizer):
+def test_windows_too_small_fail_with_the_example_index(word_tokenizer):
     with pytest.raises(ValueError, match="example 7: the prompt alone is 21 tokens, longer than the window of 16"):
-        encode_example(tokenizer, Example(" ".join(["why"] * 20), "yes"), 16, use_chat_template=False, index=7)
+        encode_example(word_tokenizer, Example(" ".join(["why"] * 20), "yes"), 16, use_chat_template=False, index=7)
     with pytest.raises(ValueError, match="the response needs 5 tokens but the window is 4"):
-        encode_example(tokenizer, Example("why", "the answer is yes"), 4, use_chat_template=False)
+        encode_example(word_tokenizer, Example("why", "the answer is yes"), 4, use_chat_template=False)
 
 
-def test_collate_left_pads_and_keeps_targets_aligned(tokenizer):
+def test_collate_left_pads_and_keeps_targets_aligned(word_tokenizer):
     examples = [Example("why ?", "yes"), Example("what colour is the sky ?", "the answer is blue")]
-    encoded = [encode_example(tokenizer, e, 16, use_chat_template=False) for e in examples]
+    encoded = [encode_example(word_tokenizer, e, 16, use_chat_template=False) for e in examples]
     batch = collate(encoded, 16, pad_id=0)
     assert batch["tokens"].shape == batch["loss_mask"].shape == (2, 16)
     for row, (enc, example) in enumerate(zip(encoded, examples, strict=True)):
         n = len(enc.tokens)
         assert not batch["attention_mask"][row, :-n].any() and batch["attention_mask"][row, -n:].all()
         targets = batch["tokens"][row][batch["loss_mask"][row]].tolist()
-        assert targets == [*_ids(tokenizer, example.response), 2]
+        assert targets == [*_ids(word_tokenizer, example.response), 2]
 
 
 def _two_token_example(i):

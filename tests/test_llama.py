@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from moelora_jax import AdapterConfig, riemann_precond
 from moelora_jax.models.llama import KVCache, Llama, Llama3RopeScaling, LlamaConfig, abstract_variables, init_variables
 from moelora_jax.pretrained import load_config, load_params
-from moelora_jax.sharding import DEFAULT_RULES, logical_shardings, make_mesh
+from moelora_jax.sharding import DEFAULT_RULES, batch_sharding, logical_shardings, make_mesh
 
 torch = pytest.importorskip("torch")
 
@@ -181,10 +181,10 @@ def test_sharded_forward_equals_unsharded():
     assert shardings["adapters"]["layers"]["attn"]["q_proj"]["lora_a"].spec == P(None, None, "fsdp", None)
     assert shardings["params"]["embedding"].spec == P("tensor", "fsdp")
     placed = jax.device_put(variables, shardings)
-    batch_sharding = jax.sharding.NamedSharding(mesh, P(("data", "fsdp")))
+    batch = batch_sharding(mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
         forward = jax.jit(model.apply, out_shardings=jax.sharding.NamedSharding(mesh, P()))
-        got = forward(placed, jax.device_put(tokens, batch_sharding), jax.device_put(mask, batch_sharding))
+        got = forward(placed, jax.device_put(tokens, batch), jax.device_put(mask, batch))
         hlo = forward.lower(placed, tokens, mask).compile().as_text()
     assert "all-gather" in hlo or "all-reduce" in hlo  # really partitioned
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
