@@ -19,7 +19,7 @@ import json
 import jax
 import jax.numpy as jnp
 import optax
-from timing import interleaved_medians
+from timing import add_run_arguments, interleaved_medians
 
 from moelora_jax import AdaptedDense, AdapterConfig, riemann_precond, topk_softmax_gate
 
@@ -144,10 +144,7 @@ def bench_optimizer(rounds: int, warmup: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--json", help="also write the results to this JSON file")
+    add_run_arguments(parser, rounds=10)
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
     device = jax.devices()[0]

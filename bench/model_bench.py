@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from timing import interleaved_medians
+from timing import add_run_arguments, interleaved_medians
 
 from moelora_jax import AdapterConfig, riemann_precond
 from moelora_jax.models.llama import Llama, init_variables
@@ -48,10 +48,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="HF directory or .gguf (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--json", help="also write the results to this JSON file")
+    add_run_arguments(parser, rounds=5)
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
 
