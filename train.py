@@ -1,7 +1,9 @@
 """Fine-tune a LLaMA-family model with (MoE-)LoRA adapters: ``python train.py --config configs/llama_moelora.py``.
 
 Overrides: ``--config.optim.lr=1e-4``; presets: ``--config configs/llama_moelora.py:smoke``. Unknown keys, wrong
-types and invalid values stop the run with one line and exit code 2 before any model or data is loaded.
+types and invalid values stop the run with one line and exit code 2 before any model or data is loaded; so do bad
+data, unreadable checkpoints and unwritable output directories. SIGTERM or SIGINT stop the run at the next step
+boundary with a checkpoint and exit code 75; the same command resumes it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from moelora_jax.preemption import EXIT_PREEMPTED, PreemptedError
 from moelora_jax.run import run
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file, optionally with ':preset'")
@@ -39,7 +42,10 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     try:
         run(config)  # validates the whole config (plan) before loading anything
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except PreemptedError as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
+    except (ValueError, OSError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

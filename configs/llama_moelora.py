@@ -75,6 +75,22 @@ def get_config(preset: str = "") -> ConfigDict:
     config.train.max_new_tokens = 8
     config.train.log_every = 1
 
+    config.checkpoint = ConfigDict()
+    config.checkpoint.every = 25  # steps between checkpoints; 0: only at the end (and when stopped by a signal)
+    config.checkpoint.keep = 2  # newest checkpoints kept
+    config.checkpoint.resume = "latest"  # latest (if any) | never (refuse to start over checkpoints) | a step
+
+    config.export = ConfigDict()
+    config.export.adapters = True  # export/adapters: adapters.safetensors + adapters.json, any adapter
+    config.export.peft = True  # export/peft: PEFT LoRA format (plain LoRA without a mixer only)
+    config.export.merged = True  # export/merged: a HF model with the adapter folded in (plain LoRA only)
+
+    config.distributed = ConfigDict()
+    config.distributed.initialize = "auto"  # auto: with a coordinator_address or on a multi-host TPU VM | yes | no
+    config.distributed.coordinator_address = ""  # e.g. 10.0.0.2:1234 (then also num_processes, process_id)
+    config.distributed.num_processes = 0
+    config.distributed.process_id = -1
+
     config.mesh = ConfigDict()
     config.mesh.data = -1  # all devices not used by fsdp x tensor
     config.mesh.fsdp = 1
@@ -92,6 +108,7 @@ def get_config(preset: str = "") -> ConfigDict:
         config.optim.warmup_steps, config.optim.decay_steps = 0, 2222
         config.train.steps, config.train.batch_size, config.train.micro_batches = 2000, 80, 10
         config.train.eval_every = 200
+        config.checkpoint.every = 200
         config.data.max_length = 256
         config.data.max_eval_examples = 0
         config.train.max_new_tokens = 10

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,22 +128,16 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
-def train_batches(
-    examples: Sequence[Encoded], batch_size: int, length: int, pad_id: int, *, seed: int, start_step: int = 0
-) -> Iterator[dict[str, np.ndarray]]:
-    """Endless shuffled batches of ``batch_size``, starting at global batch ``start_step`` (for resuming).
+def batch_indices(num_examples: int, batch_size: int, *, seed: int, step: int) -> np.ndarray:
+    """The example indices of global batch ``step`` (from 0): a pure function of ``(seed, step)``, so a resumed run
+    reads exactly the batches an uninterrupted one would.
 
-    Each epoch is a fresh permutation and drops its last incomplete batch, so batch ``k`` is always the same.
+    Each epoch is a fresh permutation and drops its last incomplete batch.
     """
-    if not examples:
+    if num_examples == 0:
         raise ValueError("the training set is empty: check the data path and the task format.")
-    per_epoch = len(examples) // batch_size
+    per_epoch = num_examples // batch_size
     if per_epoch == 0:
-        raise ValueError(f"{len(examples)} training examples are fewer than one batch of {batch_size}.")
-    step = start_step
-    while True:
-        epoch, offset = divmod(step, per_epoch)
-        order = epoch_order(len(examples), seed, epoch)
-        chosen = order[offset * batch_size : (offset + 1) * batch_size]
-        yield collate([examples[i] for i in chosen], length, pad_id)
-        step += 1
+        raise ValueError(f"{num_examples} training examples are fewer than one batch of {batch_size}.")
+    epoch, offset = divmod(step, per_epoch)
+    return epoch_order(num_examples, seed, epoch)[offset * batch_size : (offset + 1) * batch_size]

@@ -16,9 +16,7 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from moelora_jax.atomic import atomic_directory
 from moelora_jax.models.llama import Llama, LlamaConfig, abstract_variables
 from moelora_jax.sharding import DEFAULT_RULES, LogicalRules, logical_shardings
 
@@ -110,6 +109,27 @@ class SafetensorsFile:
         return np.fromfile(self.path, dtype=dtype, count=count, offset=self._data_start + begin).reshape(shape)
 
 
+def save_safetensors(
+    path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
+) -> None:
+    """Write ``tensors`` (numpy, bfloat16 included) as one ``.safetensors`` file, one tensor at a time."""
+    names = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, array in tensors.items():
+        if array.dtype not in names:
+            raise ValueError(f"tensor {name!r} has dtype {array.dtype}, which safetensors cannot hold.")
+        header[name] = {"dtype": names[array.dtype], "shape": list(array.shape), "data_offsets": [offset, 0]}
+        offset += array.nbytes
+        header[name]["data_offsets"][1] = offset
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for array in tensors.values():
+            f.write(np.ascontiguousarray(array).tobytes())
+
+
 def _tensor_index(directory: Path) -> dict[str, Path]:
     """Every tensor name in a HF directory -> the safetensors file holding it."""
     single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
@@ -181,6 +201,23 @@ def load_params(
         leaves[keys] = jax.device_put(host, None if shardings is None else flat_shardings[keys])
         del host
     return traverse_util.unflatten_dict(leaves)
+
+
+def hf_tensors(params: dict[str, Any], config: LlamaConfig) -> dict[str, np.ndarray]:
+    """Our ``"params"`` tree as Hugging Face LLaMA tensors (names, per-layer split, PyTorch orientation); the
+    inverse of :func:`load_params`. Leaves are fetched to the host one at a time."""
+    flat = traverse_util.flatten_dict(params)
+    tensors = {}
+    for keys, source in _layout(config).items():
+        host = np.asarray(jax.device_get(flat[keys]))
+        parts = (
+            [(source.hf_name.format(i=i), host[i]) for i in range(len(host))]
+            if keys[0] == "layers"
+            else [(source.hf_name, host)]
+        )
+        for name, tensor in parts:
+            tensors[name] = np.ascontiguousarray(tensor.T if source.transpose else tensor)
+    return dict(sorted(tensors.items()))
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Any:
@@ -316,23 +353,16 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     The directory appears atomically: it is built beside ``out_dir`` and renamed into place when complete.
     """
     import gguf
-    import safetensors.numpy
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_path} not found.")
     reader = gguf.GGUFReader(gguf_path)
     config = _gguf_config(reader, gguf_path)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".partial-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         config.to_hf().save_pretrained(tmp)
-        safetensors.numpy.save_file(_gguf_tensors_as_hf(reader, config), tmp / "model.safetensors")
+        save_safetensors(tmp / "model.safetensors", _gguf_tensors_as_hf(reader, config))
         _gguf_tokenizer(reader).save_pretrained(tmp)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -8,7 +8,10 @@ learning rate and tokens/s; every record appended to ``metrics.jsonl``), and pri
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,11 +23,17 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from moelora_jax.adapters import AdapterConfig
-from moelora_jax.data import collate, encode_example, train_batches
+from moelora_jax.atomic import write_text_atomically
+from moelora_jax.checkpoints import Checkpoints
+from moelora_jax.data import batch_indices, collate, encode_example
+from moelora_jax.distributed import INITIALIZE_CHOICES, host_local_batch, initialize, is_primary, to_host
+from moelora_jax.export import export_adapters, export_merged, export_peft
 from moelora_jax.models.llama import TARGETS, Llama, abstract_variables
 from moelora_jax.optim import OptimConfig, build_optimizer, lr_schedule
+from moelora_jax.preemption import PreemptedError, PreemptionGuard
 from moelora_jax.pretrained import load_config, load_params, load_tokenizer, resolve_model_dir
-from moelora_jax.sharding import make_mesh
+from moelora_jax.run_log import CURVES_FILE, RunLog, plot_curves
+from moelora_jax.sharding import batch_sharding, make_mesh
 from moelora_jax.tasks import TASKS, load_task
 from moelora_jax.trainer import Trainer
 
@@ -76,6 +85,15 @@ def plan(config: Any) -> Plan:
         raise ValueError(
             f"train.batch_size={t.batch_size} must be a multiple of train.micro_batches={t.micro_batches}."
         )
+    c = config.checkpoint
+    if c.every < 0 or c.keep < 1:
+        raise ValueError(f"checkpoint.every={c.every} must be >= 0 and checkpoint.keep={c.keep} >= 1.")
+    if str(c.resume) not in ("latest", "never") and not str(c.resume).isdigit():
+        raise ValueError(f"checkpoint.resume={c.resume!r} must be 'latest', 'never' or a step number.")
+    if config.distributed.initialize not in INITIALIZE_CHOICES:
+        raise ValueError(
+            f"distributed.initialize={config.distributed.initialize!r} must be one of {INITIALIZE_CHOICES}."
+        )
     return Plan(adapter, targets, optim, DTYPES[config.model.dtype], DTYPES[config.model.param_dtype])
 
 
@@ -86,12 +104,96 @@ def _subset(examples: list, limit: int, seed: int) -> list:
     return [examples[i] for i in keep]
 
 
+def _collate_rows(encoded: list, flat: np.ndarray, length: int, pad: int, positions: list[int]) -> dict:
+    """The batch rows at ``positions`` of the flattened example indices ``flat``."""
+    return collate([encoded[flat[p]] for p in positions], length, pad)
+
+
+def _writable(directory: Path) -> Path:
+    """``directory``, created if missing, after checking a file can be written in it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(
+            f"output_dir {directory} is not writable ({e.strerror or e}): choose another --config.output_dir."
+        ) from e
+    return directory
+
+
+def _fingerprint(settings: Plan, model_config: Any, data_seed: int, batch_size: int, encoded: list) -> dict:
+    """What a checkpoint must agree with to be resumed (see :mod:`moelora_jax.checkpoints`)."""
+    digest = hashlib.sha256()
+    for e in encoded:
+        digest.update(e.tokens.tobytes() + e.loss_mask.tobytes())
+    o = settings.optim
+    return {
+        "adapter": dataclasses.asdict(settings.adapter) | {"targets": ",".join(settings.targets)},
+        "model": dataclasses.asdict(model_config),
+        "optimizer": {"family": o.family, "riemann": o.riemann, "gauss_seidel": o.gauss_seidel, "frozen": o.frozen},
+        "data": {
+            "seed": data_seed,
+            "batch_size": batch_size,
+            "examples": len(encoded),
+            "sha256": digest.hexdigest()[:16],
+        },
+    }
+
+
+def _resume(checkpoints: Checkpoints, fresh: Any, resume: str) -> Any:
+    """The state to start from under ``checkpoint.resume`` (``latest``, ``never`` or a step number)."""
+    steps = checkpoints.steps()
+    if resume == "latest":
+        return checkpoints.restore(fresh) if steps else fresh
+    if resume == "never":
+        if steps:
+            raise ValueError(
+                f"{checkpoints.directory} already holds checkpoints (steps {steps}) and checkpoint.resume=never: "
+                "resume them (checkpoint.resume=latest) or choose another output_dir."
+            )
+        return fresh
+    return checkpoints.restore(fresh, step=int(resume))
+
+
+def _export(
+    config: Any, directory: Path, settings: Plan, state: Any, params: Any, model_config: Any, tokenizer: Any, source
+) -> list[str]:
+    """Write the exports ``config.export`` asks for (PEFT and merged only for plain LoRA); returns their paths."""
+    if not config.adapters and not (settings.adapter.num_experts == 1 and (config.peft or config.merged)):
+        return []
+    adapters = to_host(state.adapters)  # a collective with several processes
+    plain = settings.adapter.num_experts == 1
+    merged_params = to_host(params) if plain and config.merged else None
+    if not is_primary():
+        return []
+    written, kwargs = [], {"adapter": settings.adapter, "targets": settings.targets}
+    if config.adapters:
+        written.append(
+            export_adapters(
+                directory / "adapters", adapters, model_config=model_config, base_model=str(source), **kwargs
+            )
+        )
+    if plain and config.peft and not settings.adapter.mixer:
+        written.append(export_peft(directory / "peft", adapters, base_model=str(source), **kwargs))
+    if merged_params is not None:
+        written.append(
+            export_merged(
+                directory / "merged", merged_params, adapters, model_config=model_config, tokenizer=tokenizer, **kwargs
+            )
+        )
+    return [str(p) for p in written]
+
+
 def run(config: Any) -> dict[str, Any]:
-    """Run the job; returns the summary it prints (also written to ``output_dir/summary.json``)."""
+    """Run the job, or continue it from its latest checkpoint; returns the summary it prints (also written to
+    ``output_dir/summary.json``). Raises :class:`PreemptedError` after checkpointing when signalled to stop."""
     settings = plan(config)
+    dist = config.distributed
+    initialize(dist.initialize, dist.coordinator_address, dist.num_processes, dist.process_id)
     start = time.perf_counter()
-    output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = _writable(Path(config.output_dir))
     d, t = config.data, config.train
 
     directory = resolve_model_dir(config.model.path or None)
@@ -105,6 +207,7 @@ def run(config: Any) -> dict[str, Any]:
         encode_example(tokenizer, e, d.max_length, use_chat_template=d.chat_template, index=i)
         for i, e in enumerate(train_examples)
     ]
+    batch_indices(len(encoded), t.batch_size, seed=t.seed, step=0)  # an empty or too small set fails here
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model_config.eos_token_ids[0]
 
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -125,10 +228,16 @@ def run(config: Any) -> dict[str, Any]:
     )
     adapter_shapes = nn.unbox(abstract_variables(model))["adapters"]
     trainer = Trainer(model, build_optimizer(settings.optim, adapter_shapes), mesh)
+    checkpoints = Checkpoints(
+        output_dir / "checkpoints",
+        _fingerprint(settings, model_config, t.seed, t.batch_size, encoded),
+        keep=config.checkpoint.keep,
+    )
+    state = _resume(checkpoints, trainer.init(jax.random.key(t.seed)), str(config.checkpoint.resume))
+    first_step = int(state.step)
     params = load_params(
         directory, model_config, param_dtype=settings.param_dtype, shardings=trainer.shardings["params"]
     )
-    state = trainer.init(jax.random.key(t.seed))
     schedule = lr_schedule(settings.optim.lr, settings.optim)
 
     eval_encoded = [
@@ -153,69 +262,94 @@ def run(config: Any) -> dict[str, Any]:
         loss = trainer.eval_loss(params, state.adapters, eval_batches)
         return {"step": step, task.metric: score, "eval_loss": loss}
 
-    log = (output_dir / "metrics.jsonl").open("a")
-
-    def record(entry: dict[str, Any]) -> None:
-        log.write(json.dumps(entry) + "\n")
-        log.flush()
-
-    before = evaluate(0)
-    record({"event": "eval", **before})
-    batches = train_batches(encoded, t.batch_size, d.max_length, pad, seed=t.seed)
+    log = RunLog(output_dir, resume_step=first_step, enabled=is_primary())
+    if first_step == 0:
+        before = evaluate(0)
+        log.write({"event": "eval", **before})
+    else:
+        before = next((r for r in log.records if r["event"] == "eval" and r["step"] == 0), None)
     micro = t.batch_size // t.micro_batches
-    bar = tqdm(range(1, t.steps + 1), desc="train", dynamic_ncols=True)
-    train_start, tokens_seen, eval_seconds = time.perf_counter(), 0, 0.0
-    for step in bar:
-        batch = jax.tree.map(lambda x: x.reshape(t.micro_batches, micro, *x.shape[1:]), next(batches))
-        tokens_seen += int(np.sum(batch["attention_mask"]))
-        state, metrics = trainer.train_step(state, params, batch)
-        if step % t.log_every == 0 or step == t.steps:
-            metrics = jax.device_get(metrics)
-            rate = tokens_seen / (time.perf_counter() - train_start - eval_seconds)
-            lr = float(schedule(step - 1))
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
-            record(
-                {
-                    "event": "train",
-                    "step": step,
-                    "loss": float(metrics["loss"]),
-                    "lr": lr,
-                    "tokens_per_s": rate,
-                    "grad_norm": float(metrics["grad_norm"]),
-                    "skipped": int(state.skipped),
-                }
-            )
-        if t.eval_every and step % t.eval_every == 0 and step != t.steps:
-            eval_start = time.perf_counter()
-            record({"event": "eval", **evaluate(step)})
-            eval_seconds += time.perf_counter() - eval_start
-    jax.block_until_ready(state)
+    sharding = batch_sharding(mesh, leading=1)
+    every = config.checkpoint.every
+    bar = tqdm(range(first_step + 1, t.steps + 1), desc="train", dynamic_ncols=True, disable=not is_primary())
+    train_start, tokens_seen, eval_seconds, saved_step = time.perf_counter(), 0, 0.0, first_step
+    with PreemptionGuard() as guard:
+        for step in bar:
+            indices = batch_indices(len(encoded), t.batch_size, seed=t.seed, step=step - 1)
+            indices = indices.reshape(t.micro_batches, micro)
+            rows = functools.partial(_collate_rows, encoded, indices.ravel(), d.max_length, pad)
+            batch = host_local_batch(rows, indices.shape, sharding)
+            tokens_seen += sum(len(encoded[i].tokens) for i in indices.ravel())
+            state, metrics = trainer.train_step(state, params, batch)
+            if step % t.log_every == 0 or step == t.steps:
+                metrics = jax.device_get(metrics)
+                rate = tokens_seen / (time.perf_counter() - train_start - eval_seconds)
+                lr = float(schedule(step - 1))
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
+                record = {"event": "train", "step": step, "loss": float(metrics["loss"]), "lr": lr}
+                record |= {"tokens_per_s": rate, "grad_norm": float(metrics["grad_norm"])}
+                log.write(record | {"skipped": int(state.skipped)})
+            if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+                eval_start = time.perf_counter()
+                log.write({"event": "eval", **evaluate(step)})
+                eval_seconds += time.perf_counter() - eval_start
+            if step == t.steps or (every and step % every == 0):
+                checkpoints.save(state)
+                saved_step = step
+            if step != t.steps and guard.should_stop():
+                if saved_step != step:
+                    checkpoints.save(state)
+                checkpoints.close()
+                log.close()
+                raise PreemptedError(step, guard.signal_name, str(checkpoints.directory))
+    if saved_step != int(state.step):  # resumed at the end: nothing to train, nothing new to save
+        checkpoints.save(state)
+    checkpoints.close()
     train_seconds = time.perf_counter() - train_start - eval_seconds
     after = evaluate(t.steps)
-    record({"event": "eval", **after})
+    log.write({"event": "eval", **after})
     log.close()
+    exports = _export(config.export, output_dir / "export", settings, state, params, model_config, tokenizer, directory)
+    if not is_primary():
+        return {}
+    curves = plot_curves(log.records, output_dir / CURVES_FILE, task.metric)
+    trained_steps = t.steps - first_step
     summary = {
         "model": str(directory),
         "task": d.task,
         "adapter": dataclasses.asdict(settings.adapter) | {"targets": list(settings.targets)},
         "steps": t.steps,
+        "resumed_from_step": first_step,
         "skipped_updates": int(state.skipped),
-        f"{task.metric}_before": before[task.metric],
+        f"{task.metric}_before": before[task.metric] if before else None,
         f"{task.metric}_after": after[task.metric],
-        "eval_loss_before": before["eval_loss"],
+        "eval_loss_before": before["eval_loss"] if before else None,
         "eval_loss_after": after["eval_loss"],
         "train_seconds": train_seconds,
-        "train_tokens_per_s": tokens_seen / train_seconds,
+        "train_tokens_per_s": tokens_seen / train_seconds if trained_steps else None,
         "total_seconds": time.perf_counter() - start,
         "output_dir": str(output_dir),
+        "checkpoints": str(checkpoints.directory),
+        "exports": exports,
+        "curves": str(curves),
     }
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(
-        f"\n{d.task}: {task.metric} {before[task.metric]:.3f} -> {after[task.metric]:.3f}, eval loss "
-        f"{before['eval_loss']:.3f} -> {after['eval_loss']:.3f} over {len(eval_examples)} held-out examples\n"
-        f"{t.steps} steps x {t.batch_size} examples ({int(state.skipped)} skipped), {train_seconds:.0f} s training "
-        f"at {summary['train_tokens_per_s']:.0f} tokens/s, "
-        f"{summary['total_seconds']:.0f} s total\nmetrics: {output_dir / 'metrics.jsonl'}; summary: "
-        f"{output_dir / 'summary.json'}"
-    )
+    write_text_atomically(output_dir / "summary.json", json.dumps(summary, indent=2))
+    _print_summary(summary, task.metric, len(eval_examples), t.batch_size, output_dir)
     return summary
+
+
+def _print_summary(summary: dict[str, Any], metric: str, n_eval: int, batch_size: int, output_dir: Path) -> None:
+    def change(name: str) -> str:
+        before = summary[f"{name}_before"]
+        return (f"{before:.3f} -> " if before is not None else "") + f"{summary[f'{name}_after']:.3f}"
+
+    speed = summary["train_tokens_per_s"]
+    resumed = f", resumed from step {summary['resumed_from_step']}" if summary["resumed_from_step"] else ""
+    print(
+        f"\n{summary['task']}: {metric} {change(metric)}, eval loss {change('eval_loss')} over {n_eval} held-out "
+        f"examples\n{summary['steps']} steps x {batch_size} examples ({summary['skipped_updates']} skipped{resumed}), "
+        f"{summary['train_seconds']:.0f} s training"
+        + (f" at {speed:.0f} tokens/s" if speed else "")
+        + f", {summary['total_seconds']:.0f} s total\nin {output_dir}: metrics.jsonl, tensorboard/, {CURVES_FILE}, "
+        f"summary.json, checkpoints/" + (", export/" if summary["exports"] else "")
+    )

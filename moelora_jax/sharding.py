@@ -109,7 +109,7 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, _mesh_axes_for(x.shape, names, dict(mesh.shape), rules))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2, leading: int = 0) -> NamedSharding:
+def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
     """Shard a batch's axis ``leading`` (after that many unsharded axes, e.g. micro-batches) over ``data x fsdp``;
-    the other axes replicated."""
-    return NamedSharding(mesh, PartitionSpec(*([None] * leading), ("data", "fsdp"), *([None] * (ndim - leading - 1))))
+    later axes (sequence, features) are replicated."""
+    return NamedSharding(mesh, PartitionSpec(*([None] * leading), ("data", "fsdp")))

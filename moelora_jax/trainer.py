@@ -22,6 +22,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from moelora_jax.data import Example, encode_prompt, left_pad
+from moelora_jax.distributed import host_local_batch, to_host
 from moelora_jax.generation import generate
 from moelora_jax.models.llama import Llama, abstract_variables, init_variables
 from moelora_jax.sharding import DEFAULT_RULES, LogicalRules, batch_sharding, logical_shardings
@@ -81,14 +82,29 @@ class Trainer:
 
     def init(self, rng: jax.Array) -> TrainState:
         """Fresh adapters (B = 0, so the model starts as the base) and optimizer state, placed on the mesh."""
-        init_rng, rng = jax.random.split(rng)
-        adapters = jax.device_put(
-            init_variables(self.model, init_rng, ("adapters",))["adapters"], self.shardings["adapters"]
-        )
+        key_data = jax.device_put(np.asarray(jax.random.key_data(rng)), self._replicated)  # works multi-process
+
+        def fresh(key_data):
+            init_rng, rng = jax.random.split(jax.random.wrap_key_data(key_data))
+            adapters = init_variables(self.model, init_rng, ("adapters",))["adapters"]
+            adapters = jax.lax.with_sharding_constraint(adapters, self.shardings["adapters"])
+            zero = jnp.zeros((), jnp.int32)
+            return TrainState(zero, adapters, self.optimizer.init(adapters), rng, zero)
+
         with self._context():
-            opt_state = jax.jit(self.optimizer.init)(adapters)
-        state = TrainState(jnp.zeros((), jnp.int32), adapters, opt_state, rng, jnp.zeros((), jnp.int32))
+            state = jax.jit(fresh)(key_data)
         return jax.device_put(state, self.state_shardings(state))
+
+    def put_batch(self, batch: dict[str, Any], leading: int = 0) -> dict[str, jax.Array]:
+        """A numpy batch (the same on every process) as global arrays sharded on axis ``leading`` over
+        ``data x fsdp``; each process transfers only its own rows. Arrays already on devices pass through."""
+        if all(isinstance(v, jax.Array) for v in batch.values()):
+            return batch
+        shape = batch["tokens"].shape[: leading + 1]
+        flat = {k: np.asarray(v).reshape(-1, *np.shape(v)[leading + 1 :]) for k, v in batch.items()}
+        return host_local_batch(
+            lambda rows: {k: v[rows] for k, v in flat.items()}, shape, batch_sharding(self.mesh, leading)
+        )
 
     def state_shardings(self, state: TrainState) -> TrainState:
         """Adapters by the rules; optimizer leaves as the compiler placed them; scalars and the rng replicated."""
@@ -149,15 +165,17 @@ class Trainer:
         metrics = {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads), "finite": finite}
         return new_state, metrics
 
-    def train_step(self, state: TrainState, params: Any, batch: dict[str, np.ndarray]) -> tuple[TrainState, dict]:
-        """One optimizer update from a ``(n_micro, B, T)`` batch (``tokens``, ``attention_mask``, ``loss_mask``)."""
+    def train_step(self, state: TrainState, params: Any, batch: dict[str, Any]) -> tuple[TrainState, dict]:
+        """One optimizer update from a ``(n_micro, B, T)`` batch (``tokens``, ``attention_mask``, ``loss_mask``),
+        numpy or global arrays from :meth:`put_batch`."""
+        batch = self.put_batch(batch, leading=1)
         if self._train_step is None:
             self._train_step = jax.jit(
                 self._train_step_fn,
                 in_shardings=(
                     self.state_shardings(state),
                     self.shardings["params"],
-                    batch_sharding(self.mesh, 3, leading=1),
+                    batch_sharding(self.mesh, leading=1),
                 ),
                 out_shardings=(self.state_shardings(state), self._replicated),
                 donate_argnums=(0,),
@@ -174,7 +192,7 @@ class Trainer:
         total = count = 0.0
         with self._context():
             for batch in batches:
-                s, n = self._eval_loss(params, adapters, jax.device_put(batch, batch_sharding(self.mesh)))
+                s, n = self._eval_loss(params, adapters, self.put_batch(batch))
                 total, count = total + float(s), count + float(n)
         return total / max(count, 1.0)
 
@@ -203,17 +221,17 @@ class Trainer:
                 chunk = prompts[start : start + batch_size]
                 chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # fixed shape; extra rows are dropped
                 tokens, mask = left_pad(chunk, prompt_length, pad)
-                sharding = batch_sharding(self.mesh)
+                batch = self.put_batch({"tokens": tokens, "attention_mask": mask})
                 out = generate(
                     self.model,
                     variables,
-                    jax.device_put(tokens, sharding),
-                    jax.device_put(mask, sharding),
+                    batch["tokens"],
+                    batch["attention_mask"],
                     max_new_tokens=max_new_tokens,
                     eos_ids=eos,
                     pad_id=pad,
                 )
-                out = np.asarray(out)[: min(batch_size, len(prompts) - start)]
+                out = to_host(out)[: min(batch_size, len(prompts) - start)]
                 answers += [tokenizer.decode(row, skip_special_tokens=True) for row in out]
         return answers
 

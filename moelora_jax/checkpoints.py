@@ -1,0 +1,164 @@
+"""Training checkpoints with orbax: everything needed to continue a run exactly, and nothing of the frozen base.
+
+A checkpoint ``<directory>/<step>/`` holds two items:
+
+- ``state``: the :class:`~moelora_jax.trainer.TrainState` (adapters, optimizer state, step, RNG as raw key data,
+  skipped-update count), each array written from the devices that hold it;
+- ``meta``: JSON with the step, the data position (batches are a pure function of the data seed and the step,
+  :func:`~moelora_jax.data.batch_indices`) and the run's *fingerprint*: the settings that must match for the saved
+  state to mean the same thing (adapter, targets, base model, optimizer structure, training data).
+
+Saves are atomic: orbax writes into a temporary directory and renames it when complete, so a crash, a kill or a
+full disk during a save leaves the earlier checkpoints as they were (an unfinished one stays a
+``<step>.orbax-checkpoint-tmp`` directory, never read), and the oldest are deleted only after a newer one is
+complete. Saves run in the background; the next save,
+:meth:`Checkpoints.wait` or :meth:`Checkpoints.close` waits for the one in flight and raises its error. Every
+process of a multi-process job must call every method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from moelora_jax.trainer import TrainState
+
+FORMAT = 1
+"""Version of the checkpoint layout; bumped when an older checkpoint could no longer be read correctly."""
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"key: saved -> current"`` for every setting that differs between two fingerprints (nested dicts)."""
+    a, b = _flatten(saved), _flatten(current)
+    return [
+        f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k, "<absent>") != b.get(k, "<absent>")
+    ]
+
+
+class Checkpoints:
+    """An orbax ``CheckpointManager`` over ``directory`` for one run's :class:`TrainState`.
+
+    Args:
+      directory: where the step directories live (created if missing).
+      fingerprint: JSON-compatible settings stored with each checkpoint and required to match on restore.
+      keep: how many of the newest checkpoints to keep.
+    """
+
+    def __init__(self, directory: str | os.PathLike, fingerprint: dict[str, Any], *, keep: int = 3) -> None:
+        if keep < 1:
+            raise ValueError(f"checkpoint.keep={keep} must be >= 1.")
+        self.directory = Path(directory).absolute()
+        self.fingerprint = fingerprint
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, state: TrainState, *, step: int | None = None) -> None:
+        """Start writing ``state`` as checkpoint ``step`` (default ``state.step``), replacing an existing one of that
+        step; returns once the arrays are copied off the devices, so the caller may donate or update ``state``."""
+        step = int(state.step) if step is None else step
+        if step in self._manager.all_steps():  # a run resumed from an earlier step redoes this one
+            self._manager.delete(step)
+        meta = {"format": FORMAT, "step": step, "data_position": step, "fingerprint": self.fingerprint}
+        with self._reporting_write_errors():
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(_storable(state)), meta=ocp.args.JsonSave(meta)),
+                force=True,
+            )
+
+    def restore(self, like: TrainState, step: int | None = None) -> TrainState:
+        """Checkpoint ``step`` (default: the latest) read onto the shapes, dtypes and shardings of ``like``.
+
+        Raises a one-line ``ValueError`` when there is no such checkpoint, when it was written by another
+        configuration (listing what differs), or when it cannot be read (e.g. truncated).
+        """
+        steps = self.steps()
+        if step is None:
+            if not steps:
+                raise ValueError(f"no checkpoint to resume from in {self.directory}.")
+            step = steps[-1]
+        if step not in steps:
+            raise ValueError(f"no checkpoint for step {step} in {self.directory}: it has steps {steps}.")
+        path = self.directory / str(step)
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # any failure to read is reported the same way
+            raise ValueError(_unreadable(path, steps, step, e)) from e
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"checkpoint {path} has format {meta.get('format')}, this version reads {FORMAT}.")
+        differences = fingerprint_differences(meta["fingerprint"], self.fingerprint)
+        if differences:
+            raise ValueError(
+                f"checkpoint {path} belongs to another configuration ({'; '.join(differences)}): resume with the "
+                "settings it was written with, or write this run to another output_dir."
+            )
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _storable(like))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))[
+                "state"
+            ]
+        except Exception as e:
+            raise ValueError(_unreadable(path, steps, step, e)) from e
+        return restored._replace(rng=jax.random.wrap_key_data(restored.rng))
+
+    def wait(self) -> None:
+        """Block until the save in flight is complete; raises its error, if any."""
+        with self._reporting_write_errors():
+            self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish the save in flight and release the manager's threads."""
+        with self._reporting_write_errors():
+            self._manager.close()
+
+    @contextlib.contextmanager
+    def _reporting_write_errors(self) -> Iterator[None]:
+        """A failed background save (full disk, lost permissions...) as one ``OSError`` line."""
+        try:
+            yield
+        except Exception as e:
+            reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise OSError(
+                f"a checkpoint could not be written to {self.directory} ({reason}); the complete checkpoints there "
+                f"(steps {self.steps()}) are intact: free space or fix the directory, then rerun to resume."
+            ) from e
+
+
+def _storable(state: TrainState) -> TrainState:
+    """The state with its typed PRNG key as raw key data (what orbax stores)."""
+    return state._replace(rng=jax.random.key_data(state.rng))
+
+
+def _unreadable(path: Path, steps: list[int], step: int, error: Exception) -> str:
+    earlier = [s for s in steps if s < step]
+    fix = (
+        f"move it aside to resume from step {earlier[-1]}, or set checkpoint.resume={earlier[-1]}"
+        if earlier
+        else "move it aside to start afresh"
+    )
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"checkpoint {path} cannot be read ({reason[:200]}): {fix}."

@@ -1,0 +1,98 @@
+"""Several processes, one program: ``jax.distributed`` start-up, host-local batches into global arrays, gathers.
+
+Every process runs the same script over the same config; the mesh spans the devices of all processes. Each process
+tokenizes the same data, so every process knows the global batch; :func:`host_local_batch` collates and transfers
+only the rows its own devices hold. Results needed on the host (generated tokens, exported adapters) are gathered
+from all processes with :func:`to_host`; only process 0 writes logs and exports (:func:`is_primary`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+INITIALIZE_CHOICES = ("auto", "yes", "no")
+
+
+def _on_multi_host_tpu_vm() -> bool:
+    """A TPU VM slice of several hosts lists all of them in ``TPU_WORKER_HOSTNAMES``."""
+    return len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+
+
+def initialize(mode: str = "auto", coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> bool:
+    """Join a multi-process JAX job; call before any other JAX computation. Returns whether it did.
+
+    ``mode``: ``"no"`` never; ``"yes"`` always (addresses auto-detected by JAX on TPU VMs, Slurm, Open MPI, ... unless
+    given); ``"auto"`` when a ``coordinator_address`` is given or on a multi-host TPU VM. ``num_processes`` and
+    ``process_id`` go with an explicit coordinator (e.g. ``127.0.0.1:1234``, 2, 0 on localhost). CPU processes
+    exchange collectives over gloo.
+    """
+    if mode not in INITIALIZE_CHOICES:
+        raise ValueError(f"distributed.initialize={mode!r} must be one of {INITIALIZE_CHOICES}.")
+    if mode == "no" or (mode == "auto" and not coordinator_address and not _on_multi_host_tpu_vm()):
+        return False
+    if coordinator_address and (num_processes < 1 or not 0 <= process_id < num_processes):
+        raise ValueError(
+            f"distributed.coordinator_address={coordinator_address!r} needs distributed.num_processes >= 1 and "
+            f"0 <= distributed.process_id < num_processes (got {num_processes}, {process_id})."
+        )
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    explicit = {}
+    if coordinator_address:
+        explicit = {
+            "coordinator_address": coordinator_address,
+            "num_processes": num_processes,
+            "process_id": process_id,
+        }
+    jax.distributed.initialize(**explicit)
+    return True
+
+
+def is_primary() -> bool:
+    """Process 0: the one that writes logs, plots and exports."""
+    return jax.process_index() == 0
+
+
+def host_local_batch(
+    rows: Callable[[Sequence[int]], dict[str, np.ndarray]], shape: tuple[int, ...], sharding: jax.sharding.Sharding
+) -> dict[str, jax.Array]:
+    """A global batch of ``shape`` (batch axes, e.g. ``(n_micro, B)``) whose every array has ``sharding``.
+
+    ``rows(flat_positions)`` collates the requested rows (row-major positions in ``shape``) into arrays of shape
+    ``(len(positions), ...)``. Only the rows held by this process's devices are asked for and transferred.
+    """
+    count = int(np.prod(shape))
+    needed = np.zeros(shape, bool)
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        needed[index[: len(shape)]] = True
+    positions = np.flatnonzero(needed.ravel())
+    local = rows(positions.tolist())
+    out = {}
+    for name, values in local.items():
+        host = np.zeros((count, *values.shape[1:]), values.dtype)
+        host[positions] = values  # rows held elsewhere stay zero and are never read
+        host = host.reshape(*shape, *values.shape[1:])
+        out[name] = jax.make_array_from_callback(host.shape, sharding, lambda index, host=host: host[index])
+    return out
+
+
+def to_host(tree: Any) -> Any:
+    """Numpy copies of a tree of (possibly multi-process, sharded) arrays: every process gets the whole values.
+
+    With several processes this is a collective: every process must call it.
+    """
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when ``flag`` is true on any (a collective with several processes)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))

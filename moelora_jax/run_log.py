@@ -1,0 +1,97 @@
+"""A run's records: ``metrics.jsonl``, TensorBoard event files beside it, and a PNG of the curves at the end.
+
+Each record is a flat dict with ``event`` (``"train"`` or ``"eval"``), ``step`` and numbers. In TensorBoard a
+number ``x`` of an ``event`` record appears as the scalar ``event/x`` at ``step``. On resume from step ``s`` the
+records after ``s`` (from the interrupted attempt, to be redone) are dropped from the JSONL file and purged from
+TensorBoard's view, so the curves of a resumed run read like those of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from moelora_jax.atomic import write_text_atomically
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+CURVES_FILE = "curves.png"
+
+
+def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file (empty when it does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class RunLog:
+    """Appends records to ``directory/metrics.jsonl`` and ``directory/tensorboard/``.
+
+    Args:
+      directory: the run's output directory.
+      resume_step: the step the run continues from; records after it are dropped, and with 0 (a fresh run)
+        all earlier records are.
+      enabled: False on every process but the primary one, which alone writes.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, resume_step: int = 0, enabled: bool = True) -> None:
+        self.path = Path(directory) / METRICS_FILE
+        self.enabled = enabled
+        self._file = self._writer = None
+        self.records: list[dict[str, Any]] = []
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        kept = [r for r in read_records(self.path) if resume_step and r["step"] <= resume_step]
+        write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.records = kept
+        self._file = self.path.open("a")
+        # purge_step: TensorBoard hides events at or after it that an earlier attempt wrote.
+        self._writer = SummaryWriter(str(Path(directory) / TENSORBOARD_DIR), purge_step=resume_step + 1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record (flushed at once, so a kill loses nothing written)."""
+        if not self.enabled:
+            return
+        self.records.append(record)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        for key, value in record.items():
+            if key not in ("event", "step") and isinstance(value, int | float):
+                self._writer.add_scalar(f"{record['event']}/{key}", value, record["step"])
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._writer.close()
+            self._file = self._writer = None
+
+
+def plot_curves(records: Sequence[dict[str, Any]], path: str | os.PathLike, metric: str) -> Path:
+    """A PNG with training and held-out loss against step, and the task ``metric`` against step."""
+    from matplotlib.figure import Figure
+
+    train = [r for r in records if r["event"] == "train"]
+    evals = [r for r in records if r["event"] == "eval"]
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    loss_ax, metric_ax = figure.subplots(1, 2)
+    loss_ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train (batch)", lw=1)
+    loss_ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out")
+    loss_ax.set(xlabel="step", ylabel="response-token cross-entropy", title="loss")
+    loss_ax.legend()
+    metric_ax.plot([r["step"] for r in evals], [r[metric] for r in evals], "o-", color="C2")
+    metric_ax.set(xlabel="step", ylabel=metric, title=f"held-out {metric} (greedy generation)")
+    for ax in (loss_ax, metric_ax):
+        ax.grid(alpha=0.3)
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    figure.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+    return path

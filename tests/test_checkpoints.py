@@ -1,0 +1,169 @@
+"""Orbax checkpoints of the train state: exact resume, refusal of other configs, damaged and interrupted saves."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from moelora_jax import AdapterConfig
+from moelora_jax.checkpoints import Checkpoints, fingerprint_differences
+from moelora_jax.models.llama import Llama, LlamaConfig, init_variables
+from moelora_jax.optim import OptimConfig, build_optimizer
+from moelora_jax.sharding import make_mesh
+from moelora_jax.trainer import Trainer, TrainState
+
+CONFIG = LlamaConfig(64, 32, 64, 2, 4, 2, 8)
+ROOT = Path(__file__).resolve().parents[1]
+ADAPTER = AdapterConfig(num_experts=4, rank=2, top_k=2, dropout=0.1)
+
+
+def _trainer(adapter=ADAPTER, mesh=(4, 2, 1)):
+    model = Llama(CONFIG, adapter=adapter)
+    params = init_variables(model, jax.random.key(0), ("params",))["params"]
+    adapters = init_variables(model, jax.random.key(1), ("adapters",))["adapters"]
+    optimizer = build_optimizer(OptimConfig(family="adamw", lr=3e-2, gate_lr=1e-2, riemann=True), adapters)
+    trainer = Trainer(model, optimizer, make_mesh(*mesh, devices=jax.devices("cpu")[: int(np.prod(mesh))]))
+    return trainer, trainer.place_params(params)
+
+
+def _batch(step):
+    rng = np.random.RandomState(step)
+    tokens = rng.randint(3, 64, (2, 8, 12)).astype(np.int32)
+    return {"tokens": tokens, "attention_mask": np.ones_like(tokens), "loss_mask": np.ones_like(tokens, bool)}
+
+
+def _host(state):
+    return jax.tree.map(np.asarray, state._replace(rng=jax.random.key_data(state.rng)))
+
+
+def _assert_equal(a, b):
+    jax.tree.map(np.testing.assert_array_equal, _host(a), _host(b))
+
+
+def test_resumed_training_is_bit_identical(tmp_path):
+    """Dropout on, Adam + riemann_precond: a run stopped at step 3 and restored into a freshly built trainer (another
+    seed) continues exactly as the uninterrupted run; restoring onto another mesh layout reads the same values."""
+    trainer, params = _trainer()
+    state, losses = trainer.init(jax.random.key(0)), []
+    for step in range(6):
+        state, metrics = trainer.train_step(state, params, _batch(step))
+        losses.append(float(metrics["loss"]))
+        if step == 2:
+            checkpoints = Checkpoints(tmp_path, {"run": "a"})
+            checkpoints.save(state)
+            checkpoints.close()
+            at_three = _host(state)
+
+    other_mesh, _ = _trainer(mesh=(2, 1, 1))
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        _host(Checkpoints(tmp_path, {"run": "a"}).restore(other_mesh.init(jax.random.key(7)))),
+        at_three,
+    )
+    trainer, params = _trainer()
+    resumed = Checkpoints(tmp_path, {"run": "a"}).restore(trainer.init(jax.random.key(99)))
+    assert int(resumed.step) == 3
+    resumed_losses = []
+    for step in range(3, 6):
+        resumed, metrics = trainer.train_step(resumed, params, _batch(step))
+        resumed_losses.append(float(metrics["loss"]))
+    assert resumed_losses == losses[3:]
+    _assert_equal(resumed, state)
+
+
+def test_only_the_newest_are_kept_and_a_named_step_restores(tmp_path):
+    trainer, params = _trainer()
+    state = trainer.init(jax.random.key(0))
+    checkpoints = Checkpoints(tmp_path, {}, keep=2)
+    saved = {}
+    for step in range(4):
+        state, _ = trainer.train_step(state, params, _batch(step))
+        checkpoints.save(state)
+        saved[step + 1] = _host(state)
+    checkpoints.wait()
+    assert checkpoints.steps() == [3, 4] and checkpoints.latest_step() == 4
+    jax.tree.map(np.testing.assert_array_equal, _host(checkpoints.restore(state, step=3)), saved[3])
+    with pytest.raises(ValueError, match=r"no checkpoint for step 1 .* it has steps \[3, 4\]"):
+        checkpoints.restore(state, step=1)
+    checkpoints.close()
+
+
+def test_another_configuration_is_refused_with_what_differs(tmp_path):
+    trainer, _ = _trainer()
+    checkpoints = Checkpoints(tmp_path, {"adapter": {"num_experts": 4, "rank": 2}, "data": {"seed": 0}})
+    checkpoints.save(trainer.init(jax.random.key(0)))
+    checkpoints.close()
+    other = Checkpoints(tmp_path, {"adapter": {"num_experts": 8, "rank": 2}, "data": {"seed": 0}})
+    with pytest.raises(ValueError, match=r"another configuration \(adapter\.num_experts: 4 -> 8\)"):
+        other.restore(_trainer(AdapterConfig(num_experts=8, rank=2, top_k=2))[0].init(jax.random.key(0)))
+    assert fingerprint_differences({"a": {"b": 1}}, {"a": {"b": 1, "c": 2}}) == ["a.c: '<absent>' -> 2"]
+
+
+def test_a_truncated_checkpoint_fails_in_one_line_and_the_earlier_one_still_loads(tmp_path):
+    trainer, params = _trainer()
+    state = trainer.init(jax.random.key(0))
+    checkpoints = Checkpoints(tmp_path, {})
+    checkpoints.save(state)
+    state, _ = trainer.train_step(state, params, _batch(0))
+    checkpoints.save(state, step=1)
+    checkpoints.close()
+    data_files = [p for p in (tmp_path / "1" / "state").rglob("*") if p.is_file() and p.stat().st_size > 64]
+    for path in data_files:
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size // 2)
+    checkpoints = Checkpoints(tmp_path, {})
+    with pytest.raises(ValueError, match=r"checkpoint .*/1 cannot be read \(.*\): move it aside to resume from step 0"):
+        checkpoints.restore(state)
+    restored = checkpoints.restore(trainer.init(jax.random.key(5)), step=0)
+    _assert_equal(restored, trainer.init(jax.random.key(0)))
+
+
+_SAVER = textwrap.dedent(
+    """
+    import sys, jax, numpy as np
+    from moelora_jax.checkpoints import Checkpoints
+    from moelora_jax.trainer import TrainState
+
+    def state(step, fill):
+        big = {"w": np.full((8, 1024, 1024), fill, np.float32)}  # 32 MiB: the save takes a while
+        return TrainState(np.int32(step), big, {}, jax.random.key(step), np.int32(0))
+
+    checkpoints = Checkpoints(sys.argv[1], {})
+    checkpoints.save(state(1, 1.0))
+    checkpoints.wait()
+    print("saving", flush=True)
+    checkpoints.save(state(2, 2.0))
+    checkpoints.wait()
+    print("saved", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.3])
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(tmp_path, delay):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    saver = subprocess.Popen([sys.executable, "-c", _SAVER, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env)
+    assert saver.stdout.readline().strip() == "saving"
+    time.sleep(delay)
+    saver.send_signal(signal.SIGKILL)
+    saver.wait(timeout=60)
+
+    like = TrainState(np.int32(0), {"w": np.zeros((8, 1024, 1024), np.float32)}, {}, jax.random.key(0), np.int32(0))
+    like = jax.tree.map(jax.numpy.asarray, like)
+    checkpoints = Checkpoints(tmp_path, {})
+    assert 1 in checkpoints.steps()
+    for step in checkpoints.steps():  # step 1 for sure; step 2 only if it was complete, and then whole
+        restored = checkpoints.restore(like, step=step)
+        assert int(restored.step) == step and np.all(np.asarray(restored.adapters["w"]) == float(step))
+    # The resumed run reaches step 2 again: its save goes through whatever the killed one left behind.
+    checkpoints.save(like._replace(step=np.int32(2), adapters={"w": like.adapters["w"] + 3.0}), step=2)
+    checkpoints.close()
+    restored = Checkpoints(tmp_path, {}).restore(like)
+    assert int(restored.step) == 2 and np.all(np.asarray(restored.adapters["w"]) == 3.0)
