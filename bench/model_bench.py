@@ -1,15 +1,24 @@
-"""Whole-model benchmark on the real SmolLM2-135M-Instruct; all step timings interleaved in one run.
+"""Whole-model benchmark on SmolLM2-135M-Instruct, or on random weights of a published shape; all step timings
+interleaved in one run.
 
     python bench/model_bench.py                                 # CPU defaults (a few minutes on 2 cores)
     python bench/model_bench.py --batch 16 --length 512 --dtype bfloat16      # an accelerator
+    python bench/model_bench.py --shape llama-3.2-1b --batch 8 --length 256 --dtype bfloat16
 
-Reports: loading the weights (seconds, and the growth of peak host memory over the weights' size), compile time
-of the forward and of the MoE-LoRA train step, forward tokens/s, and per-step time of
+``--model`` (default: the offline SmolLM2-135M-Instruct) loads a checkpoint; ``--shape`` instead builds random
+weights (one jitted initialisation, in ``--dtype``) of a published architecture, so that nothing has to be
+downloaded or copied to the machine that runs it.
+
+Reports: loading the weights (``--model`` only: seconds, and the growth of peak host memory over the weights' size),
+compile time of each measured function, forward tokens/s, and per-step time of
   - a frozen-model forward+backward (gradients to every layer's activations; the only weights differentiated are
     the attention-norm scales, which cost nothing),
   - LoRA r=4 and MoE-LoRA (E=20, r=4, top-k 10) on q, k, v, o: forward+backward into the adapters,
   - the MoE-LoRA train step: that plus ``adamw`` and the update, and the same with ``riemann_precond`` first,
 as ratios to the frozen forward+backward of the same batch. The loss is token cross-entropy.
+Memory: XLA's compiled memory analysis of each function (argument, output and temporary bytes; their sum, less
+aliased bytes, is what the executable holds while it runs), its MoE-LoRA / LoRA and MoE-LoRA / frozen ratios, and
+the device's peak bytes in use over the whole run where the backend reports it (None on CPU).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import argparse
 import json
 import resource
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,11 +36,59 @@ import optax
 from timing import add_run_arguments, interleaved_medians
 
 from moelora_jax import AdapterConfig, riemann_precond
-from moelora_jax.models.llama import Llama, init_variables
+from moelora_jax.models.llama import Llama, Llama3RopeScaling, LlamaConfig, init_variables
 from moelora_jax.pretrained import load_config, load_params, resolve_model_dir
 
 MOE = AdapterConfig(num_experts=20, rank=4, top_k=10, alpha=16.0)
 LORA = AdapterConfig(num_experts=1, rank=4, alpha=16.0)
+
+_LLAMA_3_2_ROPE = Llama3RopeScaling(
+    factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+)
+# Architecture fields of each model's public config.json (token ids play no part here).
+SHAPES: dict[str, LlamaConfig] = {
+    "smollm2-135m": LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+    ),
+    "llama-3.2-1b": LlamaConfig(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=_LLAMA_3_2_ROPE,
+        tie_word_embeddings=True,
+        max_position_embeddings=131072,
+    ),
+    "llama-3.2-3b": LlamaConfig(
+        vocab_size=128256,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_layers=28,
+        num_heads=24,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=_LLAMA_3_2_ROPE,
+        tie_word_embeddings=True,
+        max_position_embeddings=131072,
+    ),
+}
 
 
 def _peak_rss_bytes() -> int:
@@ -43,22 +101,44 @@ def cross_entropy(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
 
 
+def compiled_memory(compiled: jax.stages.Compiled) -> dict[str, int] | None:
+    """Bytes of XLA's memory analysis of ``compiled`` (None where the backend gives none); ``total`` is
+    argument + output + temp - alias."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    sizes = {
+        "argument": stats.argument_size_in_bytes,
+        "output": stats.output_size_in_bytes,
+        "temp": stats.temp_size_in_bytes,
+        "alias": stats.alias_size_in_bytes,
+    }
+    return {**sizes, "total": sizes["argument"] + sizes["output"] + sizes["temp"] - sizes["alias"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="HF directory or .gguf (default: SmolLM2-135M-Instruct)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", default=None, help="HF directory or .gguf (default: SmolLM2-135M-Instruct)")
+    source.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this architecture instead")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=128)
     add_run_arguments(parser, rounds=5)
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
 
-    directory = resolve_model_dir(args.model)  # converts a GGUF once, into the cache
-    config = load_config(directory)
-    rss_before, start = _peak_rss_bytes(), time.perf_counter()
-    params = load_params(directory, config, param_dtype=dtype)
-    load_s = time.perf_counter() - start
+    load: dict[str, float] = {}
+    if args.shape:
+        config, model_name = SHAPES[args.shape], f"random {args.shape}"
+        params = init_variables(Llama(config, param_dtype=dtype), jax.random.key(0), ("params",))["params"]
+    else:
+        directory = resolve_model_dir(args.model)  # converts a GGUF once, into the cache
+        config, model_name = load_config(directory), str(directory)
+        rss_before, start = _peak_rss_bytes(), time.perf_counter()
+        params = load_params(directory, config, param_dtype=dtype)
+        load["load_s"] = time.perf_counter() - start
+        load["load_rss_bytes"] = _peak_rss_bytes() - rss_before
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    load_rss = _peak_rss_bytes() - rss_before
 
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (args.batch, args.length)), jnp.int32)
     base = Llama(config, dtype=dtype, param_dtype=dtype)
@@ -84,8 +164,6 @@ def main() -> None:
 
         return jax.jit(jax.grad(loss))
 
-    lora_grad, moe_grad = adapter_grad("lora"), adapter_grad("moe_lora")
-
     def make_train_step(tx):
         @jax.jit
         def train_step(ad, opt_state, p, t):
@@ -96,60 +174,73 @@ def main() -> None:
         return train_step
 
     tx, plain_tx = optax.chain(riemann_precond(), optax.adamw(1e-4)), optax.adamw(1e-4)
-    train_step, plain_train_step = make_train_step(tx), make_train_step(plain_tx)
-
-    def compile_seconds(fn, *fn_args) -> float:
-        start = time.perf_counter()
-        fn.lower(*fn_args).compile()
-        return time.perf_counter() - start
-
     scales = params["layers"]["attn_norm"]["scale"]
     opt_state, plain_opt_state = tx.init(adapters["moe_lora"]), plain_tx.init(adapters["moe_lora"])
-    compile_s = {
-        "forward": compile_seconds(forward, params, tokens),
-        "moe_lora_train_step": compile_seconds(train_step, adapters["moe_lora"], opt_state, params, tokens),
+    measured: dict[str, tuple[jax.stages.Wrapped, tuple[Any, ...]]] = {
+        "forward": (forward, (params, tokens)),
+        "frozen_fwd_bwd": (frozen_grad, (scales, params, tokens)),
+        "lora_fwd_bwd": (adapter_grad("lora"), (adapters["lora"], params, tokens)),
+        "moe_lora_fwd_bwd": (adapter_grad("moe_lora"), (adapters["moe_lora"], params, tokens)),
+        "moe_lora_train_step_adamw": (
+            make_train_step(plain_tx),
+            (adapters["moe_lora"], plain_opt_state, params, tokens),
+        ),
+        "moe_lora_train_step": (make_train_step(tx), (adapters["moe_lora"], opt_state, params, tokens)),
     }
+    compiled: dict[str, jax.stages.Compiled] = {}
+    compile_s: dict[str, float] = {}
+    for name, (fn, fn_args) in measured.items():
+        start = time.perf_counter()
+        compiled[name] = fn.lower(*fn_args).compile()
+        compile_s[name] = time.perf_counter() - start
+    memory = {name: compiled_memory(c) for name, c in compiled.items()}
     medians = interleaved_medians(
-        {
-            "forward": lambda: forward(params, tokens),
-            "frozen_fwd_bwd": lambda: frozen_grad(scales, params, tokens),
-            "lora_fwd_bwd": lambda: lora_grad(adapters["lora"], params, tokens),
-            "moe_lora_fwd_bwd": lambda: moe_grad(adapters["moe_lora"], params, tokens),
-            "moe_lora_train_step_adamw": lambda: plain_train_step(
-                adapters["moe_lora"], plain_opt_state, params, tokens
-            ),
-            "moe_lora_train_step": lambda: train_step(adapters["moe_lora"], opt_state, params, tokens),
-        },
-        args.rounds,
-        args.warmup,
+        {name: (lambda c=c, a=measured[name][1]: c(*a)) for name, c in compiled.items()}, args.rounds, args.warmup
     )
+    device_stats = jax.devices()[0].memory_stats()
     n_tokens = args.batch * args.length
-    results = {
+    results: dict[str, Any] = {
         "device": jax.devices()[0].device_kind,
-        "model": str(directory),
+        "model": model_name,
         "batch": [args.batch, args.length],
         "dtype": args.dtype,
-        "load_s": load_s,
-        "load_peak_rss_over_weights": load_rss / weight_bytes,
         "weights_mb": weight_bytes / 2**20,
         "compile_s": compile_s,
         "forward_tokens_per_s": n_tokens / medians["forward"],
         "step_ms": {k: 1e3 * v for k, v in medians.items()},
         "ratio_to_frozen_fwd_bwd": {k: v / medians["frozen_fwd_bwd"] for k, v in medians.items()},
+        "riemann_over_adamw_train_step": medians["moe_lora_train_step"] / medians["moe_lora_train_step_adamw"],
+        "compiled_memory_bytes": memory,
+        "device_peak_bytes_in_use": None if device_stats is None else device_stats.get("peak_bytes_in_use"),
     }
-    print(f"{results['device']}, {args.dtype}, batch {args.batch} x {args.length} tokens, {args.rounds} rounds")
-    print(
-        f"load {load_s:.1f} s; peak host memory growth {load_rss / 2**20:.0f} MiB for {weight_bytes / 2**20:.0f} MiB "
-        f"of weights ({results['load_peak_rss_over_weights']:.2f}x)"
-    )
+    print(f"{results['device']}, {args.dtype}, {model_name}, batch {args.batch} x {args.length}, {args.rounds} rounds")
+    if load:
+        results["load_s"] = load["load_s"]
+        results["load_peak_rss_over_weights"] = load["load_rss_bytes"] / weight_bytes
+        print(
+            f"load {load['load_s']:.1f} s; peak host memory growth {load['load_rss_bytes'] / 2**20:.0f} MiB for "
+            f"{weight_bytes / 2**20:.0f} MiB of weights ({results['load_peak_rss_over_weights']:.2f}x)"
+        )
+    else:
+        print(f"{weight_bytes / 2**20:.0f} MiB of random weights")
     print("compile: " + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()))
     print(f"forward: {results['forward_tokens_per_s']:.0f} tokens/s")
-    print(f"{'step':<28}{'ms':>10}{'/ frozen fwd+bwd':>18}")
+    print(f"{'step':<28}{'ms':>10}{'/ frozen fwd+bwd':>18}{'total MiB':>12}{'temp MiB':>12}")
     for name, ms in results["step_ms"].items():
-        print(f"{name:<28}{ms:>10.1f}{results['ratio_to_frozen_fwd_bwd'][name]:>18.3f}")
-    ratio = medians["moe_lora_train_step"] / medians["moe_lora_train_step_adamw"]
-    print(f"riemann_precond + adamw over adamw alone, whole train step: {ratio:.3f}")
-    results["riemann_over_adamw_train_step"] = ratio
+        mem = memory[name]
+        mib = "" if mem is None else f"{mem['total'] / 2**20:>12.0f}{mem['temp'] / 2**20:>12.0f}"
+        print(f"{name:<28}{ms:>10.1f}{results['ratio_to_frozen_fwd_bwd'][name]:>18.3f}{mib}")
+    print(f"riemann_precond + adamw over adamw alone, whole train step: {results['riemann_over_adamw_train_step']:.3f}")
+    moe = memory["moe_lora_fwd_bwd"]
+    if moe is not None:  # the backend gives an analysis for every function or for none
+        results["memory_ratios"] = {
+            f"moe_lora_over_{other}_{kind}": moe[kind] / memory[f"{other}_fwd_bwd"][kind]
+            for other in ("lora", "frozen")
+            for kind in ("total", "temp")
+        }
+        print("compiled memory, fwd+bwd: " + ", ".join(f"{k} {v:.3f}" for k, v in results["memory_ratios"].items()))
+    if results["device_peak_bytes_in_use"] is not None:
+        print(f"device peak bytes in use over the run: {results['device_peak_bytes_in_use'] / 2**20:.0f} MiB")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
