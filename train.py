@@ -38,7 +38,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: settings go through --config.KEY=VALUE.")
-    logging.set_verbosity(logging.WARNING)
+    # orbax logs a failed background save with tracebacks at ERROR; the run re-raises it as one line
+    logging.set_verbosity(logging.FATAL)
     config = _CONFIG.value
     try:
         run(config)  # validates the whole config (plan) before loading anything

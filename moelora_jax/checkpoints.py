@@ -11,7 +11,7 @@ A checkpoint ``<directory>/<step>/`` holds two items:
 Saves are atomic: orbax writes into a temporary directory and renames it when complete, so a crash, a kill or a
 full disk during a save leaves the earlier checkpoints as they were (an unfinished one stays a
 ``<step>.orbax-checkpoint-tmp`` directory, never read), and the oldest are deleted only after a newer one is
-complete. Saves run in the background; the next save,
+complete. A save is not started at all when the disk lacks room for it. Saves run in the background; the next save,
 :meth:`Checkpoints.wait` or :meth:`Checkpoints.close` waits for the one in flight and raises its error. Every
 process of a multi-process job must call every method.
 """
@@ -19,7 +19,9 @@ process of a multi-process job must call every method.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,21 +67,32 @@ class Checkpoints:
         if keep < 1:
             raise ValueError(f"checkpoint.keep={keep} must be >= 1.")
         self.directory = Path(directory).absolute()
-        self.fingerprint = fingerprint
+        self.fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back: tuples become lists
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def steps(self) -> list[int]:
-        """Steps of the complete checkpoints, oldest first."""
+        """Steps of the complete checkpoints on disk, oldest first (read afresh: a failed save can leave the
+        manager's own list stale)."""
+        self._manager.reload()
         return sorted(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+        steps = self.steps()
+        return steps[-1] if steps else None
 
     def save(self, state: TrainState, *, step: int | None = None) -> None:
         """Start writing ``state`` as checkpoint ``step`` (default ``state.step``), replacing an existing one of that
         step; returns once the arrays are copied off the devices, so the caller may donate or update ``state``."""
         step = int(state.step) if step is None else step
+        need = sum(x.nbytes for x in jax.tree.leaves(state)) + _SPACE_MARGIN
+        free = _free_bytes(self.directory)
+        if free < need:
+            raise OSError(
+                f"checkpoint {step} needs about {need / 2**20:.1f} MiB but {self.directory} has {free / 2**20:.1f} MiB "
+                f"free; the complete checkpoints there (steps {self.steps()}) are intact: free space, then rerun to "
+                "resume."
+            )
         if step in self._manager.all_steps():  # a run resumed from an earlier step redoes this one
             self._manager.delete(step)
         meta = {"format": FORMAT, "step": step, "data_position": step, "fingerprint": self.fingerprint}
@@ -146,6 +159,14 @@ class Checkpoints:
                 f"a checkpoint could not be written to {self.directory} ({reason}); the complete checkpoints there "
                 f"(steps {self.steps()}) are intact: free space or fix the directory, then rerun to resume."
             ) from e
+
+
+_SPACE_MARGIN = 1 << 20
+"""Bytes asked for beyond the arrays' own size (metadata, JSON), before a save is started."""
+
+
+def _free_bytes(directory: Path) -> int:
+    return shutil.disk_usage(directory).free
 
 
 def _storable(state: TrainState) -> TrainState:

@@ -119,13 +119,12 @@ def load_adapters(directory: str | os.PathLike) -> ExportedAdapters:
     if info.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{config_path} has export format {info.get('format')}; this version reads {EXPORT_FORMAT}.")
     reader = SafetensorsFile(tensors_path)
-    present = set(reader.keys())
     by_target: dict[tuple[str, ...], list[np.ndarray]] = {}
     for target in info["targets"]:
         block, proj, module = _MODULES[target]
         for leaf in ("lora_a", "lora_b", "gate", "mixer"):
             names = [f"model.layers.{i}.{module}.{leaf}" for i in range(info["num_layers"])]
-            if names[0] in present:
+            if names[0] in reader:
                 by_target["layers", block, proj, leaf] = [reader.get(n) for n in names]
     adapters = traverse_util.unflatten_dict({k: np.stack(v) for k, v in by_target.items()})
     return ExportedAdapters(

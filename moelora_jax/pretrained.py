@@ -17,6 +17,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,12 @@ class SafetensorsFile:
 
     def keys(self) -> list[str]:
         return list(self._entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
 
     def get(self, name: str) -> np.ndarray:
         entry = self._entries[name]

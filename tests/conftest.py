@@ -77,3 +77,27 @@ def word_tokenizer():
     tokenizer.add_special_tokens({"additional_special_tokens": ["<user>", "<bot>"]})
     tokenizer.chat_template = "{% for m in messages %}<user> {{ m['content'] }} {% endfor %}<bot>"
     return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, word_tokenizer):
+    """A tiny random LLaMA with the word-level test tokenizer and its chat template, saved as a HF directory."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    directory = tmp_path_factory.mktemp("tiny-model")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    word_tokenizer.save_pretrained(directory)
+    return directory

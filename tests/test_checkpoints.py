@@ -1,6 +1,7 @@
 """Orbax checkpoints of the train state: exact resume, refusal of other configs, damaged and interrupted saves."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,3 +168,31 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(tmp_path, 
     checkpoints.close()
     restored = Checkpoints(tmp_path, {}).restore(like)
     assert int(restored.step) == 2 and np.all(np.asarray(restored.adapters["w"]) == 3.0)
+
+
+def test_a_disk_that_fills_during_a_save_fails_in_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """The space check before a save refuses one that cannot fit; when the disk fills anyway (another writer), the
+    failed background save is reported as one OSError and the previous checkpoint stays whole."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        noise = np.random.RandomState(0).standard_normal((256, 1024)).astype(np.float32)  # 1 MiB, incompressible
+        state = TrainState(np.int32(1), {"w": noise}, {}, jax.random.key(1), np.int32(0))
+        state = jax.tree.map(jax.numpy.asarray, state)
+        checkpoints = Checkpoints(disk / "ck", {}, keep=1)
+        checkpoints.save(state)
+        checkpoints.wait()
+        with open(disk / "filler", "wb") as f:
+            f.write(b"\0" * (shutil.disk_usage(disk).free - 256 * 1024))
+        with pytest.raises(OSError, match=r"checkpoint 2 needs about 2\.0 MiB .* \(steps \[1\]\) are intact"):
+            checkpoints.save(state._replace(step=np.int32(2)))
+        monkeypatch.setattr("moelora_jax.checkpoints._free_bytes", lambda directory: 1 << 40)
+        with pytest.raises(OSError, match=r"could not be written .* \(steps \[1\]\) are intact"):
+            checkpoints.save(state._replace(step=np.int32(2), adapters={"w": noise + 1}))
+            checkpoints.wait()
+        restored = Checkpoints(disk / "ck", {}).restore(state)
+        assert int(restored.step) == 1 and np.array_equal(np.asarray(restored.adapters["w"]), noise)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

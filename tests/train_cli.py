@@ -1,0 +1,93 @@
+"""Running ``train.py`` as a user does, in a subprocess, on a tiny model directory (shared by the CLI tests)."""
+
+import atexit
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# One persistent XLA compilation cache for every run of the session: the runs compile the same few programs.
+XLA_CACHE = tempfile.mkdtemp(prefix="moelora_jax_test_xla_cache-")
+atexit.register(shutil.rmtree, XLA_CACHE, ignore_errors=True)
+RECORDS = [{"prompt": "what colour is the sky ?", "response": "the answer is blue .", "label": "blue"}] * 12
+
+
+def write_records(directory: Path, records=RECORDS, name: str = "train.jsonl") -> Path:
+    path = directory / name
+    path.write_text("".join(r if isinstance(r, str) else json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def tiny_job(model_dir: Path, data_path: Path) -> list[str]:
+    """Overrides of the smoke preset for a tiny prompt/response job on ``model_dir``."""
+    return [
+        f"--config.model.path={model_dir}",
+        "--config.data.task=prompt_response",
+        f"--config.data.train_path={data_path}",
+        "--config.data.eval_split=train",
+        "--config.data.max_length=24",
+        "--config.adapter.num_experts=4",
+        "--config.adapter.top_k=2",
+        "--config.train.eval_batch_size=4",
+        "--config.data.max_eval_examples=4",
+    ]
+
+
+def command(output_dir: Path, *overrides: str, preset: str = "smoke") -> list[str]:
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        f"--config={ROOT / 'configs' / 'llama_moelora.py'}:{preset}",
+        f"--config.output_dir={output_dir}",
+        *overrides,
+    ]
+
+
+def environment(devices: int = 1) -> dict[str, str]:
+    flags = "--xla_cpu_multi_thread_eigen=false"
+    if devices > 1:
+        flags += f" --xla_force_host_platform_device_count={devices}"
+    return {
+        **os.environ,
+        "XLA_FLAGS": flags,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": XLA_CACHE,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+
+
+def train(output_dir: Path, *overrides: str, preset: str = "smoke", devices: int = 1) -> subprocess.CompletedProcess:
+    """``train.py`` to completion; stdout and stderr captured."""
+    return subprocess.run(
+        command(output_dir, *overrides, preset=preset),
+        capture_output=True,
+        text=True,
+        env=environment(devices),
+        cwd=output_dir.parent,
+        timeout=600,
+    )
+
+
+def start(output_dir: Path, *overrides: str, devices: int = 1, log: Path | None = None) -> subprocess.Popen:
+    """``train.py`` in the background, its output to ``log`` (default: beside the output directory)."""
+    log = log or output_dir.parent / f"{output_dir.name}.log"
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            command(output_dir, *overrides), stdout=out, stderr=subprocess.STDOUT, env=environment(devices)
+        )
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The ``error: ...`` line of a failed run (or its last line)."""
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    return next((line for line in lines if line.startswith("error:")), lines[-1] if lines else "")
+
+
+def records(output_dir: Path, event: str = "train") -> list[dict]:
+    path = output_dir / "metrics.jsonl"
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["event"] == event]
