@@ -86,7 +86,7 @@ def get_config(preset: str = "") -> ConfigDict:
     config.export.merged = True  # export/merged: a HF model with the adapter folded in (plain LoRA only)
 
     config.distributed = ConfigDict()
-    config.distributed.initialize = "auto"  # auto: with a coordinator_address or on a multi-host TPU VM | yes | no
+    config.distributed.initialize = "auto"  # auto: with a coordinator_address or on a Cloud TPU VM | yes | no
     config.distributed.coordinator_address = ""  # e.g. 10.0.0.2:1234 (then also num_processes, process_id)
     config.distributed.num_processes = 0
     config.distributed.process_id = -1

@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax.traverse_util import flatten_dict
 
 from moelora_jax.trainer import TrainState
 
@@ -35,18 +36,9 @@ FORMAT = 1
 """Version of the checkpoint layout; bumped when an older checkpoint could no longer be read correctly."""
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
 def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``"key: saved -> current"`` for every setting that differs between two fingerprints (nested dicts)."""
-    a, b = _flatten(saved), _flatten(current)
+    a, b = flatten_dict(saved, sep="."), flatten_dict(current, sep=".")
     return [
         f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
         for k in sorted(a.keys() | b.keys())

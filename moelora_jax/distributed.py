@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -19,22 +20,23 @@ from jax.experimental import multihost_utils
 INITIALIZE_CHOICES = ("auto", "yes", "no")
 
 
-def _on_multi_host_tpu_vm() -> bool:
-    """A TPU VM slice of several hosts lists all of them in ``TPU_WORKER_HOSTNAMES``."""
-    return len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+def on_cloud_tpu_vm(pci_devices: str | os.PathLike = "/sys/bus/pci/devices") -> bool:
+    """Whether a Google TPU (PCI vendor 0x1ae0) is attached: the test JAX itself uses for a Cloud TPU VM, where
+    ``jax.distributed.initialize()`` finds its peers from the VM's metadata (one process on a single host)."""
+    return any(p.read_text().strip() == "0x1ae0" for p in Path(pci_devices).glob("*/vendor") if p.is_file())
 
 
 def initialize(mode: str = "auto", coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> bool:
     """Join a multi-process JAX job; call before any other JAX computation. Returns whether it did.
 
     ``mode``: ``"no"`` never; ``"yes"`` always (addresses auto-detected by JAX on TPU VMs, Slurm, Open MPI, ... unless
-    given); ``"auto"`` when a ``coordinator_address`` is given or on a multi-host TPU VM. ``num_processes`` and
+    given); ``"auto"`` when a ``coordinator_address`` is given or on a Cloud TPU VM. ``num_processes`` and
     ``process_id`` go with an explicit coordinator (e.g. ``127.0.0.1:1234``, 2, 0 on localhost). CPU processes
     exchange collectives over gloo.
     """
     if mode not in INITIALIZE_CHOICES:
         raise ValueError(f"distributed.initialize={mode!r} must be one of {INITIALIZE_CHOICES}.")
-    if mode == "no" or (mode == "auto" and not coordinator_address and not _on_multi_host_tpu_vm()):
+    if mode == "no" or (mode == "auto" and not coordinator_address and not on_cloud_tpu_vm()):
         return False
     if coordinator_address and (num_processes < 1 or not 0 <= process_id < num_processes):
         raise ValueError(

@@ -158,14 +158,23 @@ def _resume(checkpoints: Checkpoints, fresh: Any, resume: str) -> Any:
 
 
 def _export(
-    config: Any, directory: Path, settings: Plan, state: Any, params: Any, model_config: Any, tokenizer: Any, source
+    config: Any,
+    directory: Path,
+    settings: Plan,
+    state: Any,
+    params: Any,
+    model_config: Any,
+    tokenizer: Any,
+    source: Path,
 ) -> list[str]:
     """Write the exports ``config.export`` asks for (PEFT and merged only for plain LoRA); returns their paths."""
-    if not config.adapters and not (settings.adapter.num_experts == 1 and (config.peft or config.merged)):
-        return []
-    adapters = to_host(state.adapters)  # a collective with several processes
     plain = settings.adapter.num_experts == 1
-    merged_params = to_host(params) if plain and config.merged else None
+    want_peft = plain and config.peft and not settings.adapter.mixer
+    want_merged = plain and config.merged
+    if not (config.adapters or want_peft or want_merged):
+        return []
+    adapters = to_host(state.adapters)  # collectives with several processes: every process gathers
+    merged_params = to_host(params) if want_merged else None
     if not is_primary():
         return []
     written, kwargs = [], {"adapter": settings.adapter, "targets": settings.targets}
@@ -175,9 +184,9 @@ def _export(
                 directory / "adapters", adapters, model_config=model_config, base_model=str(source), **kwargs
             )
         )
-    if plain and config.peft and not settings.adapter.mixer:
+    if want_peft:
         written.append(export_peft(directory / "peft", adapters, base_model=str(source), **kwargs))
-    if merged_params is not None:
+    if want_merged:
         written.append(
             export_merged(
                 directory / "merged", merged_params, adapters, model_config=model_config, tokenizer=tokenizer, **kwargs
@@ -271,7 +280,8 @@ def run(config: Any) -> dict[str, Any]:
     micro = t.batch_size // t.micro_batches
     sharding = batch_sharding(mesh, leading=1)
     every = config.checkpoint.every
-    bar = tqdm(range(first_step + 1, t.steps + 1), desc="train", dynamic_ncols=True, disable=not is_primary())
+    steps = range(first_step + 1, t.steps + 1)
+    bar = tqdm(steps, "train", initial=first_step, total=t.steps, dynamic_ncols=True, disable=not is_primary())
     train_start, tokens_seen, eval_seconds, saved_step = time.perf_counter(), 0, 0.0, first_step
     with PreemptionGuard() as guard:
         for step in bar:

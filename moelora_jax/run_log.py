@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,8 +53,11 @@ class RunLog:
         write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.records = kept
         self._file = self.path.open("a")
-        # purge_step: TensorBoard hides events at or after it that an earlier attempt wrote.
-        self._writer = SummaryWriter(str(Path(directory) / TENSORBOARD_DIR), purge_step=resume_step + 1)
+        events = Path(directory) / TENSORBOARD_DIR
+        if not resume_step:
+            shutil.rmtree(events, ignore_errors=True)  # an earlier attempt that left no checkpoint
+        # purge_step: TensorBoard hides the events at or after it that an earlier attempt wrote.
+        self._writer = SummaryWriter(str(events), purge_step=resume_step + 1)
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record (flushed at once, so a kill loses nothing written)."""

@@ -47,3 +47,21 @@ def test_bad_data_fails_with_one_line(tiny_model_dir, tmp_path):
         result = train(tmp_path / "run", *tiny_job(tiny_model_dir, write_records(tmp_path, records)))
         line = error_line(result)
         assert message in line and line.startswith("error:"), result.stderr[-2000:]
+
+
+def test_a_plain_lora_job_exports_peft_and_merged_weights_that_agree(tiny_model_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    run = tmp_path / "run"
+    result = train(run, *tiny_job(tiny_model_dir, write_records(tmp_path)), "--config.adapter.kind=lora")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (run / "export").iterdir()) == ["adapters", "merged", "peft"]
+    tokens = torch.tensor([[1, 16, 17, 18, 19, 20]])
+    with torch.no_grad():
+        base = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+        plain = base(tokens).logits
+        with_peft = peft.PeftModel.from_pretrained(base, run / "export" / "peft").eval()(tokens).logits
+        merged = transformers.AutoModelForCausalLM.from_pretrained(run / "export" / "merged").eval()(tokens).logits
+    assert (with_peft - plain).abs().max() > 1e-5  # three steps of training moved the adapter off zero
+    torch.testing.assert_close(merged, with_peft, atol=1e-4, rtol=0)
