@@ -24,6 +24,7 @@ the device's peak bytes in use over the whole run where the backend reports it (
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import time
@@ -42,8 +43,21 @@ from moelora_jax.pretrained import load_config, load_params, resolve_model_dir
 MOE = AdapterConfig(num_experts=20, rank=4, top_k=10, alpha=16.0)
 LORA = AdapterConfig(num_experts=1, rank=4, alpha=16.0)
 
-_LLAMA_3_2_ROPE = Llama3RopeScaling(
-    factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+_LLAMA_3_2_1B = LlamaConfig(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_layers=16,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=64,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    rope_scaling=Llama3RopeScaling(
+        factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+    ),
+    tie_word_embeddings=True,
+    max_position_embeddings=131072,
 )
 # Architecture fields of each model's public config.json (token ids play no part here).
 SHAPES: dict[str, LlamaConfig] = {
@@ -60,34 +74,8 @@ SHAPES: dict[str, LlamaConfig] = {
         tie_word_embeddings=True,
         max_position_embeddings=8192,
     ),
-    "llama-3.2-1b": LlamaConfig(
-        vocab_size=128256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_layers=16,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=64,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        rope_scaling=_LLAMA_3_2_ROPE,
-        tie_word_embeddings=True,
-        max_position_embeddings=131072,
-    ),
-    "llama-3.2-3b": LlamaConfig(
-        vocab_size=128256,
-        hidden_size=3072,
-        intermediate_size=8192,
-        num_layers=28,
-        num_heads=24,
-        num_kv_heads=8,
-        head_dim=128,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        rope_scaling=_LLAMA_3_2_ROPE,
-        tie_word_embeddings=True,
-        max_position_embeddings=131072,
-    ),
+    "llama-3.2-1b": _LLAMA_3_2_1B,
+    "llama-3.2-3b": dataclasses.replace(_LLAMA_3_2_1B, hidden_size=3072, num_layers=28, num_heads=24, head_dim=128),
 }
 
 
