@@ -198,3 +198,17 @@ def test_a_disk_that_fills_during_a_save_fails_in_one_line_and_keeps_the_last_ch
         assert int(restored.step) == 1 and np.array_equal(np.asarray(restored.adapters["w"]), noise)
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_save_in_flight_keeps_its_values_when_the_next_step_donates_the_state(tmp_path):
+    """The training loop donates the state to the next step right after ``save`` returns."""
+    w = jax.random.normal(jax.random.key(0), (16, 1024, 1024))  # 64 MiB: the write is still running
+    saved = np.asarray(w).copy()
+    state = TrainState(jax.numpy.int32(1), {"w": w}, {}, jax.random.key(1), jax.numpy.int32(0))
+    overwrite = jax.jit(lambda s: s._replace(adapters={"w": s.adapters["w"] * 0 + 7.0}), donate_argnums=0)
+    checkpoints = Checkpoints(tmp_path, {})
+    checkpoints.save(state)
+    state = jax.block_until_ready(overwrite(state))
+    checkpoints.close()
+    restored = Checkpoints(tmp_path, {}).restore(state)
+    np.testing.assert_array_equal(np.asarray(restored.adapters["w"]), saved)

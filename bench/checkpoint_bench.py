@@ -1,0 +1,108 @@
+"""What checkpointing costs a run: a real-size MoE-LoRA train state saved and restored through ``Checkpoints``.
+
+    python bench/checkpoint_bench.py --shape llama-3.2-3b          # the paper's setting (a minute on 2 CPU cores)
+
+The state is what the trainer saves: adapters (E=20, r=4, top-k 10 on q, k, v, o by default) plus AdamW moments
+and the riemann_precond-wrapped optimizer's counters, built on the shapes of a published architecture (no base
+weights are needed: only the adapters are initialised) and filled with random values, as after training.
+Reports the state's size and its size on disk, the time a save blocks the training loop (copying off the
+devices) against the time until it is complete on disk, their ratio, and the restore time; medians over
+``--rounds`` saves, each of a new step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from model_bench import SHAPES
+
+from moelora_jax import AdapterConfig
+from moelora_jax.checkpoints import Checkpoints
+from moelora_jax.models.llama import Llama, abstract_variables
+from moelora_jax.optim import OptimConfig, build_optimizer
+from moelora_jax.sharding import make_mesh
+from moelora_jax.trainer import Trainer, TrainState
+
+
+def _as_if_trained(state: TrainState) -> TrainState:
+    """Random values in every float leaf: a fresh state (B and the moments zero) would compress to almost nothing."""
+    leaves, tree = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    leaves = [
+        jax.random.normal(k, x.shape, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+        for k, x in zip(keys, leaves, strict=True)
+    ]
+    return jax.tree.unflatten(tree, leaves)
+
+
+def _directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-3b")
+    parser.add_argument("--experts", type=int, default=20)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--targets", default="q,k,v,o")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dir", help="where to write (default: a temporary directory)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args()
+
+    adapter = AdapterConfig(num_experts=args.experts, rank=args.rank, top_k=min(10, args.experts))
+    model = Llama(SHAPES[args.shape], adapter=adapter, adapter_targets=tuple(args.targets.split(",")))
+    adapter_shapes = nn.unbox(abstract_variables(model))["adapters"]
+    optimizer = build_optimizer(OptimConfig(family="adamw", riemann=True), adapter_shapes)
+    state = _as_if_trained(Trainer(model, optimizer, make_mesh()).init(jax.random.key(0)))
+    jax.block_until_ready(state)
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as directory:
+        checkpoints = Checkpoints(directory, {"bench": args.shape}, keep=args.rounds + 1)
+        blocking, complete, restore = [], [], []
+        for step in range(1, args.rounds + 1):
+            start = time.perf_counter()
+            checkpoints.save(state, step=step)
+            blocking.append(time.perf_counter() - start)
+            checkpoints.wait()
+            complete.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            jax.block_until_ready(checkpoints.restore(state, step=step))
+            restore.append(time.perf_counter() - start)
+        disk_bytes = _directory_bytes(Path(directory) / str(args.rounds))
+        checkpoints.close()
+
+    block, done = statistics.median(blocking), statistics.median(complete)
+    results = {
+        "device": jax.devices()[0].device_kind,
+        "shape": args.shape,
+        "adapter": {"experts": args.experts, "rank": args.rank, "targets": args.targets},
+        "state_mib": state_bytes / 2**20,
+        "disk_mib": disk_bytes / 2**20,
+        "save_blocking_s": block,
+        "save_complete_s": done,
+        "blocking_over_complete": block / done,
+        "write_mib_per_s": state_bytes / 2**20 / done,
+        "restore_s": statistics.median(restore),
+    }
+    print(
+        f"{results['device']}: {args.shape}, E={args.experts} r={args.rank} on {args.targets}, {args.rounds} rounds\n"
+        f"train state {results['state_mib']:.0f} MiB, {results['disk_mib']:.0f} MiB on disk\n"
+        f"save blocks the loop {block:.2f} s of {done:.2f} s to complete ({block / done:.2f}), "
+        f"{results['write_mib_per_s']:.0f} MiB/s; restore {results['restore_s']:.2f} s"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
