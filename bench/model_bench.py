@@ -16,6 +16,8 @@ compile time of each measured function, forward tokens/s, and per-step time of
   - LoRA r=4 and MoE-LoRA (E=20, r=4, top-k 10) on q, k, v, o: forward+backward into the adapters,
   - the MoE-LoRA train step: that plus ``adamw`` and the update, and the same with ``riemann_precond`` first,
 as ratios to the frozen forward+backward of the same batch. The loss is token cross-entropy.
+Model FLOPs of the MoE-LoRA train step per token are counted as ``train_flops_per_token`` states; with bfloat16 on a
+GPU of known peak, the utilisation is achieved model FLOP/s over that peak.
 Memory: XLA's compiled memory analysis of each function (argument, output and temporary bytes; their sum, less
 aliased bytes, is what the executable holds while it runs), its MoE-LoRA / LoRA and MoE-LoRA / frozen ratios, and
 the device's peak bytes in use over the whole run where the backend reports it (None on CPU).
@@ -89,6 +91,35 @@ def cross_entropy(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
 
 
+PEAK_BF16_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12}
+"""Dense bfloat16 tensor-core peaks (NVIDIA's datasheets, SXM parts), for model-FLOPs utilisation."""
+
+
+def train_flops_per_token(config: LlamaConfig, length: int) -> float:
+    """Model FLOPs per token of an adapter train step on a frozen base: the forward's matmuls, ``2 x`` every weight
+    used per token (projections, MLP, LM head) plus attention's ``QK^T`` and ``AV`` (``4 T H D_h`` per layer, the
+    full ``T x T`` as computed), doubled for the backward through the activations (frozen weights get no gradient,
+    so not the usual 3x). The adapters' own FLOPs (about 1% at r=4) are not counted."""
+    c = config
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    per_layer = c.hidden_size * (2 * q + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
+    weights = c.num_layers * per_layer + c.hidden_size * c.vocab_size
+    attention = c.num_layers * 4 * length * q
+    return 2 * (2 * weights + attention)
+
+
+def frozen_fwd_bwd(config: LlamaConfig, dtype: Any) -> jax.stages.Wrapped:
+    """``(attn_norm_scales, params, tokens) -> grads``: a frozen model's forward+backward, with gradients flowing
+    through every layer's activations; the only weights differentiated are the norm scales, which cost nothing."""
+    base = Llama(config, dtype=dtype, param_dtype=dtype)
+
+    def loss(norm_scales, params, tokens):
+        params = {**params, "layers": {**params["layers"], "attn_norm": {"scale": norm_scales}}}
+        return cross_entropy(base.apply({"params": params}, tokens), tokens)
+
+    return jax.jit(jax.grad(loss))
+
+
 def compiled_memory(compiled: jax.stages.Compiled) -> dict[str, int] | None:
     """Bytes of XLA's memory analysis of ``compiled`` (None where the backend gives none); ``total`` is
     argument + output + temp - alias."""
@@ -140,11 +171,7 @@ def main() -> None:
 
     forward = jax.jit(lambda p, t: base.apply({"params": p}, t))
 
-    def frozen_loss(norm_scales, p, t):
-        p = {**p, "layers": {**p["layers"], "attn_norm": {"scale": norm_scales}}}
-        return cross_entropy(base.apply({"params": p}, t), t)
-
-    frozen_grad = jax.jit(jax.grad(frozen_loss))
+    frozen_grad = frozen_fwd_bwd(config, dtype)
 
     def adapter_grad(name):
         def loss(ad, p, t):
@@ -198,6 +225,9 @@ def main() -> None:
         "step_ms": {k: 1e3 * v for k, v in medians.items()},
         "ratio_to_frozen_fwd_bwd": {k: v / medians["frozen_fwd_bwd"] for k, v in medians.items()},
         "riemann_over_adamw_train_step": medians["moe_lora_train_step"] / medians["moe_lora_train_step_adamw"],
+        "train_tokens_per_s": n_tokens / medians["moe_lora_train_step"],
+        "train_flops_per_token": train_flops_per_token(config, args.length),
+        "peak_flops": PEAK_BF16_FLOPS.get(jax.devices()[0].device_kind) if args.dtype == "bfloat16" else None,
         "compiled_memory_bytes": memory,
         "device_peak_bytes_in_use": None if device_stats is None else device_stats.get("peak_bytes_in_use"),
     }
@@ -219,6 +249,12 @@ def main() -> None:
         mib = "" if mem is None else f"{mem['total'] / 2**20:>12.0f}{mem['temp'] / 2**20:>12.0f}"
         print(f"{name:<28}{ms:>10.1f}{results['ratio_to_frozen_fwd_bwd'][name]:>18.3f}{mib}")
     print(f"riemann_precond + adamw over adamw alone, whole train step: {results['riemann_over_adamw_train_step']:.3f}")
+    achieved = results["train_tokens_per_s"] * results["train_flops_per_token"]
+    results["mfu"] = achieved / results["peak_flops"] if results["peak_flops"] else None
+    print(
+        f"MoE-LoRA train step: {results['train_tokens_per_s']:.0f} tokens/s, {achieved / 1e12:.1f} model TFLOP/s"
+        + (f", {results['mfu']:.1%} of the bf16 peak" if results["mfu"] else "")
+    )
     moe = memory["moe_lora_fwd_bwd"]
     if moe is not None:  # the backend gives an analysis for every function or for none
         results["memory_ratios"] = {

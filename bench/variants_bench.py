@@ -1,0 +1,123 @@
+"""The real train step across adapter variants, timed interleaved in one run, as ratios to a frozen fwd+bwd.
+
+    python bench/variants_bench.py                                          # SmolLM2-135M-Instruct, 4 x 128, CPU
+    python bench/variants_bench.py --shape llama-3.2-3b --layers 2 --batch 2 --length 64   # 3B shapes, random
+
+Every step is ``Trainer.train_step`` (forward, token cross-entropy, backward into the adapters, AdamW lr 1e-4,
+state donated) on q, k, v, o with r=4:
+  - LoRA, with and without ``riemann_precond``;
+  - MoE-LoRA E=20 top-k 10: ``standard`` and ``sqrt_gate`` gradients, without and with ``riemann_precond``;
+  - MoE-LoRA as E grows (4, 8, 50; top-k E/2, like 10 of 20), ``sqrt_gate`` + ``riemann_precond``; with E=1 (LoRA
+    + ``riemann_precond``) and E=20 from above, the fused design's cost in E.
+The reference point is a frozen-model forward+backward of the same batch (gradients to every layer's activations,
+as in ``model_bench.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from model_bench import SHAPES, frozen_fwd_bwd
+from timing import add_run_arguments, interleaved_medians
+from trainer_step import trainer_step
+
+from moelora_jax import AdapterConfig
+from moelora_jax.models.llama import Llama, init_variables
+from moelora_jax.optim import OptimConfig
+from moelora_jax.pretrained import load_config, load_params, resolve_model_dir
+
+RANK, ALPHA = 4, 16.0
+
+
+def variants() -> dict[str, tuple[AdapterConfig, bool]]:
+    """Name -> (adapter, riemann_precond on)."""
+    table = {
+        "lora": (AdapterConfig(1, RANK, None, ALPHA), False),
+        "lora_riemann": (AdapterConfig(1, RANK, None, ALPHA), True),
+        "moe20_standard": (AdapterConfig(20, RANK, 10, ALPHA, strategy="standard"), False),
+        "moe20_sqrt_gate": (AdapterConfig(20, RANK, 10, ALPHA, strategy="sqrt_gate"), False),
+        "moe20_standard_riemann": (AdapterConfig(20, RANK, 10, ALPHA, strategy="standard"), True),
+        "moe20_sqrt_gate_riemann": (AdapterConfig(20, RANK, 10, ALPHA, strategy="sqrt_gate"), True),
+    }
+    for experts in (4, 8, 50):
+        table[f"moe{experts}_sqrt_gate_riemann"] = (
+            AdapterConfig(experts, RANK, experts // 2, ALPHA, strategy="sqrt_gate"),
+            True,
+        )
+    return table
+
+
+def run(
+    model: str | None, shape: str | None, layers: int, batch: int, length: int, dtype: str, rounds: int, warmup: int
+) -> dict[str, Any]:
+    compute = jnp.dtype(dtype)
+    if shape:
+        config = dataclasses.replace(SHAPES[shape], num_layers=layers or SHAPES[shape].num_layers)
+        name = f"random {shape}, {config.num_layers} layers"
+        params = init_variables(Llama(config, param_dtype=compute), jax.random.key(0), ("params",))["params"]
+    else:
+        directory = resolve_model_dir(model)
+        config, name = load_config(directory), str(directory)
+        params = load_params(directory, config, param_dtype=compute)
+    tokens = np.random.RandomState(0).randint(0, config.vocab_size, (batch, length)).astype(np.int32)
+    frozen = frozen_fwd_bwd(config, compute)
+    scales = params["layers"]["attn_norm"]["scale"]
+    steps = {"frozen_fwd_bwd": lambda: frozen(scales, params, tokens)}
+    for variant, (adapter, riemann) in variants().items():
+        optim = OptimConfig(family="adamw", lr=1e-4, gate_lr=1e-4, riemann=riemann)
+        steps[variant] = trainer_step(config, params, adapter, optim, tokens, dtype=compute)[0]
+    medians = interleaved_medians(steps, rounds, warmup)
+    base = medians["frozen_fwd_bwd"]
+    experts = {e: medians[k] for e, k in ((1, "lora_riemann"), (4, "moe4_sqrt_gate_riemann"))}
+    experts |= {e: medians[f"moe{e}_sqrt_gate_riemann"] for e in (8, 20, 50)}
+    return {
+        "device": jax.devices()[0].device_kind,
+        "model": name,
+        "batch": [batch, length],
+        "dtype": dtype,
+        "step_ms": {k: 1e3 * v for k, v in medians.items()},
+        "ratio_to_frozen_fwd_bwd": {k: v / base for k, v in medians.items()},
+        "step_over_lora_by_experts": {str(e): v / experts[1] for e, v in experts.items()},
+        "riemann_over_plain": {
+            "lora": medians["lora_riemann"] / medians["lora"],
+            "moe20_sqrt_gate": medians["moe20_sqrt_gate_riemann"] / medians["moe20_sqrt_gate"],
+        },
+        "sqrt_gate_over_standard": medians["moe20_sqrt_gate"] / medians["moe20_standard"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", default=None, help="HF directory or .gguf (default: SmolLM2-135M-Instruct)")
+    source.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this architecture instead")
+    parser.add_argument("--layers", type=int, default=0, help="with --shape: keep only this many layers (0: all)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=128)
+    add_run_arguments(parser, rounds=5)
+    args = parser.parse_args()
+    results = run(args.model, args.shape, args.layers, args.batch, args.length, args.dtype, args.rounds, args.warmup)
+    setting = f"batch {args.batch} x {args.length}, {args.rounds} rounds"
+    print(f"{results['device']}, {args.dtype}, {results['model']}, {setting}")
+    print(f"{'train step':<28}{'ms':>10}{'/ frozen fwd+bwd':>18}")
+    for name, ms in results["step_ms"].items():
+        print(f"{name:<28}{ms:>10.1f}{results['ratio_to_frozen_fwd_bwd'][name]:>18.3f}")
+    print(
+        "step / LoRA step as E grows: "
+        + ", ".join(f"E={e} {v:.3f}" for e, v in results["step_over_lora_by_experts"].items())
+    )
+    print("riemann_precond over none: " + ", ".join(f"{k} {v:.3f}" for k, v in results["riemann_over_plain"].items()))
+    print(f"sqrt_gate over standard (E=20): {results['sqrt_gate_over_standard']:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
