@@ -3,16 +3,18 @@ memory).
 
     python bench/memory_bench.py                 # SmolLM2-135M-Instruct, MoE-LoRA E=20 r=4 top-k 10, 4 x 128
 
-Each measurement runs in its own process: load the weights, compile, run once, then reset the kernel's peak
-resident-set counter (``/proc/self/clear_refs``) and run once more; the figure is that run's peak RSS above the RSS
-just before it, i.e. the memory the call itself needs (activations, gradients, optimizer temporaries), with the
-weights already resident. The train step is ``Trainer.train_step`` (``sqrt_gate``, AdamW + ``riemann_precond``);
-the eval forward is the same model's jitted ``apply`` returning float32 logits. Linux only.
+Each measurement runs in its own process: load the weights, compile and run once; then three times: return freed
+heap pages to the system (``malloc_trim``), reset the kernel's peak resident-set counter (``/proc/self/clear_refs``)
+and run again. The figure is the largest of those runs' peak RSS above the RSS just before it: the memory the call
+itself needs (activations, gradients, optimizer temporaries), with the weights already resident. The train step
+is ``Trainer.train_step`` (``sqrt_gate``, AdamW + ``riemann_precond``); the eval forward is the same model's jitted
+``apply`` returning float32 logits. Linux only.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import subprocess
 import sys
@@ -28,6 +30,7 @@ from moelora_jax.models.llama import Llama, init_variables
 from moelora_jax.optim import OptimConfig
 from moelora_jax.pretrained import load_config, load_params, resolve_model_dir
 
+REPEATS = 3
 ADAPTER = AdapterConfig(num_experts=20, rank=4, top_k=10, alpha=16.0, strategy="sqrt_gate")
 
 
@@ -57,10 +60,14 @@ def probe(kind: str, model: str | None, batch: int, length: int) -> int:
             return forward(params, adapters, tokens)
 
     jax.block_until_ready(call())
-    before = _status_bytes("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    jax.block_until_ready(call())
-    return _status_bytes("VmHWM") - before
+    growth = []
+    for _ in range(REPEATS):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so the call must fault its own in
+        before = _status_bytes("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        jax.block_until_ready(call())
+        growth.append(_status_bytes("VmHWM") - before)
+    return max(growth)
 
 
 def run(model: str | None, batch: int, length: int) -> dict[str, Any]:
