@@ -1,8 +1,10 @@
-"""The end-to-end fine-tuning job from a config: load, evaluate, train, evaluate, report.
+"""The end-to-end fine-tuning job from a config: load, evaluate, train, evaluate, export, report.
 
-``run(config)`` validates the whole config before loading anything heavy, then: loads the frozen model onto the
-mesh, tokenizes the task, evaluates by generation, trains with periodic evaluation (a progress bar with loss,
-learning rate and tokens/s; every record appended to ``metrics.jsonl``), and prints a one-screen summary.
+``run(config)`` validates the whole config before loading anything heavy, joins a multi-process job if configured,
+then: tokenizes the task, restores the latest checkpoint of ``output_dir`` if there is one (refusing one of another
+configuration), loads the frozen model onto the mesh, evaluates by generation (fresh runs only), trains with
+periodic evaluation and checkpoints (a progress bar; every record to ``metrics.jsonl`` and TensorBoard), stops
+with a checkpoint on SIGTERM/SIGINT, evaluates, exports the adapters, plots the curves and prints a summary.
 """
 
 from __future__ import annotations
