@@ -75,8 +75,7 @@ def run(
         steps[variant] = trainer_step(config, params, adapter, optim, tokens, dtype=compute)[0]
     medians = interleaved_medians(steps, rounds, warmup)
     base = medians["frozen_fwd_bwd"]
-    experts = {e: medians[k] for e, k in ((1, "lora_riemann"), (4, "moe4_sqrt_gate_riemann"))}
-    experts |= {e: medians[f"moe{e}_sqrt_gate_riemann"] for e in (8, 20, 50)}
+    experts = {1: medians["lora_riemann"]} | {e: medians[f"moe{e}_sqrt_gate_riemann"] for e in (4, 8, 20, 50)}
     return {
         "device": jax.devices()[0].device_kind,
         "model": name,

@@ -146,10 +146,10 @@ class Checkpoints:
         try:
             yield
         except Exception as e:
-            reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise OSError(
-                f"a checkpoint could not be written to {self.directory} ({reason}); the complete checkpoints there "
-                f"(steps {self.steps()}) are intact: free space or fix the directory, then rerun to resume."
+                f"a checkpoint could not be written to {self.directory} ({_first_line(e, 300)}); the complete "
+                f"checkpoints there (steps {self.steps()}) are intact: free space or fix the directory, then rerun to "
+                "resume."
             ) from e
 
 
@@ -173,5 +173,10 @@ def _unreadable(path: Path, steps: list[int], step: int, error: Exception) -> st
         if earlier
         else "move it aside to start afresh"
     )
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return f"checkpoint {path} cannot be read ({reason[:200]}): {fix}."
+    return f"checkpoint {path} cannot be read ({_first_line(error, 200)}): {fix}."
+
+
+def _first_line(error: Exception, limit: int) -> str:
+    """The first line of an error's message (at most ``limit`` characters), or its type when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__

@@ -314,9 +314,7 @@ def run(config: Any) -> dict[str, Any]:
                 checkpoints.close()
                 log.close()
                 raise PreemptedError(step, guard.signal_name, str(checkpoints.directory))
-    if saved_step != int(state.step):  # resumed at the end: nothing to train, nothing new to save
-        checkpoints.save(state)
-    checkpoints.close()
+    checkpoints.close()  # the last step saved above; a run resumed at its end has nothing new to save
     train_seconds = time.perf_counter() - train_start - eval_seconds
     after = evaluate(t.steps)
     log.write({"event": "eval", **after})

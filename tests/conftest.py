@@ -7,7 +7,9 @@
   (2-core) machines; the tests' tensors are small, so this costs them nothing measurable and keeps CI from hanging.
 """
 
+import contextlib
 import os
+import subprocess
 
 os.environ["XLA_FLAGS"] = " ".join(
     flag for flag in (os.environ.get("XLA_FLAGS", ""), "--xla_cpu_multi_thread_eigen=false") if flag
@@ -101,3 +103,22 @@ def tiny_model_dir(tmp_path_factory, word_tokenizer):
     transformers.LlamaForCausalLM(config).save_pretrained(directory)
     word_tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture
+def tmpfs():
+    """``tmpfs(path, options)``: a context manager mounting a fresh tmpfs at ``path`` (created) and unmounting it
+    after; the test skips where mounting is not allowed (it needs root)."""
+
+    @contextlib.contextmanager
+    def mount(path, options):
+        path.mkdir()
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+        if mounted.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+        try:
+            yield path
+        finally:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+    return mount

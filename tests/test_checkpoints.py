@@ -172,14 +172,10 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(tmp_path, 
 
 # tensorstore's write callbacks outlive the failed save's event loop and complain about it; harmless here
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_a_disk_that_fills_during_a_save_fails_in_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+def test_a_disk_that_fills_during_a_save_fails_in_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, tmpfs):
     """The space check before a save refuses one that cannot fit; when the disk fills anyway (another writer), the
     failed background save is reported as one OSError and the previous checkpoint stays whole."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with tmpfs(tmp_path / "disk", "size=3m") as disk:
         noise = np.random.RandomState(0).standard_normal((256, 1024)).astype(np.float32)  # 1 MiB, incompressible
         state = TrainState(np.int32(1), {"w": noise}, {}, jax.random.key(1), np.int32(0))
         state = jax.tree.map(jax.numpy.asarray, state)
@@ -196,8 +192,6 @@ def test_a_disk_that_fills_during_a_save_fails_in_one_line_and_keeps_the_last_ch
             checkpoints.wait()
         restored = Checkpoints(disk / "ck", {}).restore(state)
         assert int(restored.step) == 1 and np.array_equal(np.asarray(restored.adapters["w"]), noise)
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_a_save_in_flight_keeps_its_values_when_the_next_step_donates_the_state(tmp_path):

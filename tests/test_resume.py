@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import time
 
 import numpy as np
@@ -147,23 +146,10 @@ def test_checkpoints_of_another_config_or_damaged_are_refused_in_one_line(job, t
     _assert_same_run(run, reference)
 
 
-@contextlib.contextmanager
-def _tmpfs(path, options):
-    """A fresh tmpfs at ``path`` (needs root, or skips)."""
-    path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def test_a_read_only_output_dir_fails_in_one_line(job, tmp_path):
+def test_a_read_only_output_dir_fails_in_one_line(job, tmp_path, tmpfs):
     args, _ = job
     if os.geteuid() == 0:
-        context = _tmpfs(tmp_path / "ro", "ro,size=1m")
+        context = tmpfs(tmp_path / "ro", "ro,size=1m")
     else:
         (tmp_path / "ro").mkdir()
         (tmp_path / "ro").chmod(0o500)
@@ -175,9 +161,9 @@ def test_a_read_only_output_dir_fails_in_one_line(job, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_a_full_disk_fails_in_one_line_and_keeps_the_last_checkpoint(job, tmp_path):
+def test_a_full_disk_fails_in_one_line_and_keeps_the_last_checkpoint(job, tmp_path, tmpfs):
     args, _ = job
-    with _tmpfs(tmp_path / "disk", "size=4m") as disk:
+    with tmpfs(tmp_path / "disk", "size=4m") as disk:
         run = disk / "run"
         keep_one = [*args, "--config.checkpoint.keep=1"]
         result = train(run, *keep_one, "--config.train.steps=4")

@@ -9,6 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from moelora_jax.run_log import METRICS_FILE, read_records
+
 ROOT = Path(__file__).resolve().parents[1]
 # One persistent XLA compilation cache for every run of the session: the runs compile the same few programs.
 XLA_CACHE = tempfile.mkdtemp(prefix="moelora_jax_test_xla_cache-")
@@ -89,5 +91,8 @@ def error_line(result: subprocess.CompletedProcess) -> str:
 
 
 def records(output_dir: Path, event: str = "train") -> list[dict]:
-    path = output_dir / "metrics.jsonl"
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r["event"] == event]
+    """The run's ``event`` records; a missing ``metrics.jsonl`` raises, a half-written last line too."""
+    path = output_dir / METRICS_FILE
+    if not path.exists():
+        raise FileNotFoundError(path)
+    return [r for r in read_records(path) if r["event"] == event]
