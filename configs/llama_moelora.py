@@ -71,6 +71,7 @@ def get_config(preset: str = "") -> ConfigDict:
     config.train.micro_batches = 1
     config.train.seed = 0
     config.train.eval_every = 0  # 0: before and after training only
+    config.train.eval_before = True  # False: skip the step-0 evaluation of the untrained adapters (the base model)
     config.train.eval_batch_size = 32
     config.train.max_new_tokens = 8
     config.train.log_every = 1

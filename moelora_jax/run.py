@@ -275,8 +275,9 @@ def run(config: Any) -> dict[str, Any]:
 
     log = RunLog(output_dir, resume_step=first_step, enabled=is_primary())
     if first_step == 0:
-        before = evaluate(0)
-        log.write({"event": "eval", **before})
+        before = evaluate(0) if t.eval_before else None
+        if before:
+            log.write({"event": "eval", **before})
     else:
         before = next((r for r in log.records if r["event"] == "eval" and r["step"] == 0), None)
     micro = t.batch_size // t.micro_batches

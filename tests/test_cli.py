@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from train_cli import error_line, tiny_job, train, write_records
+from train_cli import error_line, records, tiny_job, train, write_records
 
 
 def test_a_tiny_job_runs_end_to_end(tiny_model_dir, tmp_path):
@@ -54,8 +54,10 @@ def test_a_plain_lora_job_exports_peft_and_merged_weights_that_agree(tiny_model_
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     run = tmp_path / "run"
-    result = train(run, *tiny_job(tiny_model_dir, write_records(tmp_path)), "--config.adapter.kind=lora")
+    job = tiny_job(tiny_model_dir, write_records(tmp_path))
+    result = train(run, *job, "--config.adapter.kind=lora", "--config.train.eval_before=False")
     assert result.returncode == 0, result.stderr[-2000:]
+    assert [r["step"] for r in records(run, "eval")] == [3]  # eval_before=False: no step-0 evaluation
     assert sorted(p.name for p in (run / "export").iterdir()) == ["adapters", "merged", "peft"]
     tokens = torch.tensor([[1, 16, 17, 18, 19, 20]])
     with torch.no_grad():
