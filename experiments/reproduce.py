@@ -4,6 +4,7 @@
     python experiments/reproduce.py --protocol paper         # CommonsenseQA, 2000 steps of 80 (a GPU or TPU)
     python experiments/reproduce.py --protocol paper --model /models/Llama-3.2-3B
     python experiments/reproduce.py --collect                # only rebuild the tables and plots
+    python experiments/reproduce.py --set train.steps=2 --output /tmp/runs --results /tmp/out   # a quick check
 
 The methods are LoRA; MoE-LoRA; MoE-LoRA with the per-expert ``riemann_precond`` (Zhang & Pilanci 2024); and
 MoE-LoRA with ``riemann_precond`` and ``sqrt_gate`` gradients (Sun et al. 2025). Each run is one
@@ -115,9 +116,9 @@ def grid(protocol: Protocol, methods: list[str]) -> list[Run]:
     ]
 
 
-def command(protocol: Protocol, run: Run, output_dir: Path, model: str, first: bool) -> list[str]:
-    """The ``train.py`` command line of one run."""
-    settings = {
+def settings(protocol: Protocol, run: Run, output_dir: Path, extra: dict[str, Any], first: bool) -> dict[str, Any]:
+    """The config overrides of one run (dotted keys of ``configs/llama_moelora.py``); ``extra`` comes last and wins."""
+    return {
         **protocol.overrides,
         **METHODS[run.method][1],
         "optim.family": run.optimizer,
@@ -126,12 +127,15 @@ def command(protocol: Protocol, run: Run, output_dir: Path, model: str, first: b
         "train.eval_before": first,
         "export.peft": False,
         "export.merged": False,
-        "output_dir": output_dir,
+        "output_dir": str(output_dir),
+        **extra,
     }
-    if model:
-        settings["model.path"] = model
+
+
+def command(protocol: Protocol, overrides: dict[str, Any]) -> list[str]:
+    """The ``train.py`` command line of a run with these overrides."""
     config = f"{CONFIG.relative_to(ROOT)}" + (f":{protocol.preset}" if protocol.preset else "")
-    values = {k: f"{v:.3g}" if isinstance(v, float) else v for k, v in settings.items()}
+    values = {k: f"{v:.3g}" if isinstance(v, float) else v for k, v in overrides.items()}
     return ["python", "train.py", f"--config={config}", *(f"--config.{k}={v}" for k, v in values.items())]
 
 
@@ -152,19 +156,23 @@ def last_line(path: Path) -> str:
     return lines[-1] if lines else ""
 
 
-def run_grid(protocol: Protocol, runs: list[Run], root: Path, model: str) -> None:
+def run_grid(protocol: Protocol, runs: list[Run], root: Path, extra: dict[str, str]) -> None:
+    """Run every unfinished run in turn; stops at a bad config or data (exit 2: every run would fail alike)."""
     for index, run in enumerate(runs):
         directory = root / run.name
         if (directory / "summary.json").exists():
             continue
         directory.mkdir(parents=True, exist_ok=True)
-        argv = command(protocol, run, directory.relative_to(ROOT), model, first=index == 0)
+        output_dir = directory.relative_to(ROOT) if directory.is_relative_to(ROOT) else directory
+        argv = command(protocol, settings(protocol, run, output_dir, extra, first=index == 0))
         (directory / "command.txt").write_text(" ".join(argv) + "\n")
         start = time.perf_counter()
         code = train(argv, directory / "train.log")
         seconds = time.perf_counter() - start
         if code == EXIT_PREEMPTED:
             sys.exit(f"stopped during {run.name}; run the same command again to continue the grid.")
+        if code == 2:
+            sys.exit(f"{run.name}: {last_line(directory / 'train.log')}")
         if code:
             print(f"[{index + 1}/{len(runs)}] {run.name}: FAILED (exit {code}): {last_line(directory / 'train.log')}")
             continue
@@ -289,25 +297,32 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
     parser.add_argument("--model", default="", help="a HF directory or .gguf file; default SmolLM2-135M-Instruct")
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data", help="CommonsenseQA's parent")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every run"
+    )
+    parser.add_argument("--output", type=Path, help="where the runs go (default runs/reproduce/<protocol>)")
+    parser.add_argument("--results", type=Path, help="where the results go (default docs/results/<protocol>)")
     parser.add_argument("--collect", action="store_true", help="only collect finished runs into tables and plots")
     args = parser.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if unknown := set(methods) - set(METHODS):
         parser.error(f"unknown methods {sorted(unknown)}: choose from {', '.join(METHODS)}.")
+    if bad := [item for item in args.set if "=" not in item]:
+        parser.error(f"--set {bad[0]!r} must be KEY=VALUE, e.g. --set train.steps=2.")
+    extra = dict(item.split("=", 1) for item in args.set) | ({"model.path": args.model} if args.model else {})
     protocol = protocols(args.data_dir.resolve())[args.protocol]
-    runs = grid(protocol, methods)
-    root = ROOT / "runs" / "reproduce" / args.protocol
+    root = (args.output or ROOT / "runs" / "reproduce" / args.protocol).resolve()
     if not args.collect:
-        run_grid(protocol, runs, root, args.model)
+        run_grid(protocol, grid(protocol, methods), root, extra)
     collected = collect(args.protocol, grid(protocol, list(METHODS)), root)
     if not collected["runs"]:
         sys.exit(f"no finished runs under {root}: run without --collect first.")
-    out = ROOT / "docs" / "results" / args.protocol
+    out = (args.results or ROOT / "docs" / "results" / args.protocol).resolve()
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomically(out / "results.json", json.dumps(collected, indent=1))
     write_text_atomically(out / "tables.md", tables(collected, protocol))
     plot(collected, protocol, out)
-    print(f"\n{tables(collected, protocol)}\nresults, tables and plots in {out.relative_to(ROOT)}/")
+    print(f"\n{tables(collected, protocol)}\nresults, tables and plots in {out}/")
 
 
 if __name__ == "__main__":

@@ -43,8 +43,8 @@ def test_bad_data_fails_with_one_line(tiny_model_dir, tmp_path):
             "the prompt alone is 42 tokens, longer than the window of 24",
         ),
     ]
-    for records, message in cases:
-        result = train(tmp_path / "run", *tiny_job(tiny_model_dir, write_records(tmp_path, records)))
+    for lines, message in cases:
+        result = train(tmp_path / "run", *tiny_job(tiny_model_dir, write_records(tmp_path, lines)))
         line = error_line(result)
         assert message in line and line.startswith("error:"), result.stderr[-2000:]
 
