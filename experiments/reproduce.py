@@ -1,6 +1,6 @@
 """Reproduce the papers' claims: four adapters x {SGD, AdamW} x three learning rates, then tables and plots.
 
-    python experiments/reproduce.py                          # the CPU protocol: SmolLM2-135M on BBC News, ~1 h
+    python experiments/reproduce.py                          # the CPU protocol: SmolLM2-135M, BBC News, ~75 min
     python experiments/reproduce.py --protocol paper         # CommonsenseQA, 2000 steps of 80 (a GPU or TPU)
     python experiments/reproduce.py --protocol paper --model /models/Llama-3.2-3B
     python experiments/reproduce.py --collect                # only rebuild the tables and plots
