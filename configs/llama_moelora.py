@@ -36,6 +36,8 @@ def get_config(preset: str = "") -> ConfigDict:
     config.adapter.dropout = 0.05
     config.adapter.strategy = "sqrt_gate"  # or "standard"
     config.adapter.mixer = False
+    config.adapter.balance_loss = 0.0  # Switch load-balancing loss coefficient (Fedus et al.: 1e-2); 0: off
+    config.adapter.z_loss = 0.0  # router z-loss coefficient (ST-MoE: 1e-3); 0: off
 
     config.optim = ConfigDict()
     config.optim.family = "adamw"  # sgd | adamw | reference_adamw

@@ -135,7 +135,8 @@ def moe_lora_delta(
     mixer: jax.Array | None = None,
     dropout_rng: jax.Array | None = None,
     dropout_rate: float = 0.0,
-) -> jax.Array:
+    return_gate_logits: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array | None]:
     """The MoE-LoRA update ``s * sum_i g_i * (drop(x) @ A_i [@ M_i]) @ B_i``, computed fused.
 
     Args:
@@ -154,12 +155,14 @@ def moe_lora_delta(
         ``dropout_rate > 0`` (mask ``bernoulli(dropout_rng, 1 - rate, x.shape)``, inverted scaling).
         The gate always sees the un-dropped ``x``.
       dropout_rate: probability of zeroing an input feature.
+      return_gate_logits: also return the float32 gate logits ``x @ W_g: (..., E)`` (None without a gate), from
+        which :mod:`moelora_jax.routing` computes expert load and the auxiliary routing losses.
 
     Returns:
-      ``(..., d_out)`` in ``x``'s dtype. The adapter weights, gate kernel included, are cast to the compute dtype
-      for the matmuls (their gradients come back in their own dtype); the gate logits accumulate in float32 and
-      the top-k softmax runs in float32. Differentiable in reverse mode (``grad``/``vjp``), not forward mode:
-      the expert mixture is a ``custom_vjp``.
+      ``(..., d_out)`` in ``x``'s dtype (and the gate logits with ``return_gate_logits``). The adapter weights, gate
+      kernel included, are cast to the compute dtype for the matmuls (their gradients come back in their own dtype);
+      the gate logits accumulate in float32 and the top-k softmax runs in float32. Differentiable in reverse mode
+      (``grad``/``vjp``), not forward mode: the expert mixture is a ``custom_vjp``.
     """
     if isinstance(scale, jax.core.Tracer):
         raise TypeError("moe_lora_delta: scale must be a static Python number (alpha / r), not a traced array.")
@@ -187,9 +190,10 @@ def moe_lora_delta(
         h = h.reshape(*h.shape[:-2], num_experts * rank)
 
     if logits is None:
-        return scale * (h @ b_cat)
-    g = topk_softmax_gate(logits, top_k)
-    return _gated_expert_out(h, g, b_cat, scale, strategy == "sqrt_gate")
+        delta = scale * (h @ b_cat)
+    else:
+        delta = _gated_expert_out(h, topk_softmax_gate(logits, top_k), b_cat, scale, strategy == "sqrt_gate")
+    return (delta, logits) if return_gate_logits else delta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,6 +244,9 @@ def kaiming_uniform_fan_in(fan_in_axis: int = -2) -> nn.initializers.Initializer
 
 ADAPTER_COLLECTION = "adapters"
 """The Flax variable collection that holds adapter leaves, apart from the frozen ``"params"``."""
+ROUTER_COLLECTION = "router"
+"""The Flax collection the gate logits are sown into (``gate_logits``, one ``(..., E)`` array per call) when it is
+mutable, e.g. ``model.apply(variables, tokens, mutable=[ROUTER_COLLECTION])``."""
 
 LogicalAxes = tuple[str | None, str | None]
 
@@ -254,7 +261,8 @@ class AdaptedDense(nn.Module):
     So ``variables = {"params": frozen, "adapters": trainable}`` and gradients need only the second.
     With ``kernel_axes`` (logical names of ``d_in, d_out``) every leaf is created boxed in
     ``nn.LogicallyPartitioned`` (adapter axes ``expert`` and ``rank``) for the sharding rules; apply takes plain arrays.
-    Dropout on the adapter input draws from the ``"dropout"`` RNG stream unless ``deterministic``.
+    Dropout on the adapter input draws from the ``"dropout"`` RNG stream unless ``deterministic``. With a gate, its
+    logits are sown into the ``"router"`` collection when that is mutable (see ``ROUTER_COLLECTION``).
     """
 
     features: int
@@ -298,7 +306,7 @@ class AdaptedDense(nn.Module):
         if cfg.mixer:
             mixer = self._adapter_leaf("mixer", uniform, (num_experts, rank, rank), ("expert", "rank", "rank"))
         use_dropout = cfg.dropout > 0.0 and not nn.merge_param("deterministic", self.deterministic, deterministic)
-        delta = moe_lora_delta(
+        delta, logits = moe_lora_delta(
             x,
             lora_a,
             lora_b,
@@ -309,5 +317,8 @@ class AdaptedDense(nn.Module):
             mixer=mixer,
             dropout_rng=self.make_rng("dropout") if use_dropout else None,
             dropout_rate=cfg.dropout,
+            return_gate_logits=True,
         )
+        if logits is not None and not self.is_initializing():
+            self.sow(ROUTER_COLLECTION, "gate_logits", logits)
         return y + delta

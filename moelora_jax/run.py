@@ -34,6 +34,7 @@ from moelora_jax.models.llama import TARGETS, Llama, abstract_variables
 from moelora_jax.optim import OptimConfig, build_optimizer, lr_schedule
 from moelora_jax.preemption import PreemptedError, PreemptionGuard
 from moelora_jax.pretrained import load_config, load_params, load_tokenizer, resolve_model_dir
+from moelora_jax.routing import RouterLosses
 from moelora_jax.run_log import CURVES_FILE, RunLog, plot_curves
 from moelora_jax.sharding import batch_sharding, make_mesh
 from moelora_jax.tasks import TASKS, load_task
@@ -49,6 +50,7 @@ class Plan:
     adapter: AdapterConfig
     targets: tuple[str, ...]
     optim: OptimConfig
+    router_losses: RouterLosses
     dtype: Any
     param_dtype: Any
 
@@ -72,6 +74,12 @@ def plan(config: Any) -> Plan:
     if not targets or set(targets) - set(TARGETS):
         raise ValueError(f"adapter.targets={a.targets!r} must be a comma-separated subset of {', '.join(TARGETS)}.")
     optim = OptimConfig(**config.optim.to_dict())
+    router_losses = RouterLosses(a.balance_loss, a.z_loss)
+    if min(router_losses) < 0 or (router_losses.active and experts == 1):
+        raise ValueError(
+            f"adapter.balance_loss={a.balance_loss} and adapter.z_loss={a.z_loss} must be >= 0, and need a gate "
+            "(adapter.kind=moe_lora) to be > 0."
+        )
     for name in ("dtype", "param_dtype"):
         if config.model[name] not in DTYPES:
             raise ValueError(f"model.{name}={config.model[name]!r} must be one of {sorted(DTYPES)}.")
@@ -96,7 +104,7 @@ def plan(config: Any) -> Plan:
         raise ValueError(
             f"distributed.initialize={config.distributed.initialize!r} must be one of {INITIALIZE_CHOICES}."
         )
-    return Plan(adapter, targets, optim, DTYPES[config.model.dtype], DTYPES[config.model.param_dtype])
+    return Plan(adapter, targets, optim, router_losses, DTYPES[config.model.dtype], DTYPES[config.model.param_dtype])
 
 
 def _subset(examples: list, limit: int, seed: int) -> list:
@@ -238,7 +246,9 @@ def run(config: Any) -> dict[str, Any]:
         remat=config.model.remat,
     )
     adapter_shapes = nn.unbox(abstract_variables(model))["adapters"]
-    trainer = Trainer(model, build_optimizer(settings.optim, adapter_shapes), mesh)
+    trainer = Trainer(
+        model, build_optimizer(settings.optim, adapter_shapes), mesh, router_losses=settings.router_losses
+    )
     checkpoints = Checkpoints(
         output_dir / "checkpoints",
         _fingerprint(settings, model_config, t.seed, t.batch_size, encoded),
@@ -301,6 +311,9 @@ def run(config: Any) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
                 record = {"event": "train", "step": step, "loss": float(metrics["loss"]), "lr": lr}
                 record |= {"tokens_per_s": rate, "grad_norm": float(metrics["grad_norm"])}
+                record |= {k: float(metrics[k]) for k in ("balance_loss", "z_loss", "load_cv") if k in metrics}
+                if "expert_load" in metrics:
+                    record["expert_load"] = [round(float(x), 5) for x in metrics["expert_load"]]
                 log.write(record | {"skipped": int(state.skipped)})
             if t.eval_every and step % t.eval_every == 0 and step != t.steps:
                 eval_start = time.perf_counter()

@@ -4,8 +4,10 @@ Loss: mean next-token cross-entropy over the response tokens of the whole (accum
 ``L = sum_{b,t} m[b,t] * -log p(x[b,t] | x[b,<t]) / sum_{b,t} m[b,t]`` with ``m`` the loss mask. A step takes
 ``(n_micro, B, T)`` batches, scans over the micro-batches summing gradients of the *summed* loss and the token
 counts, then divides once, so accumulating ``n`` micro-batches equals one ``n``-times larger batch exactly.
-Gradients exist only for the ``"adapters"`` tree. An update whose loss or gradients are not finite is skipped
-(state unchanged) and counted.
+Gradients exist only for the ``"adapters"`` tree. With a gate, the step also reports expert load and the routing
+losses of :mod:`moelora_jax.routing` (over real tokens), and with ``router_losses`` it trains on
+``L + c_balance * L_balance + c_z * L_z`` (each averaged over micro-batches). An update whose loss or gradients are
+not finite is skipped (state unchanged) and counted.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from moelora_jax.adapters import ROUTER_COLLECTION
 from moelora_jax.data import Example, encode_prompt, left_pad
 from moelora_jax.distributed import host_local_batch, to_host
 from moelora_jax.generation import generate
 from moelora_jax.models.llama import Llama, abstract_variables, init_variables
+from moelora_jax.routing import RouterLosses, gate_logits, router_stats
 from moelora_jax.sharding import DEFAULT_RULES, LogicalRules, batch_sharding, logical_shardings
 from moelora_jax.tasks import Task
 
@@ -62,10 +66,12 @@ class Trainer:
         optimizer: optax.GradientTransformation,
         mesh: jax.sharding.Mesh,
         rules: LogicalRules = DEFAULT_RULES,
+        router_losses: RouterLosses | None = None,
     ) -> None:
         if model.adapter is None:
             raise ValueError("the model has no adapter: training updates adapters only.")
         self.model, self.optimizer, self.mesh, self.rules = model, optimizer, mesh, rules
+        self.router_losses = router_losses or RouterLosses()
         self.shardings = logical_shardings(abstract_variables(model), mesh, rules)
         self._replicated = NamedSharding(mesh, PartitionSpec())
         self._train_step = None
@@ -121,33 +127,46 @@ class Trainer:
         )
 
     def _loss_and_grads(self, params, adapters, batch, rng):
+        """Mean response-token loss, gradients of the objective (that loss plus the weighted routing losses, each
+        averaged over micro-batches), the target count, and the routing metrics (empty without a gate)."""
+        n_micro = batch["tokens"].shape[0]
+        count = jnp.sum(batch["loss_mask"][..., 1:].astype(jnp.float32))
+        denom = jnp.maximum(count, 1.0)
+        routed = self.model.adapter.num_experts > 1
+
         def micro(carry, xs):
-            grads, total, count = carry
+            grads, total = carry
             mb, index = xs
 
             def loss(ad):
-                logits = self.model.apply(
+                logits, sown = self.model.apply(
                     {"params": params, "adapters": ad},
                     mb["tokens"],
                     mb["attention_mask"],
                     deterministic=False,
                     rngs={"dropout": jax.random.fold_in(rng, index)},
+                    mutable=[ROUTER_COLLECTION],
                 )
-                return token_loss(logits, mb["tokens"], mb["loss_mask"])
+                summed, _ = token_loss(logits, mb["tokens"], mb["loss_mask"])
+                if not routed:
+                    return summed, (summed, {})
+                top_k = self.model.adapter.top_k or self.model.adapter.num_experts
+                stats = router_stats(gate_logits(sown), mb["attention_mask"], top_k)
+                aux, values = self.router_losses(stats)
+                objective = summed + aux * denom / n_micro if self.router_losses.active else summed
+                return objective, (summed, values)
 
-            (s, n), g = jax.value_and_grad(loss, has_aux=True)(adapters)
-            return (jax.tree.map(jnp.add, grads, g), total + s, count + n), None
+            (_, (summed, values)), g = jax.value_and_grad(loss, has_aux=True)(adapters)
+            return (jax.tree.map(jnp.add, grads, g), total + summed), values
 
-        n_micro = batch["tokens"].shape[0]
-        zeros = jax.tree.map(jnp.zeros_like, adapters)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (grads, total, count), _ = jax.lax.scan(micro, init, (batch, jnp.arange(n_micro)))
-        denom = jnp.maximum(count, 1.0)
-        return total / denom, jax.tree.map(lambda g: g / denom, grads), count
+        init = (jax.tree.map(jnp.zeros_like, adapters), jnp.zeros((), jnp.float32))
+        (grads, total), values = jax.lax.scan(micro, init, (batch, jnp.arange(n_micro)))
+        metrics = jax.tree.map(lambda v: jnp.mean(v, axis=0), values)
+        return total / denom, jax.tree.map(lambda g: g / denom, grads), count, metrics
 
     def _train_step_fn(self, state: TrainState, params: Any, batch: dict[str, jax.Array]):
         rng, step_rng = jax.random.split(state.rng)
-        loss, grads, count = self._loss_and_grads(params, state.adapters, batch, step_rng)
+        loss, grads, count, routing = self._loss_and_grads(params, state.adapters, batch, step_rng)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.adapters)
         adapters = optax.apply_updates(state.adapters, updates)
         finite = jnp.isfinite(loss) & _all_finite(grads)
@@ -162,7 +181,7 @@ class Trainer:
             rng,
             state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
         )
-        metrics = {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads), "finite": finite}
+        metrics = {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads), "finite": finite} | routing
         return new_state, metrics
 
     def train_step(self, state: TrainState, params: Any, batch: dict[str, Any]) -> tuple[TrainState, dict]:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moelora_jax.adapters import ADAPTER_COLLECTION, AdaptedDense, AdapterConfig
+from moelora_jax.adapters import ADAPTER_COLLECTION, ROUTER_COLLECTION, AdaptedDense, AdapterConfig
 from moelora_jax.sharding import constrain
 
 TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
@@ -377,7 +377,7 @@ class Llama(nn.Module):
             layer = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
         stack = nn.scan(
             layer,
-            variable_axes={"params": 0, ADAPTER_COLLECTION: 0},
+            variable_axes={"params": 0, ADAPTER_COLLECTION: 0, ROUTER_COLLECTION: 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=c.num_layers,

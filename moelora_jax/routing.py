@@ -1,0 +1,97 @@
+"""Expert load and the auxiliary routing losses of MoE-LoRA gates, from the gate logits the adapters sow.
+
+For one router (a gated projection in one layer) over tokens ``t`` with weights ``w_t`` (1 on real tokens, 0 on
+padding; ``n = sum_t w_t``), logits ``z_t: (E,)``, probabilities ``p_t = softmax(z_t)`` and top-k set ``K_t``::
+
+    load        f_i = sum_t w_t [i in K_t] / (k n)      share of the routed slots expert i receives (sums to 1)
+    importance  P_i = sum_t w_t p_ti / n                 mean router probability of expert i (sums to 1)
+    balance     E * sum_i f_i P_i                         Switch Transformer (Fedus et al. 2022, eq. 4); 1 when even
+    z-loss      sum_t w_t logsumexp(z_t)^2 / n           ST-MoE (Zoph et al. 2022, eq. 5)
+
+Only ``P`` and the z-loss carry gradient (``f`` counts discrete choices). Dividing ``f`` by ``k`` makes the balance
+loss 1 under even routing for any top-k (Hugging Face's Mixtral loss omits it and bottoms out at ``k``). Over all
+routers of a model the losses are averaged, so their coefficients (Switch: 1e-2; ST-MoE: 1e-3) do not depend on
+depth. The published coefficients are the defaults' suggestion; both losses are off unless asked for.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from moelora_jax.adapters import ROUTER_COLLECTION
+
+
+class RouterStats(NamedTuple):
+    """Per-router statistics, ``R`` routers by ``E`` experts: ``load, importance: (R, E)``, ``z: (R,)``."""
+
+    load: jax.Array
+    importance: jax.Array
+    z: jax.Array
+
+
+def gate_logits(sown: dict[str, Any]) -> list[jax.Array]:
+    """The sown gate logits as ``(R_j, tokens..., E)`` arrays: a scanned layer stack keeps its leading layer axis
+    (one router per layer), an unscanned router gets a leading axis of 1. ``sown`` is the ``"router"`` collection."""
+    leaves = jax.tree.leaves(sown.get(ROUTER_COLLECTION, sown))
+    return [x if x.ndim == 4 else x[None] for x in leaves]
+
+
+def router_stats(logits: list[jax.Array], token_weights: jax.Array, top_k: int) -> RouterStats:
+    """Load, importance and squared log-partition of every router.
+
+    Args:
+      logits: ``(R_j, B, T, E)`` float32 gate logits per group of routers (see :func:`gate_logits`).
+      token_weights: ``(B, T)``, 1 on tokens that count (real ones), 0 on padding.
+      top_k: experts each token is routed to.
+    """
+    weights = token_weights.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(weights), 1.0)
+    loads, importances, zs = [], [], []
+    for z in logits:
+        z = z.astype(jnp.float32)
+        kth = jax.lax.top_k(z, top_k)[0][..., -1:]
+        routed = (z >= kth).astype(jnp.float32)  # (R, B, T, E): 1 on each token's top-k experts
+        loads.append(jnp.einsum("rbte,bt->re", routed, weights) / (top_k * n))
+        importances.append(jnp.einsum("rbte,bt->re", jax.nn.softmax(z, axis=-1), weights) / n)
+        zs.append(jnp.einsum("rbt,bt->r", jax.nn.logsumexp(z, axis=-1) ** 2, weights) / n)
+    return RouterStats(jnp.concatenate(loads), jnp.concatenate(importances), jnp.concatenate(zs))
+
+
+def balance_loss(stats: RouterStats) -> jax.Array:
+    """Switch load-balancing loss ``E * sum_i f_i P_i``, averaged over routers; 1 when routing is even."""
+    experts = stats.load.shape[-1]
+    return jnp.mean(experts * jnp.sum(jax.lax.stop_gradient(stats.load) * stats.importance, axis=-1))
+
+
+def z_loss(stats: RouterStats) -> jax.Array:
+    """Router z-loss ``mean_t logsumexp(z_t)^2``, averaged over routers."""
+    return jnp.mean(stats.z)
+
+
+def load_metrics(stats: RouterStats) -> dict[str, jax.Array]:
+    """How evenly experts are used: ``load_cv``, the coefficient of variation ``std_i f_i / mean_i f_i`` averaged
+    over routers (0 when even; ``sqrt(E/k - 1)`` when every token picks the same ``k``), and ``expert_load``, each
+    router's loads sorted in decreasing order and averaged over routers (``(E,)``, all ``1/E`` when even)."""
+    load = jax.lax.stop_gradient(stats.load)
+    cv = jnp.std(load, axis=-1) / jnp.mean(load, axis=-1)
+    return {"load_cv": jnp.mean(cv), "expert_load": jnp.mean(-jnp.sort(-load, axis=-1), axis=0)}
+
+
+class RouterLosses(NamedTuple):
+    """Coefficients of the auxiliary routing losses added to the training loss (0: off)."""
+
+    balance: float = 0.0
+    z: float = 0.0
+
+    def __call__(self, stats: RouterStats) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``balance * balance_loss + z * z_loss``, and the metrics of ``stats`` (both losses, whatever the
+        coefficients, and :func:`load_metrics`)."""
+        values = {"balance_loss": balance_loss(stats), "z_loss": z_loss(stats)}
+        return self.balance * values["balance_loss"] + self.z * values["z_loss"], values | load_metrics(stats)
+
+    @property
+    def active(self) -> bool:
+        return self.balance > 0 or self.z > 0
