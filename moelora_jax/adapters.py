@@ -232,6 +232,73 @@ class AdapterConfig:
         return self.alpha / self.rank
 
 
+MoleGatePlacement = Literal["layer", "block"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MoleConfig:
+    """MoLE (Wu, Huang & Wei 2024): ``num_loras`` trained LoRAs, frozen, mixed per token by a learned gate.
+
+    Each projection holds the LoRAs stacked in ``"params"`` with their scales folded into ``B`` (``mole_a: (N, d_in,
+    r)``, ``mole_b: (N, r, d_out)``; ``rank`` is the largest source rank, smaller ones are zero-padded)::
+
+        w = softmax(normalize(x) @ W_g / tau)          over the LoRAs not in ``masked`` (renormalised over the rest)
+        y = x @ W0 + sum_i w_i * (x @ A_i) @ B_i
+
+    Only ``W_g: (d, N)`` and ``log tau`` train (``tau`` starts at ``tau``). ``gate``: ``"layer"``, a gate per adapted
+    linear layer fed that layer's input; ``"block"``, one gate per decoder block fed the block's normalised input and
+    shared by its adapted layers. The paper's gate reads the LoRAs' outputs of a whole block and sequence; like the
+    authors' released code we feed it the L2-normalised input, per token.
+    """
+
+    num_loras: int
+    rank: int
+    gate: MoleGatePlacement = "layer"
+    tau: float = 1.0
+    masked: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.num_loras < 2 or self.rank < 1:
+            raise ValueError(f"MoLE needs at least 2 LoRAs of rank >= 1; got {self.num_loras} of rank {self.rank}.")
+        if self.gate not in ("layer", "block"):
+            raise ValueError(f"MoleConfig.gate={self.gate!r} must be 'layer' or 'block'.")
+        if self.tau <= 0:
+            raise ValueError(f"MoleConfig.tau={self.tau} must be > 0.")
+        if not set(self.masked) <= set(range(self.num_loras)) or len(set(self.masked)) >= self.num_loras:
+            raise ValueError(
+                f"MoleConfig.masked={self.masked} must name some (not all) of the LoRAs 0..{self.num_loras - 1}."
+            )
+
+    @property
+    def num_experts(self) -> int:
+        return self.num_loras
+
+    @property
+    def top_k(self) -> None:
+        """Every LoRA takes part (a dense mixture)."""
+        return None
+
+
+def mole_gate_logits(x: jax.Array, gate: jax.Array, log_tau: jax.Array, masked: tuple[int, ...] = ()) -> jax.Array:
+    """``normalize(x) @ W_g / tau`` in float32, ``-inf`` on the ``masked`` LoRAs: ``x: (..., d)``, ``gate: (d, N)``
+    -> ``(..., N)``; their softmax is the MoLE mixture weights."""
+    x = x.astype(jnp.float32)
+    normed = x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+    logits = (normed @ gate.astype(jnp.float32)) * jnp.exp(-log_tau)
+    if masked:
+        keep = jnp.ones(gate.shape[-1], bool).at[jnp.asarray(masked)].set(False)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return logits
+
+
+def lora_mixture(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, weights: jax.Array) -> jax.Array:
+    """``sum_i w_i * (x @ A_i) @ B_i``, fused like MoE-LoRA: ``x: (..., d_in)``, ``lora_a: (N, d_in, r)``,
+    ``lora_b: (N, r, d_out)``, ``weights: (..., N)`` float32 -> ``(..., d_out)`` in ``x``'s dtype."""
+    num, d_in, rank = lora_a.shape
+    h = x @ jnp.swapaxes(lora_a, 0, 1).reshape(d_in, num * rank).astype(x.dtype)
+    return _gated_expert_out(h, weights, lora_b.reshape(num * rank, -1).astype(x.dtype), 1.0, False)
+
+
 def kaiming_uniform_fan_in(fan_in_axis: int = -2) -> nn.initializers.Initializer:
     """PyTorch's ``kaiming_uniform_(a=sqrt(5))`` (the ``nn.Linear`` default): ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
 
@@ -251,6 +318,31 @@ mutable, e.g. ``model.apply(variables, tokens, mutable=[ROUTER_COLLECTION])``.""
 LogicalAxes = tuple[str | None, str | None]
 
 
+class MoleGate(nn.Module):
+    """MoLE gate logits ``normalize(x) @ W_g / tau`` (see ``MoleConfig``), sown into ``"router"``. Its leaves live in
+    ``"adapters"``: ``gate: (d, N)`` PyTorch-Linear default and ``log_tau`` (starts at ``log(config.tau)``); with
+    ``partitioned`` they carry logical axes (``in_axis``, ``expert``)."""
+
+    config: MoleConfig
+    in_axis: str | None = None
+    partitioned: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate_init = kaiming_uniform_fan_in(-2)
+        tau_init = nn.initializers.constant(math.log(self.config.tau))
+        if self.partitioned:
+            gate_init = nn.with_logical_partitioning(gate_init, (self.in_axis, "expert"))
+            tau_init = nn.with_logical_partitioning(tau_init, ())
+        shape = (x.shape[-1], self.config.num_loras)
+        gate = self.variable(ADAPTER_COLLECTION, "gate", lambda: gate_init(self.make_rng("params"), shape)).value
+        log_tau = self.variable(ADAPTER_COLLECTION, "log_tau", lambda: tau_init(self.make_rng("params"), ())).value
+        logits = mole_gate_logits(x, gate, log_tau, self.config.masked)
+        if not self.is_initializing():
+            self.sow(ROUTER_COLLECTION, "gate_logits", logits)
+        return logits
+
+
 class AdaptedDense(nn.Module):
     """A frozen dense projection ``x @ kernel`` plus an optional (MoE-)LoRA adapter.
 
@@ -263,10 +355,12 @@ class AdaptedDense(nn.Module):
     ``nn.LogicallyPartitioned`` (adapter axes ``expert`` and ``rank``) for the sharding rules; apply takes plain arrays.
     Dropout on the adapter input draws from the ``"dropout"`` RNG stream unless ``deterministic``. With a gate, its
     logits are sown into the ``"router"`` collection when that is mutable (see ``ROUTER_COLLECTION``).
+    With a ``MoleConfig`` the frozen LoRAs are ``"params"`` (``mole_a``, ``mole_b``, loaded, not initialised) and
+    only the gate (``mole_gate``, or a block's) trains.
     """
 
     features: int
-    adapter: AdapterConfig | None = None
+    adapter: AdapterConfig | MoleConfig | None = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
@@ -281,8 +375,11 @@ class AdaptedDense(nn.Module):
         return self.variable(ADAPTER_COLLECTION, name, lambda: init(self.make_rng("params"), shape, jnp.float32)).value
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool | None = None) -> jax.Array:
-        """``x: (..., d_in) -> (..., features)`` in ``dtype``."""
+    def __call__(
+        self, x: jax.Array, deterministic: bool | None = None, mole_logits: jax.Array | None = None
+    ) -> jax.Array:
+        """``x: (..., d_in) -> (..., features)`` in ``dtype``. ``mole_logits``: a MoLE block gate's ``(..., N)``
+        logits, used instead of this layer's own gate."""
         d_in = x.shape[-1]
         ax_in, ax_out = self.kernel_axes or (None, None)
         x = x.astype(self.dtype)
@@ -293,6 +390,14 @@ class AdaptedDense(nn.Module):
         cfg = self.adapter
         if cfg is None:
             return y
+        if isinstance(cfg, MoleConfig):
+            frozen_a = self._init(nn.initializers.zeros, ("expert", ax_in, "rank"))
+            frozen_b = self._init(nn.initializers.zeros, ("expert", "rank", ax_out))
+            lora_a = self.param("mole_a", frozen_a, (cfg.num_loras, d_in, cfg.rank), jnp.float32)
+            lora_b = self.param("mole_b", frozen_b, (cfg.num_loras, cfg.rank, self.features), jnp.float32)
+            if mole_logits is None:
+                mole_logits = MoleGate(cfg, ax_in, self.kernel_axes is not None, name="mole_gate")(x)
+            return y + lora_mixture(x, lora_a, lora_b, jax.nn.softmax(mole_logits, axis=-1))
         num_experts, rank = cfg.num_experts, cfg.rank
         uniform = kaiming_uniform_fan_in(-2)
         lora_a = self._adapter_leaf("lora_a", uniform, (num_experts, d_in, rank), ("expert", ax_in, "rank"))

@@ -37,7 +37,7 @@ from moelora_jax.pretrained import SafetensorsFile, hf_tensors, save_safetensors
 ADAPTERS_FILE, ADAPTERS_CONFIG = "adapters.safetensors", "adapters.json"
 EXPORT_FORMAT = 1
 
-_MODULES = {
+MODULES = {
     "q": ("attn", "q_proj", "self_attn.q_proj"),
     "k": ("attn", "k_proj", "self_attn.k_proj"),
     "v": ("attn", "v_proj", "self_attn.v_proj"),
@@ -53,7 +53,7 @@ def _layer_leaves(adapters: dict[str, Any], targets: Sequence[str]) -> dict[tupl
     """``(target, leaf name) -> (layers, ...)`` host arrays of an ``"adapters"`` tree."""
     out = {}
     for target in targets:
-        block, proj, _ = _MODULES[target]
+        block, proj, _ = MODULES[target]
         for leaf, value in adapters["layers"][block][proj].items():
             out[target, leaf] = np.asarray(jax.device_get(value), np.float32)
     return out
@@ -64,7 +64,7 @@ def adapter_tensors(adapters: dict[str, Any], targets: Sequence[str]) -> dict[st
     tensors = {}
     for (target, leaf), stacked in _layer_leaves(adapters, targets).items():
         for i, layer in enumerate(stacked):
-            tensors[f"model.layers.{i}.{_MODULES[target][2]}.{leaf}"] = layer
+            tensors[f"model.layers.{i}.{MODULES[target][2]}.{leaf}"] = layer
     return tensors
 
 
@@ -121,7 +121,7 @@ def load_adapters(directory: str | os.PathLike) -> ExportedAdapters:
     reader = SafetensorsFile(tensors_path)
     by_target: dict[tuple[str, ...], list[np.ndarray]] = {}
     for target in info["targets"]:
-        block, proj, module = _MODULES[target]
+        block, proj, module = MODULES[target]
         for leaf in ("lora_a", "lora_b", "gate", "mixer"):
             names = [f"model.layers.{i}.{module}.{leaf}" for i in range(info["num_layers"])]
             if names[0] in reader:
@@ -160,7 +160,7 @@ def export_peft(
     for (target, leaf), stacked in _layer_leaves(adapters, targets).items():
         name = {"lora_a": "lora_A", "lora_b": "lora_B"}[leaf]
         for i, layer in enumerate(stacked):
-            tensors[f"base_model.model.model.layers.{i}.{_MODULES[target][2]}.{name}.weight"] = layer[0].T.copy()
+            tensors[f"base_model.model.model.layers.{i}.{MODULES[target][2]}.{name}.weight"] = layer[0].T.copy()
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -168,7 +168,7 @@ def export_peft(
         "r": adapter.rank,
         "lora_alpha": adapter.alpha,
         "lora_dropout": adapter.dropout,
-        "target_modules": sorted(_MODULES[t][1] for t in targets),
+        "target_modules": sorted(MODULES[t][1] for t in targets),
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
@@ -189,7 +189,7 @@ def merge_adapters(
     _require_plain_lora(adapter, "merging", allow_mixer=True)
     merged = traverse_util.flatten_dict(params)
     for target in targets:
-        block, proj, _ = _MODULES[target]
+        block, proj, _ = MODULES[target]
         leaves = adapters["layers"][block][proj]
         a, b = leaves["lora_a"][:, 0], leaves["lora_b"][:, 0]  # (L, d_in, r), (L, r, d_out)
         if adapter.mixer:

@@ -1,8 +1,8 @@
 """The whole adapter optimizer, built from a config: parameter groups, schedules and the preconditioner.
 
 Adapter leaves are labelled by name (``adapter_labels``): ``lora_a`` / ``lora_b`` / ``mixer`` are ``experts``,
-``gate`` is ``gate``, and any leaf named in ``frozen`` is ``frozen`` (no update). Each group gets its own chain
-under ``optax.partition``::
+``gate`` and ``log_tau`` (a MoLE gate's temperature) are ``gate``, and any leaf named in ``frozen`` is ``frozen``
+(no update). Each group gets its own chain under ``optax.partition``::
 
     experts: [riemann_precond(reg)] -> sgd | adamw | reference_adamw   (lr schedule, weight decay on factors)
     gate:    [clip_by_global_norm(c)] -> the same family                 (its own lr schedule)
@@ -28,6 +28,7 @@ from moelora_jax.riemann import riemann_precond
 Family = Literal["sgd", "adamw", "reference_adamw"]
 FAMILIES: tuple[str, ...] = ("sgd", "adamw", "reference_adamw")
 EXPERT_LEAVES: tuple[str, ...] = ("lora_a", "lora_b", "mixer")
+GATE_LEAVES: tuple[str, ...] = ("gate", "log_tau")  # log_tau: a MoLE gate's temperature
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +110,7 @@ def adapter_labels(adapters: Any, frozen: tuple[str, ...] = ()) -> Any:
         name = path[-1].key if hasattr(path[-1], "key") else str(path[-1])
         if name in frozen:
             return "frozen"
-        if name == "gate":
+        if name in GATE_LEAVES:
             return "gate"
         if name in EXPERT_LEAVES:
             return "experts"

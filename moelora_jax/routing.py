@@ -7,11 +7,13 @@ padding; ``n = sum_t w_t``), logits ``z_t: (E,)``, probabilities ``p_t = softmax
     importance  P_i = sum_t w_t p_ti / n                 mean router probability of expert i (sums to 1)
     balance     E * sum_i f_i P_i                         Switch Transformer (Fedus et al. 2022, eq. 4); 1 when even
     z-loss      sum_t w_t logsumexp(z_t)^2 / n           ST-MoE (Zoph et al. 2022, eq. 5)
+    MoLE        -sum_i log q_i,  q_i = mean_r P_ri       MoLE's gating balance loss (Wu et al. 2024, eqs. 14-15)
 
-Only ``P`` and the z-loss carry gradient (``f`` counts discrete choices). Dividing ``f`` by ``k`` makes the balance
-loss 1 under even routing for any top-k (Hugging Face's Mixtral loss omits it and bottoms out at ``k``). Over all
-routers of a model the losses are averaged, so their coefficients (Switch: 1e-2; ST-MoE: 1e-3) do not depend on
-depth. The published coefficients are the defaults' suggestion; both losses are off unless asked for.
+Only ``P`` and the z-loss carry gradient (``f`` counts discrete choices). A dense gate (``k = E``, e.g. MoLE's)
+sends every token to every expert, so there the load is the share of gate weight, ``f = P``. Dividing ``f`` by ``k``
+makes the balance loss 1 under even routing for any top-k (Hugging Face's Mixtral loss omits it and bottoms out at
+``k``). Over all routers of a model the losses are averaged, so their coefficients (Switch: 1e-2; ST-MoE: 1e-3;
+MoLE: 0.5) do not depend on depth. For MoE-LoRA both are off unless asked for.
 """
 
 from __future__ import annotations
@@ -52,10 +54,14 @@ def router_stats(logits: list[jax.Array], token_weights: jax.Array, top_k: int) 
     loads, importances, zs = [], [], []
     for z in logits:
         z = z.astype(jnp.float32)
-        kth = jax.lax.top_k(z, top_k)[0][..., -1:]
-        routed = (z >= kth).astype(jnp.float32)  # (R, B, T, E): 1 on each token's top-k experts
-        loads.append(jnp.einsum("rbte,bt->re", routed, weights) / (top_k * n))
-        importances.append(jnp.einsum("rbte,bt->re", jax.nn.softmax(z, axis=-1), weights) / n)
+        importance = jnp.einsum("rbte,bt->re", jax.nn.softmax(z, axis=-1), weights) / n
+        if top_k < z.shape[-1]:
+            kth = jax.lax.top_k(z, top_k)[0][..., -1:]
+            routed = (z >= kth).astype(jnp.float32)  # (R, B, T, E): 1 on each token's top-k experts
+            loads.append(jnp.einsum("rbte,bt->re", routed, weights) / (top_k * n))
+        else:  # a dense gate routes every token to every expert: its load is the share of gate weight
+            loads.append(importance)
+        importances.append(importance)
         zs.append(jnp.einsum("rbt,bt->r", jax.nn.logsumexp(z, axis=-1) ** 2, weights) / n)
     return RouterStats(jnp.concatenate(loads), jnp.concatenate(importances), jnp.concatenate(zs))
 
@@ -69,6 +75,12 @@ def balance_loss(stats: RouterStats) -> jax.Array:
 def z_loss(stats: RouterStats) -> jax.Array:
     """Router z-loss ``mean_t logsumexp(z_t)^2``, averaged over routers."""
     return jnp.mean(stats.z)
+
+
+def mole_balance_loss(stats: RouterStats) -> jax.Array:
+    """MoLE's gating balance loss ``-log prod_i q_i`` with ``q_i`` the gate weight of LoRA ``i`` averaged over every
+    gate and token; smallest (``N log N``) when the LoRAs are used evenly."""
+    return -jnp.sum(jnp.log(jnp.mean(stats.importance, axis=0)))
 
 
 def load_metrics(stats: RouterStats) -> dict[str, jax.Array]:
@@ -85,13 +97,19 @@ class RouterLosses(NamedTuple):
 
     balance: float = 0.0
     z: float = 0.0
+    mole_balance: float = 0.0
 
     def __call__(self, stats: RouterStats) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """``balance * balance_loss + z * z_loss``, and the metrics of ``stats`` (both losses, whatever the
-        coefficients, and :func:`load_metrics`)."""
-        values = {"balance_loss": balance_loss(stats), "z_loss": z_loss(stats)}
-        return self.balance * values["balance_loss"] + self.z * values["z_loss"], values | load_metrics(stats)
+        """``balance * balance_loss + z * z_loss + mole_balance * mole_balance_loss``, and the metrics of ``stats``:
+        the three losses (whatever their coefficients) and :func:`load_metrics`."""
+        values = {
+            "balance_loss": balance_loss(stats),
+            "z_loss": z_loss(stats),
+            "mole_balance_loss": mole_balance_loss(stats),
+        }
+        total = self.balance * values["balance_loss"] + self.z * values["z_loss"]
+        return total + self.mole_balance * values["mole_balance_loss"], values | load_metrics(stats)
 
     @property
     def active(self) -> bool:
-        return self.balance > 0 or self.z > 0
+        return any(c > 0 for c in self)

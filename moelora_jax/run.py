@@ -24,13 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from moelora_jax.adapters import AdapterConfig
+from moelora_jax.adapters import AdapterConfig, MoleConfig
 from moelora_jax.atomic import write_text_atomically
 from moelora_jax.checkpoints import Checkpoints
 from moelora_jax.data import batch_indices, collate, encode_example
 from moelora_jax.distributed import INITIALIZE_CHOICES, host_local_batch, initialize, is_primary, to_host
 from moelora_jax.export import export_adapters, export_merged, export_peft
 from moelora_jax.models.llama import TARGETS, Llama, abstract_variables
+from moelora_jax.mole import describe_lora, export_mole, stack_loras, with_loras
 from moelora_jax.optim import OptimConfig, build_optimizer, lr_schedule
 from moelora_jax.preemption import PreemptedError, PreemptionGuard
 from moelora_jax.pretrained import load_config, load_params, load_tokenizer, resolve_model_dir
@@ -47,8 +48,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 class Plan:
     """Everything the config decides, validated: built before any weights or data are read."""
 
-    adapter: AdapterConfig
+    adapter: AdapterConfig | MoleConfig
     targets: tuple[str, ...]
+    mole_sources: tuple[str, ...]
     optim: OptimConfig
     router_losses: RouterLosses
     dtype: Any
@@ -58,24 +60,29 @@ class Plan:
 def plan(config: Any) -> Plan:
     """Check the config and turn it into typed settings; every problem is one ``ValueError`` line."""
     a = config.adapter
-    if a.kind not in ("lora", "moe_lora"):
-        raise ValueError(f"adapter.kind={a.kind!r} must be 'lora' or 'moe_lora'.")
-    experts = 1 if a.kind == "lora" else a.num_experts
-    adapter = AdapterConfig(
-        num_experts=experts,
-        rank=a.rank,
-        top_k=None if a.kind == "lora" else a.top_k,
-        alpha=a.alpha,
-        dropout=a.dropout,
-        strategy=a.strategy,
-        mixer=a.mixer,
-    )
-    targets = tuple(t.strip() for t in a.targets.split(",") if t.strip())
-    if not targets or set(targets) - set(TARGETS):
-        raise ValueError(f"adapter.targets={a.targets!r} must be a comma-separated subset of {', '.join(TARGETS)}.")
+    if a.kind not in ("lora", "moe_lora", "mole"):
+        raise ValueError(f"adapter.kind={a.kind!r} must be 'lora', 'moe_lora' or 'mole'.")
+    sources: tuple[str, ...] = ()
+    if a.kind == "mole" and "mole" not in config:
+        raise ValueError("adapter.kind=mole needs the mole.* settings: use --config configs/mole.py.")
+    if a.kind == "mole":
+        adapter, targets, sources = _mole_plan(config.mole)
+    else:
+        adapter = AdapterConfig(
+            num_experts=1 if a.kind == "lora" else a.num_experts,
+            rank=a.rank,
+            top_k=None if a.kind == "lora" else a.top_k,
+            alpha=a.alpha,
+            dropout=a.dropout,
+            strategy=a.strategy,
+            mixer=a.mixer,
+        )
+        targets = tuple(t.strip() for t in a.targets.split(",") if t.strip())
+        if not targets or set(targets) - set(TARGETS):
+            raise ValueError(f"adapter.targets={a.targets!r} must be a comma-separated subset of {', '.join(TARGETS)}.")
     optim = OptimConfig(**config.optim.to_dict())
-    router_losses = RouterLosses(a.balance_loss, a.z_loss)
-    if min(router_losses) < 0 or (router_losses.active and experts == 1):
+    router_losses = RouterLosses(a.balance_loss, a.z_loss, config.mole.balance_loss if a.kind == "mole" else 0.0)
+    if min(router_losses) < 0 or (router_losses.active and adapter.num_experts == 1):
         raise ValueError(
             f"adapter.balance_loss={a.balance_loss} and adapter.z_loss={a.z_loss} must be >= 0, and need a gate "
             "(adapter.kind=moe_lora) to be > 0."
@@ -104,7 +111,26 @@ def plan(config: Any) -> Plan:
         raise ValueError(
             f"distributed.initialize={config.distributed.initialize!r} must be one of {INITIALIZE_CHOICES}."
         )
-    return Plan(adapter, targets, optim, router_losses, DTYPES[config.model.dtype], DTYPES[config.model.param_dtype])
+    dtypes = DTYPES[config.model.dtype], DTYPES[config.model.param_dtype]
+    return Plan(adapter, targets, sources, optim, router_losses, *dtypes)
+
+
+def _mole_plan(mole: Any) -> tuple[MoleConfig, tuple[str, ...], tuple[str, ...]]:
+    """The MoLE adapter, its targets (every projection a source LoRA adapts) and its source directories."""
+    sources = tuple(s.strip() for s in mole.loras.split(",") if s.strip())
+    if len(sources) < 2:
+        raise ValueError(f"mole.loras={mole.loras!r} must list at least 2 LoRA directories, comma-separated.")
+    try:
+        described = [describe_lora(s) for s in sources]
+    except FileNotFoundError as e:
+        raise ValueError(f"mole.loras: {e}") from e
+    targets = tuple(t for t in TARGETS if any(t in found for _, found in described))
+    masked = str(mole.masked).replace(",", " ").split()
+    if not all(m.isdigit() for m in masked):
+        raise ValueError(f"mole.masked={mole.masked!r} must list LoRA indices, e.g. '1' or '0,2'.")
+    rank = max((r for r, _ in described), default=1)
+    config = MoleConfig(len(sources), rank, mole.gate, mole.tau, tuple(int(m) for m in masked))
+    return config, targets, sources
 
 
 def _subset(examples: list, limit: int, seed: int) -> list:
@@ -139,8 +165,10 @@ def _fingerprint(settings: Plan, model_config: Any, data_seed: int, batch_size: 
     for e in encoded:
         digest.update(e.tokens.tobytes() + e.loss_mask.tobytes())
     o = settings.optim
+    adapter = dataclasses.asdict(settings.adapter)
+    adapter.pop("masked", None)  # MoLE masking changes inference only: a masked run may resume an unmasked one
     return {
-        "adapter": dataclasses.asdict(settings.adapter) | {"targets": ",".join(settings.targets)},
+        "adapter": adapter | {"targets": ",".join(settings.targets), "sources": ",".join(settings.mole_sources)},
         "model": dataclasses.asdict(model_config),
         "optimizer": {"family": o.family, "riemann": o.riemann, "gauss_seidel": o.gauss_seidel, "frozen": o.frozen},
         "data": {
@@ -177,7 +205,8 @@ def _export(
     tokenizer: Any,
     source: Path,
 ) -> list[str]:
-    """Write the exports ``config.export`` asks for (PEFT and merged only for plain LoRA); returns their paths."""
+    """Write the exports ``config.export`` asks for (PEFT and merged only for plain LoRA; a MoLE's ``adapters``
+    export is its gates, ``export/mole``); returns their paths."""
     plain = settings.adapter.num_experts == 1
     want_peft = plain and config.peft and not settings.adapter.mixer
     want_merged = plain and config.merged
@@ -188,7 +217,18 @@ def _export(
     if not is_primary():
         return []
     written, kwargs = [], {"adapter": settings.adapter, "targets": settings.targets}
-    if config.adapters:
+    if config.adapters and settings.mole_sources:
+        written.append(
+            export_mole(
+                directory / "mole",
+                adapters,
+                mole=settings.adapter,
+                sources=settings.mole_sources,
+                targets=settings.targets,
+                model_config=model_config,
+            )
+        )
+    elif config.adapters:
         written.append(
             export_adapters(
                 directory / "adapters", adapters, model_config=model_config, base_model=str(source), **kwargs
@@ -259,6 +299,9 @@ def run(config: Any) -> dict[str, Any]:
     params = load_params(
         directory, model_config, param_dtype=settings.param_dtype, shardings=trainer.shardings["params"]
     )
+    if settings.mole_sources:
+        stack = stack_loras(settings.mole_sources, model_config)
+        params = jax.device_put(with_loras(params, stack), trainer.shardings["params"])
     schedule = lr_schedule(settings.optim.lr, settings.optim)
 
     eval_encoded = [
@@ -311,7 +354,8 @@ def run(config: Any) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
                 record = {"event": "train", "step": step, "loss": float(metrics["loss"]), "lr": lr}
                 record |= {"tokens_per_s": rate, "grad_norm": float(metrics["grad_norm"])}
-                record |= {k: float(metrics[k]) for k in ("balance_loss", "z_loss", "load_cv") if k in metrics}
+                routing = ("balance_loss", "z_loss", "mole_balance_loss", "load_cv")
+                record |= {k: float(metrics[k]) for k in routing if k in metrics}
                 if "expert_load" in metrics:
                     record["expert_load"] = [round(float(x), 5) for x in metrics["expert_load"]]
                 log.write(record | {"skipped": int(state.skipped)})

@@ -105,6 +105,19 @@ def tiny_model_dir(tmp_path_factory, word_tokenizer):
     return directory
 
 
+@pytest.fixture(scope="session")
+def learnable_model_dir(tmp_path_factory, tiny_model_dir):
+    """``tiny_model_dir`` with its output head scaled 25x: the 0.02-scale random head moves no logit by more than
+    about 0.6, too little for an adapter to fit a task; scaled, a LoRA fits one in a few dozen steps."""
+    transformers = pytest.importorskip("transformers")
+    directory = tmp_path_factory.mktemp("learnable-model")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.lm_head.weight.data *= 25.0
+    model.save_pretrained(directory)
+    transformers.AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture
 def tmpfs():
     """``tmpfs(path, options)``: a context manager mounting a fresh tmpfs at ``path`` (created) and unmounting it

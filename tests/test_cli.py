@@ -23,6 +23,8 @@ def test_a_tiny_job_runs_end_to_end(tiny_model_dir, tmp_path):
         (["--config.optim.lr=fast"], "error: flag --config.optim.lr=fast: could not convert string to float"),
         (["--config.adapter.top_k=30"], "top_k=30 must lie in [1, num_experts=20]"),
         (["--config.adapter.rank=0"], "rank=0 must be a positive integer"),
+        (["--config.adapter.kind=mole"], "adapter.kind=mole needs the mole.* settings: use --config configs/mole.py"),
+        (["--config.adapter.balance_loss=-1"], "adapter.balance_loss=-1.0 and adapter.z_loss=0.0 must be >= 0"),
         (["--config.data.task=squad"], "data.task='squad' is not a task format"),
         (["--config.model.path=/no/such/model"], "model path /no/such/model does not exist"),
     ],

@@ -39,11 +39,11 @@ def tiny_job(model_dir: Path, data_path: Path) -> list[str]:
     ]
 
 
-def command(output_dir: Path, *overrides: str, preset: str = "smoke") -> list[str]:
+def command(output_dir: Path, *overrides: str, preset: str = "smoke", config: str = "llama_moelora.py") -> list[str]:
     return [
         sys.executable,
         str(ROOT / "train.py"),
-        f"--config={ROOT / 'configs' / 'llama_moelora.py'}:{preset}",
+        f"--config={ROOT / 'configs' / config}:{preset}",
         f"--config.output_dir={output_dir}",
         *overrides,
     ]
@@ -62,10 +62,12 @@ def environment(devices: int = 1) -> dict[str, str]:
     }
 
 
-def train(output_dir: Path, *overrides: str, preset: str = "smoke", devices: int = 1) -> subprocess.CompletedProcess:
-    """``train.py`` to completion; stdout and stderr captured."""
+def train(
+    output_dir: Path, *overrides: str, preset: str = "smoke", devices: int = 1, config: str = "llama_moelora.py"
+) -> subprocess.CompletedProcess:
+    """``train.py --config configs/<config>:<preset>`` to completion; stdout and stderr captured."""
     return subprocess.run(
-        command(output_dir, *overrides, preset=preset),
+        command(output_dir, *overrides, preset=preset, config=config),
         capture_output=True,
         text=True,
         env=environment(devices),

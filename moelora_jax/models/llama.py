@@ -23,7 +23,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moelora_jax.adapters import ADAPTER_COLLECTION, ROUTER_COLLECTION, AdaptedDense, AdapterConfig
+from moelora_jax.adapters import (
+    ADAPTER_COLLECTION,
+    ROUTER_COLLECTION,
+    AdaptedDense,
+    AdapterConfig,
+    MoleConfig,
+    MoleGate,
+)
 from moelora_jax.sharding import constrain
 
 TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
@@ -218,7 +225,7 @@ class _LayerPart(nn.Module):
     """Fields every part of a decoder layer shares, and how it builds its (adapted) projections."""
 
     config: LlamaConfig
-    adapter: AdapterConfig | None
+    adapter: AdapterConfig | MoleConfig | None
     targets: tuple[str, ...]
     dtype: jnp.dtype
     param_dtype: jnp.dtype
@@ -242,19 +249,27 @@ class Attention(_LayerPart):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cache_index: jax.Array, layer_cache
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        cache_index: jax.Array,
+        layer_cache,
+        mole_logits: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """``x: (B, T, d)``, ``mask: (B, T, S)`` bool -> ``(B, T, d)`` and the layer's updated ``(k, v)`` cache.
 
         Without a cache the keys are the ``T`` new tokens (``S == T``); with one, ``(B, S, kv, hd)`` slots of which
-        the new tokens fill ``[cache_index, cache_index + T)``.
+        the new tokens fill ``[cache_index, cache_index + T)``. ``mole_logits``: a MoLE block gate's, for every
+        adapted projection.
         """
         c = self.config
         batch, length, _ = x.shape
         groups = c.num_heads // c.num_kv_heads
-        q = self.proj("q", c.num_heads * c.head_dim, ("embed", "heads"))(x)
-        k = self.proj("k", c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))(x)
-        v = self.proj("v", c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))(x)
+        q = self.proj("q", c.num_heads * c.head_dim, ("embed", "heads"))(x, mole_logits=mole_logits)
+        k = self.proj("k", c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))(x, mole_logits=mole_logits)
+        v = self.proj("v", c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))(x, mole_logits=mole_logits)
         q = constrain(q.reshape(batch, length, c.num_heads, c.head_dim), ("batch", "length", "act_heads", "head_dim"))
         kv_names = ("batch", "length", "act_kv_heads", "head_dim")
         k = constrain(k.reshape(batch, length, c.num_kv_heads, c.head_dim), kv_names)
@@ -271,23 +286,24 @@ class Attention(_LayerPart):
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(self.dtype)).reshape(batch, length, -1)
         out = constrain(out, ("batch", "length", "act_heads"))
-        return self.proj("o", c.hidden_size, ("heads", "embed"))(out), layer_cache
+        return self.proj("o", c.hidden_size, ("heads", "embed"))(out, mole_logits=mole_logits), layer_cache
 
 
 class MLP(_LayerPart):
     """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mole_logits: jax.Array | None = None) -> jax.Array:
         c = self.config
-        gate = self.proj("gate", c.intermediate_size, ("embed", "mlp"))(x)
-        up = self.proj("up", c.intermediate_size, ("embed", "mlp"))(x)
+        gate = self.proj("gate", c.intermediate_size, ("embed", "mlp"))(x, mole_logits=mole_logits)
+        up = self.proj("up", c.intermediate_size, ("embed", "mlp"))(x, mole_logits=mole_logits)
         hidden = constrain(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return self.proj("down", c.hidden_size, ("mlp", "embed"))(hidden)
+        return self.proj("down", c.hidden_size, ("mlp", "embed"))(hidden, mole_logits=mole_logits)
 
 
 class DecoderLayer(_LayerPart):
-    """One pre-norm block; the ``nn.scan`` body (``carry = x``)."""
+    """One pre-norm block; the ``nn.scan`` body (``carry = x``). A MoLE block gate (``MoleConfig.gate == "block"``)
+    reads the normalised block input and weighs the LoRAs of every adapted projection in the block."""
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache_index, layer_cache):
@@ -295,11 +311,15 @@ class DecoderLayer(_LayerPart):
             f: getattr(self, f) for f in ("config", "adapter", "targets", "dtype", "param_dtype", "deterministic")
         }
         norm = {"eps": self.config.rms_norm_eps, "dtype": self.dtype, "param_dtype": self.param_dtype}
+        normed = RMSNorm(**norm, name="attn_norm")(x)
+        mole_logits = None
+        if isinstance(self.adapter, MoleConfig) and self.adapter.gate == "block":
+            mole_logits = MoleGate(self.adapter, "embed", partitioned=True, name="mole_gate")(normed)
         attn_out, layer_cache = Attention(**fields, name="attn")(
-            RMSNorm(**norm, name="attn_norm")(x), cos, sin, mask, cache_index, layer_cache
+            normed, cos, sin, mask, cache_index, layer_cache, mole_logits
         )
         h = x + attn_out
-        y = h + MLP(**fields, name="mlp")(RMSNorm(**norm, name="mlp_norm")(h))
+        y = h + MLP(**fields, name="mlp")(RMSNorm(**norm, name="mlp_norm")(h), mole_logits)
         return constrain(y, ("batch", "length", "act_embed")), layer_cache
 
 
@@ -312,7 +332,7 @@ class Llama(nn.Module):
     """
 
     config: LlamaConfig
-    adapter: AdapterConfig | None = None
+    adapter: AdapterConfig | MoleConfig | None = None
     adapter_targets: tuple[str, ...] = ("q", "k", "v", "o")
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
