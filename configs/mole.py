@@ -11,22 +11,16 @@ is ``configs/llama_moelora.py``'s, whose presets apply too. MoLE's loss is the t
 its gating balance loss ``-log prod_i q_i`` (the paper's weight, 0.5).
 """
 
-import importlib.util
 from pathlib import Path
 
 from ml_collections import ConfigDict
 
-
-def _base_config(preset: str) -> ConfigDict:
-    spec = importlib.util.spec_from_file_location("llama_moelora", Path(__file__).with_name("llama_moelora.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
+from moelora_jax.config_file import load_config
 
 
 def get_config(preset: str = "") -> ConfigDict:
-    config = _base_config(preset)
-    config.output_dir = config.output_dir.replace("llama_moelora", "mole")
+    config = load_config(Path(__file__).with_name("llama_moelora.py"), preset)
+    config.output_dir = "runs/mole" + (f"_{preset}" if preset else "")
     config.adapter.kind = "mole"
 
     config.mole = ConfigDict()

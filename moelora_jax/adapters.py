@@ -409,7 +409,8 @@ class AdaptedDense(nn.Module):
             gate = self._adapter_leaf("gate", uniform, (d_in, num_experts), (ax_in, "expert"))
         mixer = None
         if cfg.mixer:
-            mixer = self._adapter_leaf("mixer", uniform, (num_experts, rank, rank), ("expert", "rank", "rank"))
+            # a logical name may appear once per array: the mixer's second rank axis has none (replicated anyway)
+            mixer = self._adapter_leaf("mixer", uniform, (num_experts, rank, rank), ("expert", "rank", None))
         use_dropout = cfg.dropout > 0.0 and not nn.merge_param("deterministic", self.deterministic, deterministic)
         delta, logits = moe_lora_delta(
             x,

@@ -5,6 +5,8 @@ import json
 import pytest
 from train_cli import error_line, records, tiny_job, train, write_records
 
+from moelora_jax.export import load_adapters
+
 
 def test_a_tiny_job_runs_end_to_end(tiny_model_dir, tmp_path):
     records = [{"prompt": "what colour is the sky ?", "response": "the answer is blue .", "label": "blue"}] * 12
@@ -69,3 +71,18 @@ def test_a_plain_lora_job_exports_peft_and_merged_weights_that_agree(tiny_model_
         merged = transformers.AutoModelForCausalLM.from_pretrained(run / "export" / "merged").eval()(tokens).logits
     assert (with_peft - plain).abs().max() > 1e-5  # three steps of training moved the adapter off zero
     torch.testing.assert_close(merged, with_peft, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "riemann"), [("lora", True), ("lora", False), ("moe_lora", True), ("moe_lora", False)]
+)
+def test_moslora_trains_through_the_trainer(tiny_model_dir, tmp_path, kind, riemann):
+    run = tmp_path / "run"
+    job = tiny_job(tiny_model_dir, write_records(tmp_path))
+    result = train(run, *job, f"--config.adapter.kind={kind}", f"--config.optim.riemann={riemann}", config="moslora.py")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["adapter"]["mixer"] and summary["eval_loss_after"] < summary["eval_loss_before"]
+    exported = load_adapters(run / "export" / "adapters")
+    mixer = exported.adapters["layers"]["attn"]["q_proj"]["mixer"]
+    assert mixer.shape[:2] == (2, 1 if kind == "lora" else 4) and exported.adapter.mixer

@@ -14,7 +14,7 @@ from train_cli import tiny_job, train, write_records
 from moelora_jax.adapters import AdapterConfig, MoleConfig
 from moelora_jax.export import export_adapters, export_peft
 from moelora_jax.models.llama import Llama, LlamaConfig, init_variables
-from moelora_jax.mole import LoraStack, read_lora, stack_loras, with_loras
+from moelora_jax.mole import LoraStack, load_mole, read_lora, stack_loras, with_loras
 from moelora_jax.routing import mole_balance_loss, router_stats
 
 CONFIG = LlamaConfig(64, 32, 64, 2, 4, 2, 8)
@@ -165,6 +165,9 @@ def test_mole_composes_two_loras_trained_on_two_tasks(learnable_model_dir, tmp_p
         f"MoLE {summary['eval_loss_after']:.3f}"
     )
     assert summary["eval_loss_after"] < 0.6 * min(losses.values())  # measured: 0.24 against 0.59 and 1.70
+    mole_config, read_sources, targets, gates = load_mole(tmp_path / "mole" / "export" / "mole")
+    assert (mole_config.num_loras, ",".join(read_sources), targets) == (2, sources, ("q", "k", "v", "o"))
+    assert gates["layers"]["attn"]["q_proj"]["mole_gate"]["gate"].shape == (2, 32, 2)  # (layers, d, LoRAs)
 
 
 @pytest.mark.parametrize(

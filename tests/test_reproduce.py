@@ -1,27 +1,17 @@
 """``experiments/reproduce.py``: its runs are valid configs, and finished runs become tables and plots."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from moelora_jax.config_file import load_config, load_module
 from moelora_jax.run import plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-reproduce = _load("reproduce", ROOT / "experiments" / "reproduce.py")
-get_config = _load("llama_moelora_config", ROOT / "configs" / "llama_moelora.py").get_config
+reproduce = load_module(ROOT / "experiments" / "reproduce.py")
 
 
 @pytest.mark.parametrize("name", ["cpu", "paper"])
@@ -33,7 +23,7 @@ def test_every_run_of_a_protocol_is_a_valid_config(name, tmp_path):
         assert max(rates) / min(rates) == pytest.approx(100)  # three learning rates spanning a factor of 100
         assert optimizer in reproduce.GATE_LR_RATIO
     for index, run in enumerate(runs):
-        config = get_config(protocol.preset)
+        config = load_config(ROOT / "configs" / "llama_moelora.py", protocol.preset)
         config.update_from_flattened_dict(reproduce.settings(protocol, run, tmp_path / run.name, {}, index == 0))
         settings = plan(config)  # unknown keys or wrong types raise above, bad values here
         assert (settings.optim.family, settings.optim.lr) == (run.optimizer, run.lr)
