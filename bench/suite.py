@@ -50,7 +50,8 @@ def _summary(results: dict[str, dict]) -> list[str]:
             lines.append(
                 f"{name}: step / frozen fwd+bwd: LoRA {r['lora']:.2f}, MoE-LoRA E=20 sqrt_gate+riemann "
                 f"{r['moe20_sqrt_gate_riemann']:.2f}; sqrt_gate/standard {section['sqrt_gate_over_standard']:.3f}; "
-                f"riemann/none (E=20) {section['riemann_over_plain']['moe20_sqrt_gate']:.3f}; step / LoRA by E: "
+                f"riemann/none (E=20) {section['riemann_over_plain']['moe20_sqrt_gate']:.3f}; "
+                f"MoSLoRA/LoRA {section['moslora_over_lora']:.3f}; step / LoRA by E: "
                 + ", ".join(f"{e}: {v:.2f}" for e, v in section["step_over_lora_by_experts"].items())
             )
     if "peft" in results:

@@ -7,6 +7,8 @@ Every step is ``Trainer.train_step`` (forward, token cross-entropy, backward int
 state donated) on q, k, v, o with r=4:
   - LoRA, with and without ``riemann_precond``;
   - MoE-LoRA E=20 top-k 10: ``standard`` and ``sqrt_gate`` gradients, without and with ``riemann_precond``;
+  - MoSLoRA (an r x r mixer): LoRA with and without ``riemann_precond``, and MoE-LoRA E=20 with ``sqrt_gate`` and
+    ``riemann_precond``;
   - MoE-LoRA as E grows (4, 8, 50; top-k E/2, like 10 of 20), ``sqrt_gate`` + ``riemann_precond``; with E=1 (LoRA
     + ``riemann_precond``) and E=20 from above, the fused design's cost in E.
 The reference point is a frozen-model forward+backward of the same batch (gradients to every layer's activations,
@@ -45,6 +47,9 @@ def variants() -> dict[str, tuple[AdapterConfig, bool]]:
         "moe20_sqrt_gate": (AdapterConfig(20, RANK, 10, ALPHA, strategy="sqrt_gate"), False),
         "moe20_standard_riemann": (AdapterConfig(20, RANK, 10, ALPHA, strategy="standard"), True),
         "moe20_sqrt_gate_riemann": (AdapterConfig(20, RANK, 10, ALPHA, strategy="sqrt_gate"), True),
+        "moslora": (AdapterConfig(1, RANK, None, ALPHA, mixer=True), False),
+        "moslora_riemann": (AdapterConfig(1, RANK, None, ALPHA, mixer=True), True),
+        "moe20_moslora_sqrt_gate_riemann": (AdapterConfig(20, RANK, 10, ALPHA, strategy="sqrt_gate", mixer=True), True),
     }
     for experts in (4, 8, 50):
         table[f"moe{experts}_sqrt_gate_riemann"] = (
@@ -87,7 +92,9 @@ def run(
         "riemann_over_plain": {
             "lora": medians["lora_riemann"] / medians["lora"],
             "moe20_sqrt_gate": medians["moe20_sqrt_gate_riemann"] / medians["moe20_sqrt_gate"],
+            "moslora": medians["moslora_riemann"] / medians["moslora"],
         },
+        "moslora_over_lora": medians["moslora"] / medians["lora"],
         "sqrt_gate_over_standard": medians["moe20_sqrt_gate"] / medians["moe20_standard"],
     }
 
@@ -114,6 +121,7 @@ def main() -> None:
     )
     print("riemann_precond over none: " + ", ".join(f"{k} {v:.3f}" for k, v in results["riemann_over_plain"].items()))
     print(f"sqrt_gate over standard (E=20): {results['sqrt_gate_over_standard']:.3f}")
+    print(f"MoSLoRA (mixer) over LoRA: {results['moslora_over_lora']:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
