@@ -18,7 +18,7 @@ reproduce = load_module(ROOT / "experiments" / "reproduce.py")
 def test_every_run_of_a_protocol_is_a_valid_config(name, tmp_path):
     protocol = reproduce.protocols(tmp_path)[name]
     runs = reproduce.grid(protocol, list(reproduce.METHODS))
-    assert len(runs) == len(reproduce.METHODS) * 2 * 3
+    assert len(runs) == len(reproduce.METHODS) * 2 * 3 and set(reproduce.CORE_METHODS) <= set(reproduce.METHODS)
     for optimizer, rates in protocol.learning_rates.items():
         assert max(rates) / min(rates) == pytest.approx(100)  # three learning rates spanning a factor of 100
         assert optimizer in reproduce.GATE_LR_RATIO
@@ -27,9 +27,10 @@ def test_every_run_of_a_protocol_is_a_valid_config(name, tmp_path):
         config.update_from_flattened_dict(reproduce.settings(protocol, run, tmp_path / run.name, {}, index == 0))
         settings = plan(config)  # unknown keys or wrong types raise above, bad values here
         assert (settings.optim.family, settings.optim.lr) == (run.optimizer, run.lr)
-        assert (settings.adapter.num_experts > 1) == (run.method != "lora")
+        assert (settings.adapter.num_experts > 1) == run.method.startswith("moe")
         assert settings.optim.riemann == ("riemann" in run.method)
-        if run.method != "lora":  # (plain LoRA has no gate, so no gradient strategy)
+        assert settings.adapter.mixer == ("moslora" in run.method)
+        if run.method.startswith("moe"):  # (plain LoRA has no gate, so no gradient strategy)
             assert (settings.adapter.strategy == "sqrt_gate") == run.method.endswith("sqrt_gate")
     argv = reproduce.command(protocol, {"optim.lr": 1e-3 * 3e-3, "train.eval_before": False})
     assert argv[-2:] == ["--config.optim.lr=3e-06", "--config.train.eval_before=False"]
