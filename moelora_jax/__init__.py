@@ -3,6 +3,7 @@
 from moelora_jax.adapters import (
     AdaptedDense,
     AdapterConfig,
+    MoleConfig,
     moe_lora_delta,
     topk_softmax_gate,
 )
@@ -11,6 +12,7 @@ from moelora_jax.riemann import riemann_precond
 __all__ = [
     "AdaptedDense",
     "AdapterConfig",
+    "MoleConfig",
     "moe_lora_delta",
     "riemann_precond",
     "topk_softmax_gate",
