@@ -82,7 +82,7 @@ def plan(config: Any) -> Plan:
             raise ValueError(f"adapter.targets={a.targets!r} must be a comma-separated subset of {', '.join(TARGETS)}.")
     optim = OptimConfig(**config.optim.to_dict())
     router_losses = RouterLosses(a.balance_loss, a.z_loss, config.mole.balance_loss if a.kind == "mole" else 0.0)
-    if min(router_losses) < 0 or (router_losses.active and adapter.num_experts == 1):
+    if min(a.balance_loss, a.z_loss) < 0 or (router_losses.active and adapter.num_experts == 1):
         raise ValueError(
             f"adapter.balance_loss={a.balance_loss} and adapter.z_loss={a.z_loss} must be >= 0, and need a gate "
             "(adapter.kind=moe_lora) to be > 0."
@@ -128,6 +128,8 @@ def _mole_plan(mole: Any) -> tuple[MoleConfig, tuple[str, ...], tuple[str, ...]]
     masked = str(mole.masked).replace(",", " ").split()
     if not all(m.isdigit() for m in masked):
         raise ValueError(f"mole.masked={mole.masked!r} must list LoRA indices, e.g. '1' or '0,2'.")
+    if mole.balance_loss < 0:
+        raise ValueError(f"mole.balance_loss={mole.balance_loss} must be >= 0.")
     rank = max((r for r, _ in described), default=1)
     config = MoleConfig(len(sources), rank, mole.gate, mole.tau, tuple(int(m) for m in masked))
     return config, targets, sources

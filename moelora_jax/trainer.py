@@ -6,8 +6,8 @@ Loss: mean next-token cross-entropy over the response tokens of the whole (accum
 counts, then divides once, so accumulating ``n`` micro-batches equals one ``n``-times larger batch exactly.
 Gradients exist only for the ``"adapters"`` tree. With a gate, the step also reports expert load and the routing
 losses of :mod:`moelora_jax.routing` (over real tokens), and with ``router_losses`` it trains on
-``L + c_balance * L_balance + c_z * L_z`` (each averaged over micro-batches). An update whose loss or gradients are
-not finite is skipped (state unchanged) and counted.
+``L + c_balance * L_balance + c_z * L_z + c_mole * L_mole`` (each averaged over micro-batches). An update whose
+loss or gradients are not finite is skipped (state unchanged) and counted.
 """
 
 from __future__ import annotations
