@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from moelora_jax import AdaptedDense, AdapterConfig, moe_lora_delta, topk_softmax_gate
+from moelora_jax.sharding import DEFAULT_RULES, logical_shardings, make_mesh
 
 E, D_IN, R, D_OUT = 5, 12, 3, 7
 
@@ -318,9 +319,11 @@ def test_module_kernel_axes_box_every_leaf_with_logical_names():
             "lora_a": ("expert", "embed", "rank"),
             "lora_b": ("expert", "rank", "mlp"),
             "gate": ("embed", "expert"),
-            "mixer": ("expert", "rank", "rank"),
+            "mixer": ("expert", "rank", None),  # a logical name may appear once per array
         },
     }
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    logical_shardings(boxed, mesh, DEFAULT_RULES)  # every leaf's names map to a sharding (a repeated name raises)
     plain = AdaptedDense(D_OUT, adapter=AdapterConfig(num_experts=E, rank=R, mixer=True))
     x = jnp.asarray(_random_adapter(14)[0])
     variables = nn.unbox(boxed)
