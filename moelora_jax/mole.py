@@ -90,7 +90,8 @@ def _same_base(directory: Path, theirs: LlamaConfig, ours: LlamaConfig) -> None:
 
 
 def read_lora(directory: str | os.PathLike, model_config: LlamaConfig) -> Factors:
-    """One LoRA's factors per target, from our export or a PEFT directory, with shapes checked against the base."""
+    """One LoRA's factors per target, from our export (its base config must match) or a PEFT directory; shapes are
+    checked against the base model when :func:`with_loras` places them."""
     directory = Path(directory)
     if (directory / ADAPTERS_CONFIG).exists():
         return _read_ours(directory, model_config)
