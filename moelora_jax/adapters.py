@@ -28,6 +28,12 @@ Strategy = Literal["standard", "sqrt_gate"]
 STRATEGIES: tuple[str, ...] = ("standard", "sqrt_gate")
 
 
+def topk_mask(logits: jax.Array, top_k: int) -> jax.Array:
+    """``(..., E)`` bool, True on each row's ``top_k`` largest logits (exactly ``top_k``; ties go to lower indices)."""
+    _, kept = jax.lax.top_k(logits, top_k)
+    return jnp.sum(jax.nn.one_hot(kept, logits.shape[-1], dtype=jnp.bool_), axis=-2, dtype=jnp.bool_)
+
+
 def topk_softmax_gate(logits: jax.Array, top_k: int) -> jax.Array:
     """Top-k renormalised softmax gate.
 
@@ -43,9 +49,7 @@ def topk_softmax_gate(logits: jax.Array, top_k: int) -> jax.Array:
     num_experts = logits.shape[-1]
     if top_k == num_experts:
         return jax.nn.softmax(logits, axis=-1)
-    _, kept = jax.lax.top_k(logits, top_k)
-    mask = jnp.sum(jax.nn.one_hot(kept, num_experts, dtype=jnp.bool_), axis=-2, dtype=jnp.bool_)
-    return jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
+    return jax.nn.softmax(jnp.where(topk_mask(logits, top_k), logits, -jnp.inf), axis=-1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -57,6 +61,13 @@ def _gated_expert_out(h: jax.Array, g: jax.Array, b_cat: jax.Array, scale: float
     (sqrt_gate), while the gate always receives its true gradient ``dL/dg_i = s * <dL/dy, h_i B_i>``.
     """
     return (h * _expand_gate(scale * g, h)) @ b_cat
+
+
+def _concat_experts(lora_a: jax.Array, lora_b: jax.Array, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """Stacked experts side by side for the fused form: ``A_cat: (d_in, E*r)``, ``B_cat: (E*r, d_out)``."""
+    num_experts, d_in, rank = lora_a.shape
+    a_cat = jnp.swapaxes(lora_a, 0, 1).reshape(d_in, num_experts * rank).astype(dtype)
+    return a_cat, lora_b.reshape(num_experts * rank, -1).astype(dtype)
 
 
 def _expand_gate(g: jax.Array, h: jax.Array) -> jax.Array:
@@ -169,10 +180,9 @@ def moe_lora_delta(
     scale = float(scale)
     top_k = lora_a.shape[0] if top_k is None else top_k
     _check_delta_args(x, lora_a, lora_b, gate, mixer, top_k, strategy, dropout_rate)
-    num_experts, d_in, rank = lora_a.shape
+    num_experts, _, rank = lora_a.shape
     dtype = x.dtype
-    a_cat = jnp.swapaxes(lora_a, 0, 1).reshape(d_in, num_experts * rank).astype(dtype)
-    b_cat = lora_b.reshape(num_experts * rank, -1).astype(dtype)
+    a_cat, b_cat = _concat_experts(lora_a, lora_b, dtype)
 
     if dropout_rng is not None and dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, x.shape)
@@ -294,9 +304,8 @@ def mole_gate_logits(x: jax.Array, gate: jax.Array, log_tau: jax.Array, masked: 
 def lora_mixture(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, weights: jax.Array) -> jax.Array:
     """``sum_i w_i * (x @ A_i) @ B_i``, fused like MoE-LoRA: ``x: (..., d_in)``, ``lora_a: (N, d_in, r)``,
     ``lora_b: (N, r, d_out)``, ``weights: (..., N)`` float32 -> ``(..., d_out)`` in ``x``'s dtype."""
-    num, d_in, rank = lora_a.shape
-    h = x @ jnp.swapaxes(lora_a, 0, 1).reshape(d_in, num * rank).astype(x.dtype)
-    return _gated_expert_out(h, weights, lora_b.reshape(num * rank, -1).astype(x.dtype), 1.0, False)
+    a_cat, b_cat = _concat_experts(lora_a, lora_b, x.dtype)
+    return _gated_expert_out(x @ a_cat, weights, b_cat, 1.0, False)
 
 
 def kaiming_uniform_fan_in(fan_in_axis: int = -2) -> nn.initializers.Initializer:

@@ -181,6 +181,15 @@ def export_peft(
     return Path(directory)
 
 
+def plain_lora_factors(leaves: dict[str, Any]) -> tuple[jax.Array, jax.Array]:
+    """One projection's plain LoRA (E = 1) as ``A: (L, d_in, r)`` and ``B: (L, r, d_out)``, a MoSLoRA mixer folded
+    into ``A`` (``A M``); the scale is not applied."""
+    a, b = leaves["lora_a"][:, 0], leaves["lora_b"][:, 0]
+    if "mixer" in leaves:
+        a = jnp.einsum("lir,lrs->lis", a, leaves["mixer"][:, 0])
+    return a, b
+
+
 def merge_adapters(
     params: dict[str, Any], adapters: dict[str, Any], *, adapter: AdapterConfig, targets: Sequence[str]
 ) -> dict[str, Any]:
@@ -190,10 +199,7 @@ def merge_adapters(
     merged = traverse_util.flatten_dict(params)
     for target in targets:
         block, proj, _ = MODULES[target]
-        leaves = adapters["layers"][block][proj]
-        a, b = leaves["lora_a"][:, 0], leaves["lora_b"][:, 0]  # (L, d_in, r), (L, r, d_out)
-        if adapter.mixer:
-            a = jnp.einsum("lir,lrs->lis", a, leaves["mixer"][:, 0])
+        a, b = plain_lora_factors(adapters["layers"][block][proj])
         kernel = merged["layers", block, proj, "kernel"]
         delta = adapter.scale * jnp.einsum("lir,lro->lio", a, b, precision="highest")
         merged["layers", block, proj, "kernel"] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)

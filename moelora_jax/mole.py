@@ -22,7 +22,7 @@ from flax import traverse_util
 
 from moelora_jax.adapters import MoleConfig
 from moelora_jax.atomic import atomic_directory
-from moelora_jax.export import ADAPTERS_CONFIG, MODULES, load_adapters
+from moelora_jax.export import ADAPTERS_CONFIG, MODULES, load_adapters, plain_lora_factors
 from moelora_jax.models.llama import LlamaConfig
 from moelora_jax.pretrained import SafetensorsFile, save_safetensors
 
@@ -52,11 +52,8 @@ def _read_ours(directory: Path, model_config: LlamaConfig) -> Factors:
     factors = {}
     for target in exported.targets:
         block, proj, _ = MODULES[target]
-        leaves = exported.adapters["layers"][block][proj]
-        a, b = leaves["lora_a"][:, 0], leaves["lora_b"][:, 0]
-        if "mixer" in leaves:
-            a = np.einsum("lir,lrs->lis", a, leaves["mixer"][:, 0])
-        factors[target] = (a, exported.adapter.scale * b)
+        a, b = plain_lora_factors(exported.adapters["layers"][block][proj])
+        factors[target] = (np.asarray(a, np.float32), exported.adapter.scale * np.asarray(b, np.float32))
     return factors
 
 

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moelora_jax.adapters import ROUTER_COLLECTION
+from moelora_jax.adapters import ROUTER_COLLECTION, topk_mask
 
 
 class RouterStats(NamedTuple):
@@ -56,8 +56,7 @@ def router_stats(logits: list[jax.Array], token_weights: jax.Array, top_k: int) 
         z = z.astype(jnp.float32)
         importance = jnp.einsum("rbte,bt->re", jax.nn.softmax(z, axis=-1), weights) / n
         if top_k < z.shape[-1]:
-            kth = jax.lax.top_k(z, top_k)[0][..., -1:]
-            routed = (z >= kth).astype(jnp.float32)  # (R, B, T, E): 1 on each token's top-k experts
+            routed = topk_mask(z, top_k).astype(jnp.float32)  # (R, B, T, E): the gate's own choice of experts
             loads.append(jnp.einsum("rbte,bt->re", routed, weights) / (top_k * n))
         else:  # a dense gate routes every token to every expert: its load is the share of gate weight
             loads.append(importance)

@@ -63,9 +63,9 @@ def plan(config: Any) -> Plan:
     if a.kind not in ("lora", "moe_lora", "mole"):
         raise ValueError(f"adapter.kind={a.kind!r} must be 'lora', 'moe_lora' or 'mole'.")
     sources: tuple[str, ...] = ()
-    if a.kind == "mole" and "mole" not in config:
-        raise ValueError("adapter.kind=mole needs the mole.* settings: use --config configs/mole.py.")
     if a.kind == "mole":
+        if "mole" not in config:
+            raise ValueError("adapter.kind=mole needs the mole.* settings: use --config configs/mole.py.")
         adapter, targets, sources = _mole_plan(config.mole)
     else:
         adapter = AdapterConfig(
