@@ -53,6 +53,8 @@ def _summary(results: dict[str, dict]) -> list[str]:
                 f"riemann/none (E=20) {section['riemann_over_plain']['moe20_sqrt_gate']:.3f}; "
                 f"MoSLoRA/LoRA {section['moslora_over_lora']:.3f}; step / LoRA by E: "
                 + ", ".join(f"{e}: {v:.2f}" for e, v in section["step_over_lora_by_experts"].items())
+                + "; routing statistics / step by E: "
+                + ", ".join(f"{e}: {v:.3f}" for e, v in section["routing_stats_over_step"].items())
             )
     if "peft" in results:
         lines.append(

@@ -12,7 +12,9 @@ state donated) on q, k, v, o with r=4:
   - MoE-LoRA as E grows (4, 8, 50; top-k E/2, like 10 of 20), ``sqrt_gate`` + ``riemann_precond``; with E=1 (LoRA
     + ``riemann_precond``) and E=20 from above, the fused design's cost in E.
 The reference point is a frozen-model forward+backward of the same batch (gradients to every layer's activations,
-as in ``model_bench.py``).
+as in ``model_bench.py``). Every MoE-LoRA step also computes the routing statistics it logs (expert load, balance
+and z-losses); for E=20 and E=50 they are timed alone too, jitted on the gate decisions one forward sows, as an upper
+bound on their share of the step.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +34,14 @@ from timing import add_run_arguments, interleaved_medians
 from trainer_step import trainer_step
 
 from moelora_jax import AdapterConfig
-from moelora_jax.models.llama import Llama, init_variables
+from moelora_jax.adapters import ROUTER_COLLECTION
+from moelora_jax.models.llama import Llama, LlamaConfig, init_variables
 from moelora_jax.optim import OptimConfig
 from moelora_jax.pretrained import load_config, load_params, resolve_model_dir
+from moelora_jax.routing import RouterLosses, router_stats, sown_routing
 
 RANK, ALPHA = 4, 16.0
+TARGETS = ("q", "k", "v", "o")
 
 
 def variants() -> dict[str, tuple[AdapterConfig, bool]]:
@@ -59,6 +65,18 @@ def variants() -> dict[str, tuple[AdapterConfig, bool]]:
     return table
 
 
+def routing_stats(
+    config: LlamaConfig, params: Any, adapter: AdapterConfig, tokens: np.ndarray, dtype: Any
+) -> Callable[[], Any]:
+    """The routing statistics and losses a train step logs, jitted alone on the gate decisions of one forward."""
+    model = Llama(config, adapter=adapter, adapter_targets=TARGETS, dtype=dtype, param_dtype=dtype)
+    adapters = init_variables(model, jax.random.key(0), ("adapters",))["adapters"]
+    _, sown = model.apply({"params": params, "adapters": adapters}, tokens, mutable=[ROUTER_COLLECTION])
+    weights = jnp.ones(tokens.shape, jnp.float32)
+    stats = jax.jit(lambda sown, weights: RouterLosses()(router_stats(sown_routing(sown), weights)))
+    return lambda: stats(sown, weights)
+
+
 def run(
     model: str | None, shape: str | None, layers: int, batch: int, length: int, dtype: str, rounds: int, warmup: int
 ) -> dict[str, Any]:
@@ -77,8 +95,12 @@ def run(
     steps = {"frozen_fwd_bwd": lambda: frozen(scales, params, tokens)}
     for variant, (adapter, riemann) in variants().items():
         optim = OptimConfig(family="adamw", lr=1e-4, gate_lr=1e-4, riemann=riemann)
-        steps[variant] = trainer_step(config, params, adapter, optim, tokens, dtype=compute)[0]
+        steps[variant] = trainer_step(config, params, adapter, optim, tokens, TARGETS, dtype=compute)[0]
+    routed = {e: f"moe{e}_sqrt_gate_riemann" for e in (20, 50)}
+    for e, variant in routed.items():
+        steps[f"routing_stats_e{e}"] = routing_stats(config, params, variants()[variant][0], tokens, compute)
     medians = interleaved_medians(steps, rounds, warmup)
+    stats_ms = {e: medians.pop(f"routing_stats_e{e}") for e in routed}
     base = medians["frozen_fwd_bwd"]
     experts = {1: medians["lora_riemann"]} | {e: medians[f"moe{e}_sqrt_gate_riemann"] for e in (4, 8, 20, 50)}
     return {
@@ -96,6 +118,7 @@ def run(
         },
         "moslora_over_lora": medians["moslora"] / medians["lora"],
         "sqrt_gate_over_standard": medians["moe20_sqrt_gate"] / medians["moe20_standard"],
+        "routing_stats_over_step": {str(e): stats_ms[e] / medians[v] for e, v in routed.items()},
     }
 
 
@@ -112,9 +135,9 @@ def main() -> None:
     results = run(args.model, args.shape, args.layers, args.batch, args.length, args.dtype, args.rounds, args.warmup)
     setting = f"batch {args.batch} x {args.length}, {args.rounds} rounds"
     print(f"{results['device']}, {args.dtype}, {results['model']}, {setting}")
-    print(f"{'train step':<28}{'ms':>10}{'/ frozen fwd+bwd':>18}")
+    print(f"{'train step':<34}{'ms':>10}{'/ frozen fwd+bwd':>18}")
     for name, ms in results["step_ms"].items():
-        print(f"{name:<28}{ms:>10.1f}{results['ratio_to_frozen_fwd_bwd'][name]:>18.3f}")
+        print(f"{name:<34}{ms:>10.1f}{results['ratio_to_frozen_fwd_bwd'][name]:>18.3f}")
     print(
         "step / LoRA step as E grows: "
         + ", ".join(f"E={e} {v:.3f}" for e, v in results["step_over_lora_by_experts"].items())
@@ -122,6 +145,10 @@ def main() -> None:
     print("riemann_precond over none: " + ", ".join(f"{k} {v:.3f}" for k, v in results["riemann_over_plain"].items()))
     print(f"sqrt_gate over standard (E=20): {results['sqrt_gate_over_standard']:.3f}")
     print(f"MoSLoRA (mixer) over LoRA: {results['moslora_over_lora']:.3f}")
+    print(
+        "routing statistics alone / their step: "
+        + ", ".join(f"E={e} {v:.3f}" for e, v in results["routing_stats_over_step"].items())
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

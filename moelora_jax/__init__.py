@@ -3,6 +3,7 @@
 from moelora_jax.adapters import (
     AdaptedDense,
     AdapterConfig,
+    GateRouting,
     MoleConfig,
     moe_lora_delta,
     topk_softmax_gate,
@@ -12,6 +13,7 @@ from moelora_jax.riemann import riemann_precond
 __all__ = [
     "AdaptedDense",
     "AdapterConfig",
+    "GateRouting",
     "MoleConfig",
     "moe_lora_delta",
     "riemann_precond",

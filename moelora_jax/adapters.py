@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -45,11 +45,21 @@ def topk_softmax_gate(logits: jax.Array, top_k: int) -> jax.Array:
       ``(..., E)`` float32 weights ``g`` with ``g_i = p_i / sum_{j in topk} p_j`` on the top-k entries of
       ``p = softmax(logits)`` and 0 elsewhere; this equals a softmax over the kept logits alone.
     """
+    return _softmax_over(logits, None if top_k == logits.shape[-1] else topk_mask(logits, top_k))
+
+
+def _softmax_over(logits: jax.Array, routed: jax.Array | None) -> jax.Array:
+    """float32 softmax of ``logits: (..., E)`` over the experts ``routed`` (bool, same shape; None: all), else 0."""
     logits = logits.astype(jnp.float32)
-    num_experts = logits.shape[-1]
-    if top_k == num_experts:
-        return jax.nn.softmax(logits, axis=-1)
-    return jax.nn.softmax(jnp.where(topk_mask(logits, top_k), logits, -jnp.inf), axis=-1)
+    return jax.nn.softmax(logits if routed is None else jnp.where(routed, logits, -jnp.inf), axis=-1)
+
+
+class GateRouting(NamedTuple):
+    """What a gate decided, for the expert-load statistics of :mod:`moelora_jax.routing`: its float32 ``logits:
+    (..., E)`` and ``routed: (..., E)`` bool, the top-k experts each token went to (None for a dense gate)."""
+
+    logits: jax.Array
+    routed: jax.Array | None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -146,8 +156,8 @@ def moe_lora_delta(
     mixer: jax.Array | None = None,
     dropout_rng: jax.Array | None = None,
     dropout_rate: float = 0.0,
-    return_gate_logits: bool = False,
-) -> jax.Array | tuple[jax.Array, jax.Array | None]:
+    return_routing: bool = False,
+) -> jax.Array | tuple[jax.Array, GateRouting | None]:
     """The MoE-LoRA update ``s * sum_i g_i * (drop(x) @ A_i [@ M_i]) @ B_i``, computed fused.
 
     Args:
@@ -166,11 +176,12 @@ def moe_lora_delta(
         ``dropout_rate > 0`` (mask ``bernoulli(dropout_rng, 1 - rate, x.shape)``, inverted scaling).
         The gate always sees the un-dropped ``x``.
       dropout_rate: probability of zeroing an input feature.
-      return_gate_logits: also return the float32 gate logits ``x @ W_g: (..., E)`` (None without a gate), from
-        which :mod:`moelora_jax.routing` computes expert load and the auxiliary routing losses.
+      return_routing: also return the gate's :class:`GateRouting` (its float32 logits ``x @ W_g`` and its top-k
+        choice; None without a gate), from which :mod:`moelora_jax.routing` computes expert load and the auxiliary
+        routing losses without a second top-k.
 
     Returns:
-      ``(..., d_out)`` in ``x``'s dtype (and the gate logits with ``return_gate_logits``). The adapter weights, gate
+      ``(..., d_out)`` in ``x``'s dtype (and the gate's routing with ``return_routing``). The adapter weights, gate
       kernel included, are cast to the compute dtype for the matmuls (their gradients come back in their own dtype);
       the gate logits accumulate in float32 and the top-k softmax runs in float32. Differentiable in reverse mode
       (``grad``/``vjp``), not forward mode: the expert mixture is a ``custom_vjp``.
@@ -200,10 +211,12 @@ def moe_lora_delta(
         h = h.reshape(*h.shape[:-2], num_experts * rank)
 
     if logits is None:
-        delta = scale * (h @ b_cat)
+        delta, routing = scale * (h @ b_cat), None
     else:
-        delta = _gated_expert_out(h, topk_softmax_gate(logits, top_k), b_cat, scale, strategy == "sqrt_gate")
-    return (delta, logits) if return_gate_logits else delta
+        routing = GateRouting(logits, None if top_k == num_experts else topk_mask(logits, top_k))
+        gated = _softmax_over(logits, routing.routed)
+        delta = _gated_expert_out(h, gated, b_cat, scale, strategy == "sqrt_gate")
+    return (delta, routing) if return_routing else delta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,7 +334,7 @@ def kaiming_uniform_fan_in(fan_in_axis: int = -2) -> nn.initializers.Initializer
 ADAPTER_COLLECTION = "adapters"
 """The Flax variable collection that holds adapter leaves, apart from the frozen ``"params"``."""
 ROUTER_COLLECTION = "router"
-"""The Flax collection the gate logits are sown into (``gate_logits``, one ``(..., E)`` array per call) when it is
+"""The Flax collection gates sow their decisions into (``routing``, one :class:`GateRouting` per call) when it is
 mutable, e.g. ``model.apply(variables, tokens, mutable=[ROUTER_COLLECTION])``."""
 
 LogicalAxes = tuple[str | None, str | None]
@@ -348,7 +361,7 @@ class MoleGate(nn.Module):
         log_tau = self.variable(ADAPTER_COLLECTION, "log_tau", lambda: tau_init(self.make_rng("params"), ())).value
         logits = mole_gate_logits(x, gate, log_tau, self.config.masked)
         if not self.is_initializing():
-            self.sow(ROUTER_COLLECTION, "gate_logits", logits)
+            self.sow(ROUTER_COLLECTION, "routing", GateRouting(logits, None))
         return logits
 
 
@@ -363,7 +376,7 @@ class AdaptedDense(nn.Module):
     With ``kernel_axes`` (logical names of ``d_in, d_out``) every leaf is created boxed in
     ``nn.LogicallyPartitioned`` (adapter axes ``expert`` and ``rank``) for the sharding rules; apply takes plain arrays.
     Dropout on the adapter input draws from the ``"dropout"`` RNG stream unless ``deterministic``. With a gate, its
-    logits are sown into the ``"router"`` collection when that is mutable (see ``ROUTER_COLLECTION``).
+    :class:`GateRouting` is sown into the ``"router"`` collection when that is mutable (see ``ROUTER_COLLECTION``).
     With a ``MoleConfig`` the frozen LoRAs are ``"params"`` (``mole_a``, ``mole_b``, loaded, not initialised) and
     only the gate (``mole_gate``, or a block's) trains.
     """
@@ -421,7 +434,7 @@ class AdaptedDense(nn.Module):
             # a logical name may appear once per array: the mixer's second rank axis has none (replicated anyway)
             mixer = self._adapter_leaf("mixer", uniform, (num_experts, rank, rank), ("expert", "rank", None))
         use_dropout = cfg.dropout > 0.0 and not nn.merge_param("deterministic", self.deterministic, deterministic)
-        delta, logits = moe_lora_delta(
+        delta, routing = moe_lora_delta(
             x,
             lora_a,
             lora_b,
@@ -432,8 +445,8 @@ class AdaptedDense(nn.Module):
             mixer=mixer,
             dropout_rng=self.make_rng("dropout") if use_dropout else None,
             dropout_rate=cfg.dropout,
-            return_gate_logits=True,
+            return_routing=True,
         )
-        if logits is not None and not self.is_initializing():
-            self.sow(ROUTER_COLLECTION, "gate_logits", logits)
+        if routing is not None and not self.is_initializing():
+            self.sow(ROUTER_COLLECTION, "routing", routing)
         return y + delta

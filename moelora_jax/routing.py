@@ -1,4 +1,4 @@
-"""Expert load and the auxiliary routing losses of MoE-LoRA gates, from the gate logits the adapters sow.
+"""Expert load and the auxiliary routing losses of MoE-LoRA gates, from the routing decisions the gates sow.
 
 For one router (a gated projection in one layer) over tokens ``t`` with weights ``w_t`` (1 on real tokens, 0 on
 padding; ``n = sum_t w_t``), logits ``z_t: (E,)``, probabilities ``p_t = softmax(z_t)`` and top-k set ``K_t``::
@@ -9,11 +9,12 @@ padding; ``n = sum_t w_t``), logits ``z_t: (E,)``, probabilities ``p_t = softmax
     z-loss      sum_t w_t logsumexp(z_t)^2 / n           ST-MoE (Zoph et al. 2022, eq. 5)
     MoLE        -sum_i log q_i,  q_i = mean_r P_ri       MoLE's gating balance loss (Wu et al. 2024, eqs. 14-15)
 
-Only ``P`` and the z-loss carry gradient (``f`` counts discrete choices). A dense gate (``k = E``, e.g. MoLE's)
-sends every token to every expert, so there the load is the share of gate weight, ``f = P``. Dividing ``f`` by ``k``
-makes the balance loss 1 under even routing for any top-k (Hugging Face's Mixtral loss omits it and bottoms out at
-``k``). Over all routers of a model the losses are averaged, so their coefficients (Switch: 1e-2; ST-MoE: 1e-3;
-MoLE: 0.5) do not depend on depth. For MoE-LoRA both are off unless asked for.
+Only ``P`` and the z-loss carry gradient (``f`` counts discrete choices). ``K_t`` is the gate's own top-k choice,
+sown beside its logits (:class:`~moelora_jax.adapters.GateRouting`), so no second top-k runs. A dense gate
+(``k = E``, e.g. MoLE's) sends every token to every expert, so there the load is the share of gate weight, ``f = P``.
+Dividing ``f`` by ``k`` makes the balance loss 1 under even routing for any top-k (Hugging Face's Mixtral loss omits
+it and bottoms out at ``k``). Over all routers of a model the losses are averaged, so their coefficients (Switch:
+1e-2; ST-MoE: 1e-3; MoLE: 0.5) do not depend on depth. For MoE-LoRA both are off unless asked for.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moelora_jax.adapters import ROUTER_COLLECTION, topk_mask
+from moelora_jax.adapters import ROUTER_COLLECTION, GateRouting
 
 
 class RouterStats(NamedTuple):
@@ -34,32 +35,33 @@ class RouterStats(NamedTuple):
     z: jax.Array
 
 
-def gate_logits(sown: dict[str, Any]) -> list[jax.Array]:
-    """The sown gate logits as ``(R_j, tokens..., E)`` arrays: a scanned layer stack keeps its leading layer axis
-    (one router per layer), an unscanned router gets a leading axis of 1. ``sown`` is the ``"router"`` collection."""
-    leaves = jax.tree.leaves(sown.get(ROUTER_COLLECTION, sown))
-    return [x if x.ndim == 4 else x[None] for x in leaves]
+def sown_routing(sown: dict[str, Any]) -> list[GateRouting]:
+    """The sown gate decisions with ``(R_j, tokens..., E)`` arrays: a scanned layer stack keeps its leading layer
+    axis (one router per layer), an unscanned router gets a leading axis of 1. ``sown`` is the ``"router"``
+    collection."""
+    routings = jax.tree.leaves(sown.get(ROUTER_COLLECTION, sown), is_leaf=lambda x: isinstance(x, GateRouting))
+    return [jax.tree.map(lambda x: x if x.ndim == 4 else x[None], r) for r in routings]
 
 
-def router_stats(logits: list[jax.Array], token_weights: jax.Array, top_k: int) -> RouterStats:
+def router_stats(routings: list[GateRouting], token_weights: jax.Array) -> RouterStats:
     """Load, importance and squared log-partition of every router.
 
     Args:
-      logits: ``(R_j, B, T, E)`` float32 gate logits per group of routers (see :func:`gate_logits`).
+      routings: per group of routers, ``(R_j, B, T, E)`` float32 logits and bool top-k choices (see
+        :func:`sown_routing`); ``routed=None`` for a dense gate.
       token_weights: ``(B, T)``, 1 on tokens that count (real ones), 0 on padding.
-      top_k: experts each token is routed to.
     """
     weights = token_weights.astype(jnp.float32)
     n = jnp.maximum(jnp.sum(weights), 1.0)
     loads, importances, zs = [], [], []
-    for z in logits:
+    for z, routed in routings:
         z = z.astype(jnp.float32)
         importance = jnp.einsum("rbte,bt->re", jax.nn.softmax(z, axis=-1), weights) / n
-        if top_k < z.shape[-1]:
-            routed = topk_mask(z, top_k).astype(jnp.float32)  # (R, B, T, E): the gate's own choice of experts
-            loads.append(jnp.einsum("rbte,bt->re", routed, weights) / (top_k * n))
-        else:  # a dense gate routes every token to every expert: its load is the share of gate weight
+        if routed is None:  # a dense gate routes every token to every expert: its load is the share of gate weight
             loads.append(importance)
+        else:  # each real token fills k slots, so dividing by the slot total divides by k n
+            slots = jnp.einsum("rbte,bt->re", routed.astype(jnp.float32), weights)
+            loads.append(slots / jnp.maximum(jnp.sum(slots, axis=-1, keepdims=True), 1.0))
         importances.append(importance)
         zs.append(jnp.einsum("rbt,bt->r", jax.nn.logsumexp(z, axis=-1) ** 2, weights) / n)
     return RouterStats(jnp.concatenate(loads), jnp.concatenate(importances), jnp.concatenate(zs))

@@ -28,7 +28,7 @@ from moelora_jax.data import Example, encode_prompt, left_pad
 from moelora_jax.distributed import host_local_batch, to_host
 from moelora_jax.generation import generate
 from moelora_jax.models.llama import Llama, abstract_variables, init_variables
-from moelora_jax.routing import RouterLosses, gate_logits, router_stats
+from moelora_jax.routing import RouterLosses, router_stats, sown_routing
 from moelora_jax.sharding import DEFAULT_RULES, LogicalRules, batch_sharding, logical_shardings
 from moelora_jax.tasks import Task
 
@@ -150,8 +150,7 @@ class Trainer:
                 summed, _ = token_loss(logits, mb["tokens"], mb["loss_mask"])
                 if not routed:
                     return summed, (summed, {})
-                top_k = self.model.adapter.top_k or self.model.adapter.num_experts
-                stats = router_stats(gate_logits(sown), mb["attention_mask"], top_k)
+                stats = router_stats(sown_routing(sown), mb["attention_mask"])
                 aux, values = self.router_losses(stats)
                 objective = summed + aux * denom / n_micro if self.router_losses.active else summed
                 return objective, (summed, values)

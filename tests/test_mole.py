@@ -11,11 +11,11 @@ from flax import traverse_util
 from jax.test_util import check_grads
 from train_cli import tiny_job, train, write_records
 
-from moelora_jax.adapters import AdapterConfig, MoleConfig
+from moelora_jax.adapters import AdapterConfig, GateRouting, MoleConfig
 from moelora_jax.export import export_adapters, export_peft
 from moelora_jax.models.llama import Llama, LlamaConfig, init_variables
 from moelora_jax.mole import LoraStack, load_mole, read_lora, stack_loras, with_loras
-from moelora_jax.routing import mole_balance_loss, router_stats
+from moelora_jax.routing import mole_balance_loss, router_stats, sown_routing
 
 CONFIG = LlamaConfig(64, 32, 64, 2, 4, 2, 8)
 TARGETS = ("q", "v", "down")
@@ -64,7 +64,7 @@ def test_mole_weights_renormalise_over_the_unmasked_loras():
     stack = _random_stack(3)
     model, params, gates = _mole_model(MoleConfig(3, 2, masked=(2,)), stack)
     _, sown = model.apply({"params": params, "adapters": gates}, jnp.ones((1, 4), jnp.int32), mutable=["router"])
-    for logits in jax.tree.leaves(sown):
+    for logits, _ in sown_routing(sown):
         weights = jax.nn.softmax(logits, axis=-1)
         np.testing.assert_array_equal(weights[..., 2], 0.0)
         np.testing.assert_allclose(jnp.sum(weights, axis=-1), 1.0, rtol=1e-6)
@@ -74,11 +74,13 @@ def test_balance_loss_value_and_gradient():
     logits = jax.random.normal(jax.random.key(0), (3, 2, 4, 5))
     weights = jnp.ones((2, 4)).at[1, 3].set(0)
     q = jnp.mean(jnp.sum(jax.nn.softmax(logits, -1) * weights[None, ..., None], axis=(1, 2)) / 7, axis=0)
-    loss = mole_balance_loss(router_stats([logits], weights, 5))
+    loss = mole_balance_loss(router_stats([GateRouting(logits, None)], weights))
     assert float(loss) == pytest.approx(-float(jnp.sum(jnp.log(q))), rel=1e-6)
-    uniform = router_stats([jnp.zeros((1, 1, 3, 5))], jnp.ones((1, 3)), 5)
+    uniform = router_stats([GateRouting(jnp.zeros((1, 1, 3, 5)), None)], jnp.ones((1, 3)))
     assert float(mole_balance_loss(uniform)) == pytest.approx(5 * np.log(5), rel=1e-6)
-    check_grads(lambda z: mole_balance_loss(router_stats([z], weights, 5)), (logits,), order=1, modes=["rev"])
+    check_grads(
+        lambda z: mole_balance_loss(router_stats([GateRouting(z, None)], weights)), (logits,), order=1, modes=["rev"]
+    )
 
 
 def test_a_peft_export_and_our_export_read_back_as_the_same_lora(tmp_path):

@@ -6,12 +6,18 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from moelora_jax import AdapterConfig
+from moelora_jax import AdapterConfig, GateRouting
+from moelora_jax.adapters import topk_mask
 from moelora_jax.models.llama import Llama, LlamaConfig, init_variables
 from moelora_jax.optim import OptimConfig, build_optimizer
-from moelora_jax.routing import RouterLosses, balance_loss, load_metrics, router_stats, z_loss
+from moelora_jax.routing import RouterLosses, balance_loss, load_metrics, router_stats, sown_routing, z_loss
 from moelora_jax.sharding import make_mesh
 from moelora_jax.trainer import Trainer
+
+
+def _stats(logits: jax.Array, weights: jax.Array, top_k: int):
+    """``router_stats`` of one group of routers whose choice is the top-k of ``logits``."""
+    return router_stats([GateRouting(logits, topk_mask(logits, top_k))], weights)
 
 
 def _numpy_stats(logits: np.ndarray, weights: np.ndarray, top_k: int):
@@ -32,7 +38,7 @@ def test_stats_match_a_token_by_token_count_and_skip_padding():
     logits = rng.normal(size=(3, 2, 5, 6)).astype(np.float32)  # 3 layers, batch 2, 5 tokens, 6 experts
     weights = np.ones((2, 5), np.float32)
     weights[1, 3:] = 0  # padding
-    stats = router_stats([jnp.asarray(logits)], jnp.asarray(weights), top_k=2)
+    stats = _stats(jnp.asarray(logits), jnp.asarray(weights), 2)
     for layer in range(3):
         real = logits[layer][weights.astype(bool)]
         load, importance, z = _numpy_stats(real, np.ones(len(real)), 2)
@@ -47,11 +53,11 @@ def test_balance_loss_is_one_when_even_and_e_over_k_when_collapsed():
     # even: token t prefers experts t and t+1 (mod E) by a wide margin, so each expert gets 2 of 2E slots
     tokens = jnp.arange(experts)
     even = 30.0 * (jax.nn.one_hot(tokens, experts) + jax.nn.one_hot((tokens + 1) % experts, experts))
-    stats = router_stats([even[None, None]], jnp.ones((1, experts)), top_k)
+    stats = _stats(even[None, None], jnp.ones((1, experts)), top_k)
     assert float(balance_loss(stats)) == pytest.approx(1.0, abs=1e-6)
     assert float(load_metrics(stats)["load_cv"]) == pytest.approx(0.0, abs=1e-6)
     collapsed = jnp.tile(30.0 * (jnp.arange(experts) < top_k), (1, 1, 16, 1)).astype(jnp.float32)
-    stats = router_stats([collapsed], jnp.ones((1, 16)), top_k)
+    stats = _stats(collapsed, jnp.ones((1, 16)), top_k)
     assert float(balance_loss(stats)) == pytest.approx(experts / top_k, rel=1e-6)
     assert float(load_metrics(stats)["load_cv"]) == pytest.approx(np.sqrt(experts / top_k - 1), rel=1e-6)
     np.testing.assert_allclose(load_metrics(stats)["expert_load"], [0.5, 0.5] + [0.0] * 6, atol=1e-7)
@@ -61,10 +67,23 @@ def test_balance_loss_is_one_when_even_and_e_over_k_when_collapsed():
 def test_gradients_match_finite_differences(loss):
     logits = jax.random.normal(jax.random.key(0), (2, 3, 4, 5))  # no near-ties: the top-k sets stay put
     weights = jnp.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], jnp.float32)
-    check_grads(lambda z: loss(router_stats([z], weights, 2)), (logits,), order=1, modes=["rev"], atol=1e-3, rtol=1e-3)
+    check_grads(lambda z: loss(_stats(z, weights, 2)), (logits,), order=1, modes=["rev"], atol=1e-3, rtol=1e-3)
 
 
 CONFIG = LlamaConfig(64, 32, 64, 2, 4, 2, 8)
+
+
+def test_a_model_sows_each_gates_own_top_k_choice():
+    model = Llama(CONFIG, adapter=AdapterConfig(num_experts=6, rank=2, top_k=2), adapter_targets=("q", "up"))
+    variables = init_variables(model, jax.random.key(0), ("params", "adapters"))
+    tokens = jax.random.randint(jax.random.key(1), (2, 5), 0, 64)
+    _, sown = model.apply(variables, tokens, mutable=["router"])
+    routings = sown_routing(sown)
+    assert len(routings) == 2  # q and up, each (layers, B, T, E)
+    for logits, routed in routings:
+        assert logits.shape == routed.shape == (CONFIG.num_layers, 2, 5, 6)
+        ranks = np.argsort(np.argsort(-np.asarray(logits), axis=-1, kind="stable"), axis=-1)
+        np.testing.assert_array_equal(routed, ranks < 2)
 
 
 def _load_cv_after_training(balance: float) -> tuple[float, float]:
