@@ -93,12 +93,13 @@ def run(
     frozen = frozen_fwd_bwd(config, compute)
     scales = params["layers"]["attn_norm"]["scale"]
     steps = {"frozen_fwd_bwd": lambda: frozen(scales, params, tokens)}
-    for variant, (adapter, riemann) in variants().items():
+    table = variants()
+    for variant, (adapter, riemann) in table.items():
         optim = OptimConfig(family="adamw", lr=1e-4, gate_lr=1e-4, riemann=riemann)
         steps[variant] = trainer_step(config, params, adapter, optim, tokens, TARGETS, dtype=compute)[0]
     routed = {e: f"moe{e}_sqrt_gate_riemann" for e in (20, 50)}
     for e, variant in routed.items():
-        steps[f"routing_stats_e{e}"] = routing_stats(config, params, variants()[variant][0], tokens, compute)
+        steps[f"routing_stats_e{e}"] = routing_stats(config, params, table[variant][0], tokens, compute)
     medians = interleaved_medians(steps, rounds, warmup)
     stats_ms = {e: medians.pop(f"routing_stats_e{e}") for e in routed}
     base = medians["frozen_fwd_bwd"]
