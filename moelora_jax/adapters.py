@@ -54,6 +54,24 @@ def _softmax_over(logits: jax.Array, routed: jax.Array | None) -> jax.Array:
     return jax.nn.softmax(logits if routed is None else jnp.where(routed, logits, -jnp.inf), axis=-1)
 
 
+DROPOUT_LEVELS = 2**16  # dropout compares 16-bit random words: two per 32-bit word the generator draws
+
+
+def dropout_mask(rng: jax.Array, rate: float, shape: tuple[int, ...]) -> tuple[jax.Array, float]:
+    """A ``shape`` bool mask that keeps each entry with probability ``q``, and ``q``.
+
+    Each entry compares a 16-bit random word with ``round(rate * 2^16)``, so ``q = 1 - round(rate * 2^16) / 2^16``
+    (within ``2^-17`` of ``1 - rate``); dividing the kept values by this ``q`` keeps the layer unbiased. Packing two
+    words into each 32-bit draw halves the threefry work of ``bernoulli``, which compares one float32 per entry
+    (about 1.5x faster measured on a 2-core CPU; RBG keys measured slower there than threefry).
+    """
+    drop = min(round(rate * DROPOUT_LEVELS), DROPOUT_LEVELS - 1)
+    width = -(-shape[-1] // 2)
+    words = jax.random.bits(rng, (*shape[:-1], width), jnp.uint32)
+    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*shape[:-1], 2 * width)[..., : shape[-1]]
+    return halves >= drop, 1.0 - drop / DROPOUT_LEVELS
+
+
 class GateRouting(NamedTuple):
     """What a gate decided, for the expert-load statistics of :mod:`moelora_jax.routing`: its float32 ``logits:
     (..., E)`` and ``routed: (..., E)`` bool, the top-k experts each token went to (None for a dense gate)."""
@@ -173,7 +191,7 @@ def moe_lora_delta(
         ``sg = stop_gradient``: ``term_i = sg(sqrt g_i) E_i(x) + (g_i - sg(sqrt g_i)) sg(E_i(x))``.
       mixer: optional ``(E, r, r)`` MoSLoRA mixer ``M_i`` between the factors.
       dropout_rng: PRNG key for dropout on the experts' input; dropout is applied only when given and
-        ``dropout_rate > 0`` (mask ``bernoulli(dropout_rng, 1 - rate, x.shape)``, inverted scaling).
+        ``dropout_rate > 0`` (mask and keep probability ``q`` from :func:`dropout_mask`, kept values over ``q``).
         The gate always sees the un-dropped ``x``.
       dropout_rate: probability of zeroing an input feature.
       return_routing: also return the gate's :class:`GateRouting` (its float32 logits ``x @ W_g`` and its top-k
@@ -196,8 +214,8 @@ def moe_lora_delta(
     a_cat, b_cat = _concat_experts(lora_a, lora_b, dtype)
 
     if dropout_rng is not None and dropout_rate > 0.0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, x.shape)
-        h = jnp.where(keep, x / (1.0 - dropout_rate), 0).astype(dtype) @ a_cat
+        keep, keep_prob = dropout_mask(dropout_rng, dropout_rate, x.shape)
+        h = jnp.where(keep, x / keep_prob, 0).astype(dtype) @ a_cat
         logits = None if gate is None else jnp.dot(x, gate.astype(dtype), preferred_element_type=jnp.float32)
     elif gate is None:
         h, logits = x @ a_cat, None

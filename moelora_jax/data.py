@@ -3,9 +3,14 @@
 Each example is tokenized as ``prompt_ids + response_ids + [eos]`` from two separate tokenizer calls, and the loss
 mask marks exactly the response and end tokens, so labels come from the very ids the model reads and can never be
 misaligned. A sequence longer than the window loses prompt tokens from the left (the instruction's end and the
-whole response are kept); a prompt that leaves no room for its response is an error. Batches are left-padded to
-the window (one compiled shape; generation needs left padding), and the training order is a permutation drawn
-from ``(seed, epoch)`` so that any position of any epoch can be reproduced.
+whole response are kept); a prompt that leaves no room for its response is an error. The training order is a
+permutation drawn from ``(seed, epoch)`` so that any position of any epoch can be reproduced.
+
+Batches come in two layouts. ``collate`` left-pads one example per row to the window (one compiled shape;
+generation needs left padding). ``pack`` places several examples in each row, first-fit decreasing, with segment
+ids (0 on padding) and positions restarting at each example, so the model attends only within an example; rows and
+their length are rounded up to a few shapes. Either carries ``targets``: per row the positions whose next token is
+a loss target, so the output head runs only there (:mod:`moelora_jax.loss`).
 """
 
 from __future__ import annotations
@@ -115,12 +120,140 @@ def left_pad(sequences: Sequence[np.ndarray], length: int, pad_id: int) -> tuple
     return tokens, mask
 
 
-def collate(examples: Sequence[Encoded], length: int, pad_id: int) -> dict[str, np.ndarray]:
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is at least ``n``."""
+    return -(-n // multiple) * multiple
+
+
+def target_positions(loss_mask: np.ndarray, width: int) -> np.ndarray:
+    """``(B, width)`` int32: per row the positions ``t`` with ``loss_mask[t + 1]`` (their next token is a target), in
+    order, then ``-1``. ``width`` must hold every row's targets."""
+    out = np.full((loss_mask.shape[0], width), -1, np.int32)
+    for row, mask in enumerate(np.asarray(loss_mask, bool)):
+        found = np.flatnonzero(mask[1:])
+        if len(found) > width:
+            raise ValueError(f"row {row} has {len(found)} loss targets, more than the batch's width of {width}.")
+        out[row, : len(found)] = found
+    return out
+
+
+def targets_bound(encoded: Sequence[Encoded], row_length: int) -> int:
+    """The most loss targets one row of ``row_length`` tokens can hold: the targets of the ``m`` examples with the
+    most, where ``m`` is how many of the shortest examples fit in a row together (1 without packing)."""
+    lengths = np.sort([len(e.tokens) for e in encoded])
+    fit = max(1, int(np.searchsorted(np.cumsum(lengths), row_length, side="right")))
+    counts = np.sort([int(e.loss_mask.sum()) for e in encoded])[::-1]
+    return min(row_length - 1, int(counts[:fit].sum()))
+
+
+def collate(
+    examples: Sequence[Encoded], length: int, pad_id: int, targets_width: int | None = None
+) -> dict[str, np.ndarray]:
     """A training batch: ``tokens``, ``attention_mask`` (B, length) int32 and ``loss_mask`` (B, length) bool, where
-    ``loss_mask[b, t]`` says token ``t`` is a target (predicted from position ``t - 1``)."""
+    ``loss_mask[b, t]`` says token ``t`` is a target (predicted from position ``t - 1``); with ``targets_width``,
+    also ``targets`` (B, targets_width) from :func:`target_positions`."""
     tokens, mask = left_pad([e.tokens for e in examples], length, pad_id)
     loss_mask = left_pad([e.loss_mask.astype(np.int32) for e in examples], length, 0)[0].astype(bool)
-    return {"tokens": tokens, "attention_mask": mask, "loss_mask": loss_mask}
+    batch = {"tokens": tokens, "attention_mask": mask, "loss_mask": loss_mask}
+    if targets_width is not None:
+        batch["targets"] = target_positions(loss_mask, targets_width)
+    return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a list of examples becomes one batch.
+
+    ``max_length`` is the window (the longest example, and the row length without packing); ``pack_length > 0``
+    packs rows of that many tokens (:func:`pack`, lengths rounded up to ``length_bucket``, row counts to
+    ``rows_multiple``); ``targets_width`` is the width of ``targets`` (0: none, the full output head).
+    """
+
+    max_length: int
+    pack_length: int = 0
+    length_bucket: int = 1
+    rows_multiple: int = 1
+    targets_width: int = 0
+
+    @classmethod
+    def fitted(cls, encoded: Sequence[Encoded], max_length: int, **kwargs: int) -> Layout:
+        """The layout with ``targets_width`` the most targets a row of ``encoded`` examples can hold (rounded up to
+        a multiple of 8)."""
+        layout = cls(max_length, **kwargs)
+        bound = targets_bound(encoded, layout.pack_length or max_length)
+        return dataclasses.replace(layout, targets_width=round_up(bound, 8))
+
+    def __call__(self, examples: Sequence[Encoded], pad_id: int) -> dict[str, np.ndarray]:
+        if self.pack_length:
+            return pack(
+                examples,
+                self.pack_length,
+                pad_id,
+                length_bucket=self.length_bucket,
+                rows_multiple=self.rows_multiple,
+                targets_width=self.targets_width or None,
+            )
+        return collate(examples, self.max_length, pad_id, self.targets_width or None)
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into rows of at most ``capacity``: longest first, each into the first row with
+    room (ties in input order), so the grouping is a pure function of ``lengths``."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if lengths[i] > capacity:
+            raise ValueError(f"an example of {lengths[i]} tokens does not fit a packed row of {capacity}.")
+        row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if row is None:
+            rows.append([])
+            room.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= lengths[i]
+    return rows
+
+
+def pack(
+    examples: Sequence[Encoded],
+    row_length: int,
+    pad_id: int,
+    *,
+    length_bucket: int = 1,
+    rows_multiple: int = 1,
+    targets_width: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Examples packed into ``(R, L)`` rows (:func:`first_fit_decreasing` into ``row_length``), right-padded.
+
+    ``L`` is the longest row rounded up to ``length_bucket`` (at most ``row_length``) and ``R`` the row count
+    rounded up to ``rows_multiple`` (extra rows are all padding), so batches take few shapes. Returns ``tokens``,
+    ``attention_mask``, ``segment_ids`` (``1..n`` per row, 0 on padding), ``positions`` (from 0 in each example),
+    ``loss_mask`` and, with ``targets_width``, ``targets`` (:func:`target_positions`). An example's first token is
+    never a target (nothing of its own precedes it).
+    """
+    rows = first_fit_decreasing([len(e.tokens) for e in examples], row_length)
+    fill = max(sum(len(examples[i].tokens) for i in row) for row in rows)
+    shape = (round_up(len(rows), rows_multiple), min(row_length, round_up(fill, length_bucket)))
+    tokens = np.full(shape, pad_id, np.int32)
+    segments, positions = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    loss_mask = np.zeros(shape, bool)
+    for r, row in enumerate(rows):
+        start = 0
+        for segment, i in enumerate(row, start=1):
+            e, end = examples[i], start + len(examples[i].tokens)
+            tokens[r, start:end], loss_mask[r, start + 1 : end] = e.tokens, e.loss_mask[1:]  # no target before it
+            segments[r, start:end], positions[r, start:end] = segment, np.arange(end - start)
+            start = end
+    batch = {
+        "tokens": tokens,
+        "attention_mask": (segments > 0).astype(np.int32),
+        "segment_ids": segments,
+        "positions": positions,
+        "loss_mask": loss_mask,
+    }
+    if targets_width is not None:
+        batch["targets"] = target_positions(loss_mask, targets_width)
+    return batch
 
 
 def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:

@@ -1,8 +1,8 @@
 """Batched autoregressive decoding with a KV cache: greedy, or temperature with nucleus (top-p) sampling.
 
 Prompts are left-padded so that every row's next token goes into the same cache slot; the whole loop (prefill,
-then one token per step until ``max_new_tokens`` or every row has emitted an end-of-sequence token) is one
-``jax.jit`` program.
+which projects only the last position to the vocabulary, then one token per step until ``max_new_tokens`` or every
+row has emitted an end-of-sequence token) is one ``jax.jit`` program.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def generate(
     def step(logits, rng):
         return sample_logits(logits[:, -1], rng, temperature, top_p)
 
-    logits, cache = model.apply(variables, prompt, prompt_mask, cache=cache)
+    logits, cache = model.apply(variables, prompt, prompt_mask, cache=cache, output="last_logits")
     rng, sub = jax.random.split(rng)
     token = step(logits, sub)
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)

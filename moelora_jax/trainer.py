@@ -4,10 +4,12 @@ Loss: mean next-token cross-entropy over the response tokens of the whole (accum
 ``L = sum_{b,t} m[b,t] * -log p(x[b,t] | x[b,<t]) / sum_{b,t} m[b,t]`` with ``m`` the loss mask. A step takes
 ``(n_micro, B, T)`` batches, scans over the micro-batches summing gradients of the *summed* loss and the token
 counts, then divides once, so accumulating ``n`` micro-batches equals one ``n``-times larger batch exactly.
-Gradients exist only for the ``"adapters"`` tree. With a gate, the step also reports expert load and the routing
-losses of :mod:`moelora_jax.routing` (over real tokens), and with ``router_losses`` it trains on
-``L + c_balance * L_balance + c_z * L_z + c_mole * L_mole`` (each averaged over micro-batches). An update whose
-loss or gradients are not finite is skipped (state unchanged) and counted.
+The output head runs only at the batch's ``targets`` (:mod:`moelora_jax.loss`); packed batches carry
+``segment_ids`` and ``positions`` (:func:`moelora_jax.data.pack`). Gradients exist only for the ``"adapters"``
+tree. With a gate, the step also reports expert load and the routing losses of :mod:`moelora_jax.routing` (over
+real tokens), and with ``router_losses`` it trains on ``L + c_balance * L_balance + c_z * L_z + c_mole * L_mole``
+(each averaged over micro-batches). An update whose loss or gradients are not finite is skipped (state unchanged)
+and counted.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from moelora_jax.adapters import ROUTER_COLLECTION
-from moelora_jax.data import Example, encode_prompt, left_pad
+from moelora_jax.data import Example, encode_prompt, left_pad, round_up
 from moelora_jax.distributed import host_local_batch, to_host
 from moelora_jax.generation import generate
-from moelora_jax.models.llama import Llama, abstract_variables, init_variables
+from moelora_jax.loss import head_loss
+from moelora_jax.models.llama import Llama, abstract_variables, init_variables, output_head
 from moelora_jax.routing import RouterLosses, router_stats, sown_routing
 from moelora_jax.sharding import DEFAULT_RULES, LogicalRules, batch_sharding, logical_shardings
 from moelora_jax.tasks import Task
@@ -43,13 +46,22 @@ class TrainState(NamedTuple):
     skipped: jax.Array
 
 
-def token_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token NLL over target positions, and their count. ``logits: (B, T, V)``, ``tokens, loss_mask:
-    (B, T)``; ``loss_mask[b, t]`` marks ``tokens[b, t]`` as a target of position ``t - 1``."""
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    mask = loss_mask[:, 1:].astype(jnp.float32)
-    return jnp.sum(nll * mask), jnp.sum(mask)
+def batch_loss(model: Llama, variables: dict[str, Any], batch: dict[str, jax.Array], **apply_kwargs) -> tuple:
+    """Summed next-token NLL of a ``(B, T)`` batch over its targets, their count, and what ``apply_kwargs``'
+    ``mutable`` collections sowed (``{}`` without). The batch's optional ``segment_ids``, ``positions`` and
+    ``targets`` are used when present."""
+    hidden = model.apply(
+        variables,
+        batch["tokens"],
+        batch["attention_mask"],
+        batch.get("positions"),
+        segment_ids=batch.get("segment_ids"),
+        output="hidden",
+        **apply_kwargs,
+    )
+    hidden, sown = hidden if "mutable" in apply_kwargs else (hidden, {})
+    head = output_head(variables["params"], model.config)
+    return *head_loss(hidden, head, batch["tokens"], batch["loss_mask"], batch.get("targets")), sown
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -139,15 +151,14 @@ class Trainer:
             mb, index = xs
 
             def loss(ad):
-                logits, sown = self.model.apply(
+                summed, _, sown = batch_loss(
+                    self.model,
                     {"params": params, "adapters": ad},
-                    mb["tokens"],
-                    mb["attention_mask"],
+                    mb,
                     deterministic=False,
                     rngs={"dropout": jax.random.fold_in(rng, index)},
                     mutable=[ROUTER_COLLECTION],
                 )
-                summed, _ = token_loss(logits, mb["tokens"], mb["loss_mask"])
                 if not routed:
                     return summed, (summed, {})
                 stats = router_stats(sown_routing(sown), mb["attention_mask"])
@@ -183,10 +194,7 @@ class Trainer:
         metrics = {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads), "finite": finite} | routing
         return new_state, metrics
 
-    def train_step(self, state: TrainState, params: Any, batch: dict[str, Any]) -> tuple[TrainState, dict]:
-        """One optimizer update from a ``(n_micro, B, T)`` batch (``tokens``, ``attention_mask``, ``loss_mask``),
-        numpy or global arrays from :meth:`put_batch`."""
-        batch = self.put_batch(batch, leading=1)
+    def _step_program(self, state: TrainState):
         if self._train_step is None:
             self._train_step = jax.jit(
                 self._train_step_fn,
@@ -198,12 +206,23 @@ class Trainer:
                 out_shardings=(self.state_shardings(state), self._replicated),
                 donate_argnums=(0,),
             )
+        return self._train_step
+
+    def train_step(self, state: TrainState, params: Any, batch: dict[str, Any]) -> tuple[TrainState, dict]:
+        """One optimizer update from a ``(n_micro, B, T)`` batch (``tokens``, ``attention_mask``, ``loss_mask``;
+        optionally ``targets``, ``segment_ids``, ``positions``), numpy or global arrays from :meth:`put_batch`."""
+        batch = self.put_batch(batch, leading=1)
         with self._context():
-            return self._train_step(state, params, batch)
+            return self._step_program(state)(state, params, batch)
+
+    def compile_train_step(self, state: TrainState, params: Any, batch: dict[str, Any]) -> jax.stages.Compiled:
+        """The train step compiled for this batch's shapes, for its ``memory_analysis()`` and ``cost_analysis()``."""
+        batch = self.put_batch(batch, leading=1)
+        with self._context():
+            return self._step_program(state).lower(state, params, batch).compile()
 
     def _eval_loss_fn(self, params, adapters, batch):
-        logits = self.model.apply({"params": params, "adapters": adapters}, batch["tokens"], batch["attention_mask"])
-        return token_loss(logits, batch["tokens"], batch["loss_mask"])
+        return batch_loss(self.model, {"params": params, "adapters": adapters}, batch)[:2]
 
     def eval_loss(self, params: Any, adapters: Any, batches: Sequence[dict[str, np.ndarray]]) -> float:
         """Mean response-token loss over ``(B, T)`` batches."""
@@ -225,20 +244,27 @@ class Trainer:
         prompt_length: int,
         max_new_tokens: int,
         use_chat_template: bool = True,
+        length_bucket: int = 0,
     ) -> list[str]:
-        """Greedy answers to each example's prompt, decoded; batches are padded to a fixed shape (one compile)."""
+        """Greedy answers to each example's prompt, decoded, in the examples' order.
+
+        Prompts are batched by length, longest first, and each batch left-padded to its longest prompt rounded up to
+        ``length_bucket`` (0: to ``prompt_length``), so at most ``prompt_length / length_bucket`` shapes compile."""
         eos = tuple(self.model.config.eos_token_ids) or (tokenizer.eos_token_id,)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
         prompts = [
             encode_prompt(tokenizer, e.prompt, prompt_length, use_chat_template=use_chat_template) for e in examples
         ]
-        answers = []
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        answers: list[str] = [""] * len(prompts)
         variables = {"params": params, "adapters": adapters}
         with self._context():
-            for start in range(0, len(prompts), batch_size):
-                chunk = prompts[start : start + batch_size]
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                chunk = [prompts[i] for i in rows]
                 chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # fixed shape; extra rows are dropped
-                tokens, mask = left_pad(chunk, prompt_length, pad)
+                length = min(prompt_length, round_up(len(chunk[0]), length_bucket)) if length_bucket else prompt_length
+                tokens, mask = left_pad(chunk, length, pad)
                 batch = self.put_batch({"tokens": tokens, "attention_mask": mask})
                 out = generate(
                     self.model,
@@ -249,8 +275,8 @@ class Trainer:
                     eos_ids=eos,
                     pad_id=pad,
                 )
-                out = to_host(out)[: min(batch_size, len(prompts) - start)]
-                answers += [tokenizer.decode(row, skip_special_tokens=True) for row in out]
+                for i, row in zip(rows, to_host(out), strict=False):
+                    answers[i] = tokenizer.decode(row, skip_special_tokens=True)
         return answers
 
     def evaluate(

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from moelora_jax import AdaptedDense, AdapterConfig, moe_lora_delta, topk_softmax_gate
+from moelora_jax.adapters import dropout_mask
 from moelora_jax.sharding import DEFAULT_RULES, logical_shardings, make_mesh
 
 E, D_IN, R, D_OUT = 5, 12, 3, 7
@@ -168,8 +169,9 @@ def test_dropout_hits_experts_only():
     x, a, b, gate, _ = _random_adapter(8)
     rng, rate = jax.random.key(0), 0.3
     got = moe_lora_delta(x, a, b, gate, top_k=2, scale=1.0, dropout_rng=rng, dropout_rate=rate)
-    keep = np.asarray(jax.random.bernoulli(rng, 1.0 - rate, x.shape))
-    x_dropped = np.where(keep, x / (1.0 - rate), 0.0)
+    keep, keep_prob = dropout_mask(rng, rate, x.shape)
+    assert abs(keep_prob - (1.0 - rate)) <= 2**-17
+    x_dropped = np.where(keep, x / keep_prob, 0.0)
     # Experts see the dropped input; the gate the clean one.
     logits = x @ gate
     p = np.exp(logits - logits.max(-1, keepdims=True)) * _topk_mask(logits, 2)
@@ -177,6 +179,17 @@ def test_dropout_hits_experts_only():
     want = sum(g[..., i : i + 1] * (x_dropped @ a[i] @ b[i]) for i in range(E))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     assert not np.allclose(got, moe_lora_delta(x, a, b, gate, top_k=2, scale=1.0), atol=1e-3)
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.3])
+def test_dropout_mask_keeps_at_its_rate_from_the_key_alone(rate):
+    shape = (64, 37, 33)  # an odd last axis: the 16-bit words are cut from 32-bit draws
+    keep, keep_prob = dropout_mask(jax.random.key(1), rate, shape)
+    assert keep.shape == shape and keep.dtype == jnp.bool_
+    n = math.prod(shape)  # kept count is Binomial(n, q): 5 standard deviations
+    assert abs(float(keep.mean()) - keep_prob) < 5 * math.sqrt(keep_prob * (1 - keep_prob) / n)
+    np.testing.assert_array_equal(keep, dropout_mask(jax.random.key(1), rate, shape)[0])
+    assert float(jnp.mean(keep != dropout_mask(jax.random.key(2), rate, shape)[0])) > rate
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,11 @@ Per layer, with RMSNorm ``n(x) = x / sqrt(mean(x^2) + eps) * w`` (statistics in 
     h = x + o(attn(rope(q(n1(x))), rope(k(n1(x))), v(n1(x))))     grouped-query, causal + padding mask
     y = h + down(silu(gate(n2(h))) * up(n2(h)))                   SwiGLU
 
-``logits = n(y_L) @ E^T`` (tied embeddings) or ``@ lm_head``. Rotary embeddings rotate the two halves of each
-head (``x * cos + rotate_half(x) * sin``), with plain or ``llama3`` frequency scaling, as transformers does.
+``logits = n(y_L) @ E^T`` (tied embeddings) or ``@ lm_head``; ``output="hidden"`` returns ``n(y_L)`` instead, for a
+loss that applies the head only where it is needed (:mod:`moelora_jax.loss`). Rotary embeddings rotate the two
+halves of each head (``x * cos + rotate_half(x) * sin``), with plain or ``llama3`` frequency scaling, as
+transformers does. Attention is ``jax.nn.dot_product_attention`` (XLA, or cuDNN's fused kernel on GPU) under a
+causal mask restricted to real tokens and, for packed rows, to each token's own segment (block-diagonal).
 Layers are one ``nn.scan`` (compile time independent of depth; every layer leaf has a leading ``layers`` axis),
 optionally rematerialised. Each projection is an ``AdaptedDense``: frozen kernels live in ``"params"``,
 the adapters of the configured target projections in ``"adapters"``.
@@ -35,6 +38,9 @@ from moelora_jax.sharding import constrain
 
 TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 Remat = Literal["none", "full", "dots"]
+AttentionImpl = Literal["xla", "cudnn"]
+ATTENTION_IMPLS: tuple[str, ...] = ("xla", "cudnn")
+Output = Literal["logits", "last_logits", "hidden"]
 _REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -230,6 +236,7 @@ class _LayerPart(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     deterministic: bool
+    attention_impl: AttentionImpl
 
     def proj(self, target: str, features: int, axes: tuple[str, str]) -> AdaptedDense:
         return AdaptedDense(
@@ -266,7 +273,6 @@ class Attention(_LayerPart):
         """
         c = self.config
         batch, length, _ = x.shape
-        groups = c.num_heads // c.num_kv_heads
         q = self.proj("q", c.num_heads * c.head_dim, ("embed", "heads"))(x, mole_logits=mole_logits)
         k = self.proj("k", c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))(x, mole_logits=mole_logits)
         v = self.proj("v", c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))(x, mole_logits=mole_logits)
@@ -280,13 +286,34 @@ class Attention(_LayerPart):
             k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_index, 0, 0))
             layer_cache = (k, v)
-        q = q.reshape(batch, length, c.num_kv_heads, groups, c.head_dim)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(self.dtype), preferred_element_type=jnp.float32)
-        scores = jnp.where(mask[:, None, None], scores * c.head_dim**-0.5, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(self.dtype)).reshape(batch, length, -1)
+        out = jax.nn.dot_product_attention(
+            q, k.astype(self.dtype), v.astype(self.dtype), mask=mask[:, None], implementation=self.attention_impl
+        ).reshape(batch, length, -1)
         out = constrain(out, ("batch", "length", "act_heads"))
         return self.proj("o", c.hidden_size, ("heads", "embed"))(out, mole_logits=mole_logits), layer_cache
+
+
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """``silu(gate) * up`` whose backward keeps only its two inputs and recomputes the sigmoid: with
+    ``s = sigmoid(gate)``, ``d/dgate = up * s * (1 + gate * (1 - s))`` and ``d/dup = gate * s``."""
+    return nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(residuals, dy):
+    gate, up = residuals
+    s = jax.nn.sigmoid(gate.astype(jnp.float32))
+    g32 = gate.astype(jnp.float32)
+    dy32 = dy.astype(jnp.float32)
+    dgate = dy32 * up.astype(jnp.float32) * s * (1 + g32 * (1 - s))
+    return dgate.astype(gate.dtype), (dy32 * g32 * s).astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class MLP(_LayerPart):
@@ -297,7 +324,7 @@ class MLP(_LayerPart):
         c = self.config
         gate = self.proj("gate", c.intermediate_size, ("embed", "mlp"))(x, mole_logits=mole_logits)
         up = self.proj("up", c.intermediate_size, ("embed", "mlp"))(x, mole_logits=mole_logits)
-        hidden = constrain(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        hidden = constrain(swiglu(gate, up), ("batch", "length", "act_mlp"))
         return self.proj("down", c.hidden_size, ("mlp", "embed"))(hidden, mole_logits=mole_logits)
 
 
@@ -308,7 +335,8 @@ class DecoderLayer(_LayerPart):
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache_index, layer_cache):
         fields = {
-            f: getattr(self, f) for f in ("config", "adapter", "targets", "dtype", "param_dtype", "deterministic")
+            f: getattr(self, f)
+            for f in ("config", "adapter", "targets", "dtype", "param_dtype", "deterministic", "attention_impl")
         }
         norm = {"eps": self.config.rms_norm_eps, "dtype": self.dtype, "param_dtype": self.param_dtype}
         normed = RMSNorm(**norm, name="attn_norm")(x)
@@ -323,12 +351,28 @@ class DecoderLayer(_LayerPart):
         return constrain(y, ("batch", "length", "act_embed")), layer_cache
 
 
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """``(B, T)`` positions that restart at 0 wherever ``segment_ids: (B, T)`` changes along a row (each packed
+    example counts from its own first token)."""
+    index = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+    changed = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    return index - jax.lax.cummax(jnp.where(changed, index, 0), axis=1)
+
+
+def output_head(params: Any, config: LlamaConfig) -> jax.Array:
+    """The ``(d, vocab)`` output projection in ``params``: the transposed embedding when tied, else ``lm_head``."""
+    return params["embedding"].T if config.tie_word_embeddings else params["lm_head"]
+
+
 class Llama(nn.Module):
     """LLaMA-family causal LM with adapters on ``adapter_targets`` (any of ``q k v o gate up down``).
 
     ``dtype`` is the compute dtype (activations, matmul inputs); ``param_dtype`` the frozen weights' dtype;
     adapters are always float32 and logits always float32. ``remat``: ``"none"``, ``"full"`` (recompute each layer
-    in the backward pass) or ``"dots"`` (keep only matmul outputs without batch dimensions).
+    in the backward pass) or ``"dots"`` (keep only matmul outputs without batch dimensions). ``attention_impl``:
+    ``jax.nn.dot_product_attention``'s ``"xla"`` or ``"cudnn"`` (GPU, float16/bfloat16; the flash kernel).
     """
 
     config: LlamaConfig
@@ -337,6 +381,7 @@ class Llama(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat: Remat = "none"
+    attention_impl: AttentionImpl = "xla"
 
     def __post_init__(self) -> None:
         unknown = set(self.adapter_targets) - set(TARGETS)
@@ -344,6 +389,8 @@ class Llama(nn.Module):
             raise ValueError(f"unknown adapter targets {sorted(unknown)}: choose from {TARGETS}.")
         if self.remat not in ("none", *_REMAT_POLICIES):
             raise ValueError(f"remat={self.remat!r} must be one of ('none', 'full', 'dots').")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r} must be one of {ATTENTION_IMPLS}.")
         super().__post_init__()
 
     @nn.compact
@@ -353,26 +400,37 @@ class Llama(nn.Module):
         attention_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
         *,
+        segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
         deterministic: bool = True,
+        output: Output = "logits",
     ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """Logits ``(B, T, vocab)`` float32 for ``tokens: (B, T)``.
+        """Logits ``(B, T, vocab)`` float32 for ``tokens: (B, T)`` (or what ``output`` asks for).
 
         Args:
           tokens: int token ids.
           attention_mask: ``(B, T)``, 1 for real tokens and 0 for padding (left or right); all ones if None.
           positions: ``(B, T)`` rotary positions; by default each row counts its real tokens (``cumsum(mask) - 1``,
-            continuing after what the cache already holds), so padding never shifts a sequence.
-          cache: with a ``KVCache``, the tokens are appended to it and ``(logits, new_cache)`` is returned.
+            continuing after what the cache already holds), so padding never shifts a sequence, and with
+            ``segment_ids`` each segment counts from 0.
+          segment_ids: ``(B, T)`` int, for packed rows: tokens attend only within their segment; 0 marks padding
+            (then ``attention_mask`` defaults to ``segment_ids > 0``). Not with a cache.
+          cache: with a ``KVCache``, the tokens are appended to it and ``(output, new_cache)`` is returned.
           deterministic: False enables adapter dropout (needs a ``"dropout"`` RNG).
+          output: ``"logits"``; ``"last_logits"``, ``(B, 1, vocab)`` for the last position only (a prefill);
+            ``"hidden"``, the final-normed ``(B, T, d)`` states in ``dtype``, to apply :func:`output_head` to.
         """
         c = self.config
         batch, length = tokens.shape
-        token_mask = jnp.ones((batch, length), bool) if attention_mask is None else attention_mask.astype(bool)
+        if attention_mask is None:
+            attention_mask = jnp.ones((batch, length), bool) if segment_ids is None else segment_ids > 0
+        token_mask = attention_mask.astype(bool)
         if cache is None:
             prior, cache_index, valid = jnp.zeros((batch,), jnp.int32), jnp.zeros((), jnp.int32), token_mask
             slots = length
         else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed rows) cannot be decoded with a KV cache.")
             if length > cache.valid.shape[1]:
                 raise ValueError(f"{length} tokens do not fit a KV cache of {cache.valid.shape[1]} slots.")
             prior, cache_index = jnp.sum(cache.valid, axis=1, dtype=jnp.int32), cache.index
@@ -380,8 +438,12 @@ class Llama(nn.Module):
             slots = cache.valid.shape[1]
         if positions is None:
             positions = jnp.maximum(prior[:, None] + jnp.cumsum(token_mask, axis=1, dtype=jnp.int32) - 1, 0)
+            if segment_ids is not None:
+                positions = segment_positions(segment_ids)
         query_slot = cache_index + jnp.arange(length)
         mask = valid[:, None, :] & (jnp.arange(slots)[None, None, :] <= query_slot[None, :, None])
+        if segment_ids is not None:
+            mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
         cos, sin = rope_cos_sin(positions, rope_inv_freq(c))
 
         embedding = self.param(
@@ -409,12 +471,13 @@ class Llama(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             deterministic=deterministic,
+            attention_impl=self.attention_impl,
             name="layers",
         )
         x, new_kv = stack(x, cos, sin, mask, cache_index, None if cache is None else (cache.k, cache.v))
         x = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="final_norm")(x)
         if c.tie_word_embeddings:
-            logits = jnp.dot(x, embedding.T.astype(self.dtype), preferred_element_type=jnp.float32)
+            head = embedding.T
         else:
             head = self.param(
                 "lm_head",
@@ -422,11 +485,23 @@ class Llama(nn.Module):
                 (c.hidden_size, c.vocab_size),
                 self.param_dtype,
             )
-            logits = jnp.dot(x, head.astype(self.dtype), preferred_element_type=jnp.float32)
-        logits = constrain(logits, ("batch", "length", "act_vocab"))
+        if output == "hidden":
+            out = x
+        elif output in ("logits", "last_logits"):
+            out = constrain(
+                lm_head(x[:, -1:] if output == "last_logits" else x, head), ("batch", "length", "act_vocab")
+            )
+        else:
+            raise ValueError(f"output={output!r} must be 'logits', 'last_logits' or 'hidden'.")
         if cache is None:
-            return logits
-        return logits, KVCache(*new_kv, valid, cache_index + length)
+            return out
+        return out, KVCache(*new_kv, valid, cache_index + length)
+
+
+def lm_head(hidden: jax.Array, head: jax.Array) -> jax.Array:
+    """float32 logits ``hidden @ head`` for ``hidden: (..., d)`` and ``head: (d, vocab)``, computed in ``hidden``'s
+    dtype with float32 accumulation."""
+    return jnp.dot(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
 
 def init_variables(model: Llama, rng: jax.Array, collections: tuple[str, ...] = ("params", ADAPTER_COLLECTION)):

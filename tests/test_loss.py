@@ -1,0 +1,103 @@
+"""The output head at the loss targets only, chunked, with a fused backward, against the full-logits loss."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moelora_jax import AdapterConfig
+from moelora_jax.data import target_positions
+from moelora_jax.loss import chunk_size, head_loss
+from moelora_jax.models.llama import Llama, LlamaConfig, init_variables, output_head
+from moelora_jax.trainer import batch_loss
+
+
+def full_logits_loss(logits, tokens, loss_mask):
+    """The plain formula: log-softmax over every position's logits, NLL of each next token where it is a target."""
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    mask = loss_mask[:, 1:].astype(jnp.float32)
+    return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def _problem(seed=0, batch=3, length=13, dim=8, vocab=50):
+    rng = np.random.default_rng(seed)
+    hidden = jnp.asarray(rng.normal(size=(batch, length, dim)), jnp.float32)
+    head = jnp.asarray(rng.normal(size=(dim, vocab)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, vocab, (batch, length)), jnp.int32)
+    loss_mask = rng.random((batch, length)) < 0.4
+    loss_mask[0] = False  # a row without targets
+    return hidden, head, tokens, jnp.asarray(loss_mask)
+
+
+@pytest.mark.parametrize("gathered", [True, False])
+@pytest.mark.parametrize("max_logits", [2**30, 2 * 3 * 50, 3 * 50])  # one chunk, chunks of 2, chunks of 1
+def test_head_loss_equals_the_full_logits_loss_with_its_gradient(gathered, max_logits):
+    hidden, head, tokens, loss_mask = _problem()
+    targets = jnp.asarray(target_positions(np.asarray(loss_mask), 9)) if gathered else None
+
+    def ours(h):
+        return head_loss(h, head, tokens, loss_mask, targets, max_logits=max_logits)[0]
+
+    def reference(h):
+        return full_logits_loss(h @ head, tokens, loss_mask)[0]
+
+    np.testing.assert_allclose(ours(hidden), reference(hidden), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(ours)(hidden), jax.grad(reference)(hidden), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(  # a cotangent other than 1 scales the fused gradient
+        jax.grad(lambda h: 2.5 * ours(h))(hidden), 2.5 * jax.grad(reference)(hidden), rtol=1e-5, atol=1e-6
+    )
+    count = head_loss(hidden, head, tokens, loss_mask, targets)[1]
+    assert float(count) == float(full_logits_loss(hidden @ head, tokens, loss_mask)[1]) == float(loss_mask[:, 1:].sum())
+
+
+def test_uniform_logits_cost_log_vocab_per_target_only():
+    hidden, head, tokens, _ = _problem(batch=1, length=3)
+    loss_mask = jnp.array([[True, False, True]])  # the first token has no predecessor: never a target
+    total, count = head_loss(jnp.zeros_like(hidden), head, tokens, loss_mask)
+    assert float(count) == 1.0 and float(total) == pytest.approx(np.log(50.0))
+
+
+def test_chunks_are_equal_and_bounded():
+    assert chunk_size(4, 127, 49152, 2**23) == 32  # 4 chunks of 32 cover 127 with one padded slot
+    assert chunk_size(4, 8, 49152, 2**23) == 8  # a few targets: one chunk
+    assert 4 * chunk_size(4, 1000, 49152, 2**23) * 49152 <= 2**23
+
+
+def test_targets_that_do_not_fit_their_width_fail():
+    with pytest.raises(ValueError, match="row 0 has 2 loss targets, more than the batch's width of 1"):
+        target_positions(np.array([[False, True, True]]), 1)
+
+
+def test_model_outputs_agree_and_batch_loss_matches_full_logits():
+    config = LlamaConfig(64, 32, 64, 2, 4, 2, 8, tie_word_embeddings=True)
+    model = Llama(config, adapter=AdapterConfig(num_experts=4, rank=2, top_k=2, alpha=4.0))
+    variables = init_variables(model, jax.random.key(0))
+    variables["adapters"] = jax.tree.map(lambda x: x + 0.05, variables["adapters"])  # B != 0
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(0, 64, (2, 10)), jnp.int32)
+    mask = jnp.asarray([[0, 0] + [1] * 8, [1] * 10], jnp.int32)
+    loss_mask = np.zeros((2, 10), bool)
+    loss_mask[:, -3:] = True
+    logits = model.apply(variables, tokens, mask)
+    hidden = model.apply(variables, tokens, mask, output="hidden")
+    np.testing.assert_allclose(hidden @ output_head(variables["params"], config), logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.apply(variables, tokens, mask, output="last_logits"), logits[:, -1:], atol=1e-5)
+    with pytest.raises(ValueError, match="output='probs' must be"):
+        model.apply(variables, tokens, mask, output="probs")
+
+    batch = {"tokens": tokens, "attention_mask": mask, "loss_mask": jnp.asarray(loss_mask)}
+    gathered = {**batch, "targets": jnp.asarray(target_positions(loss_mask, 8))}
+
+    def ours(adapters, b):
+        return batch_loss(model, {"params": variables["params"], "adapters": adapters}, b)[0]
+
+    def reference(adapters):
+        out = model.apply({"params": variables["params"], "adapters": adapters}, tokens, mask)
+        return full_logits_loss(out, tokens, batch["loss_mask"])[0]
+
+    want, want_grads = jax.value_and_grad(reference)(variables["adapters"])
+    for b in (batch, gathered):
+        got, grads = jax.value_and_grad(ours)(variables["adapters"], b)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, want_grads)
