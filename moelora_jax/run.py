@@ -10,7 +10,6 @@ with a checkpoint on SIGTERM/SIGINT, evaluates, exports the adapters, plots the 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -27,10 +26,10 @@ from tqdm.auto import tqdm
 from moelora_jax.adapters import AdapterConfig, MoleConfig
 from moelora_jax.atomic import write_text_atomically
 from moelora_jax.checkpoints import Checkpoints
-from moelora_jax.data import batch_indices, collate, encode_example
+from moelora_jax.data import Layout, batch_indices, encode_example
 from moelora_jax.distributed import INITIALIZE_CHOICES, host_local_batch, initialize, is_primary, to_host
 from moelora_jax.export import export_adapters, export_merged, export_peft
-from moelora_jax.models.llama import TARGETS, Llama, abstract_variables
+from moelora_jax.models.llama import ATTENTION_IMPLS, TARGETS, Llama, abstract_variables
 from moelora_jax.mole import describe_lora, export_mole, stack_loras, with_loras
 from moelora_jax.optim import OptimConfig, build_optimizer, lr_schedule
 from moelora_jax.preemption import PreemptedError, PreemptionGuard
@@ -90,11 +89,21 @@ def plan(config: Any) -> Plan:
     for name in ("dtype", "param_dtype"):
         if config.model[name] not in DTYPES:
             raise ValueError(f"model.{name}={config.model[name]!r} must be one of {sorted(DTYPES)}.")
-    if config.data.task not in TASKS:
-        raise ValueError(f"data.task={config.data.task!r} is not a task format: choose from {sorted(TASKS)}.")
+    d = config.data
+    if d.task not in TASKS:
+        raise ValueError(f"data.task={d.task!r} is not a task format: choose from {sorted(TASKS)}.")
     t = config.train
     if config.model.remat not in ("none", "full", "dots"):
         raise ValueError(f"model.remat={config.model.remat!r} must be 'none', 'full' or 'dots'.")
+    if config.model.attention not in ATTENTION_IMPLS:
+        raise ValueError(f"model.attention={config.model.attention!r} must be one of {ATTENTION_IMPLS}.")
+    if d.length_bucket < 1:
+        raise ValueError(f"data.length_bucket={d.length_bucket} must be >= 1.")
+    if d.pack_length and d.pack_length < d.max_length:
+        raise ValueError(
+            f"data.pack_length={d.pack_length} must be 0 (rows as long as the window) or at least "
+            f"data.max_length={d.max_length}, so that every example fits a row."
+        )
     for name in ("steps", "batch_size", "micro_batches", "eval_batch_size", "max_new_tokens", "log_every"):
         if t[name] < 1:
             raise ValueError(f"train.{name}={t[name]} must be >= 1.")
@@ -142,9 +151,30 @@ def _subset(examples: list, limit: int, seed: int) -> list:
     return [examples[i] for i in keep]
 
 
-def _collate_rows(encoded: list, flat: np.ndarray, length: int, pad: int, positions: list[int]) -> dict:
-    """The batch rows at ``positions`` of the flattened example indices ``flat``."""
-    return collate([encoded[flat[p]] for p in positions], length, pad)
+def batch_layout(data: Any, encoded: list, rows_multiple: int) -> Layout:
+    """The batch layout ``data.*`` asks for, its targets width fitted to ``encoded``."""
+    pack_length = (data.pack_length or data.max_length) if data.packing else 0
+    return Layout.fitted(
+        encoded, data.max_length, pack_length=pack_length, length_bucket=data.length_bucket, rows_multiple=rows_multiple
+    )
+
+
+def _train_batch(layout: Layout, examples: list, pad: int, micro_batches: int, sharding: Any) -> dict:
+    """One step's examples as a ``(micro_batches, rows, length)`` global batch; each process transfers its rows."""
+    rows = layout(examples, pad)
+    shape = (micro_batches, len(rows["tokens"]) // micro_batches)
+    return host_local_batch(lambda positions: {k: v[positions] for k, v in rows.items()}, shape, sharding)
+
+
+def _compilation_cache(setting: str) -> None:
+    """Point JAX's persistent compilation cache at ``setting``: ``auto`` keeps ``$JAX_COMPILATION_CACHE_DIR`` if
+    set, else uses ``$XDG_CACHE_HOME/moelora_jax/xla`` (default ``~/.cache``); ``""`` leaves the cache off."""
+    if setting == "auto":
+        if jax.config.jax_compilation_cache_dir:
+            return
+        setting = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moelora_jax" / "xla")
+    if setting:
+        jax.config.update("jax_compilation_cache_dir", str(Path(setting).expanduser()))
 
 
 def _writable(directory: Path) -> Path:
@@ -251,6 +281,7 @@ def run(config: Any) -> dict[str, Any]:
     """Run the job, or continue it from its latest checkpoint; returns the summary it prints (also written to
     ``output_dir/summary.json``). Raises :class:`PreemptedError` after checkpointing when signalled to stop."""
     settings = plan(config)
+    _compilation_cache(config.compilation_cache)
     dist = config.distributed
     initialize(dist.initialize, dist.coordinator_address, dist.num_processes, dist.process_id)
     start = time.perf_counter()
@@ -286,6 +317,7 @@ def run(config: Any) -> dict[str, Any]:
         dtype=settings.dtype,
         param_dtype=settings.param_dtype,
         remat=config.model.remat,
+        attention_impl=config.model.attention,
     )
     adapter_shapes = nn.unbox(abstract_variables(model))["adapters"]
     trainer = Trainer(
@@ -309,9 +341,11 @@ def run(config: Any) -> dict[str, Any]:
     eval_encoded = [
         encode_example(tokenizer, e, d.max_length, use_chat_template=d.chat_template) for e in eval_examples
     ]
+    eval_layout = batch_layout(d, eval_encoded, rows_multiple=shards)
     chunks = [eval_encoded[i : i + t.eval_batch_size] for i in range(0, len(eval_encoded), t.eval_batch_size)]
-    chunks = [c + [c[-1]] * (t.eval_batch_size - len(c)) for c in chunks]  # one shape; repeats barely move the mean
-    eval_batches = [collate(c, d.max_length, pad) for c in chunks]
+    if not eval_layout.pack_length:  # one shape; repeats barely move the mean
+        chunks = [c + [c[-1]] * (t.eval_batch_size - len(c)) for c in chunks]
+    eval_batches = [eval_layout(c, pad) for c in chunks]
 
     def evaluate(step: int) -> dict[str, float]:
         score = trainer.evaluate(
@@ -324,6 +358,7 @@ def run(config: Any) -> dict[str, Any]:
             prompt_length=d.max_length,
             max_new_tokens=t.max_new_tokens,
             use_chat_template=d.chat_template,
+            length_bucket=d.length_bucket,
         )
         loss = trainer.eval_loss(params, state.adapters, eval_batches)
         return {"step": step, task.metric: score, "eval_loss": loss}
@@ -335,7 +370,7 @@ def run(config: Any) -> dict[str, Any]:
             log.write({"event": "eval", **before})
     else:
         before = next((r for r in log.records if r["event"] == "eval" and r["step"] == 0), None)
-    micro = t.batch_size // t.micro_batches
+    train_layout = batch_layout(d, encoded, rows_multiple=t.micro_batches * shards)
     sharding = batch_sharding(mesh, leading=1)
     every = config.checkpoint.every
     steps = range(first_step + 1, t.steps + 1)
@@ -343,11 +378,9 @@ def run(config: Any) -> dict[str, Any]:
     train_start, tokens_seen, eval_seconds, saved_step = time.perf_counter(), 0, 0.0, first_step
     with PreemptionGuard() as guard:
         for step in bar:
-            indices = batch_indices(len(encoded), t.batch_size, seed=t.seed, step=step - 1)
-            indices = indices.reshape(t.micro_batches, micro)
-            rows = functools.partial(_collate_rows, encoded, indices.ravel(), d.max_length, pad)
-            batch = host_local_batch(rows, indices.shape, sharding)
-            tokens_seen += sum(len(encoded[i].tokens) for i in indices.ravel())
+            examples = [encoded[i] for i in batch_indices(len(encoded), t.batch_size, seed=t.seed, step=step - 1)]
+            batch = _train_batch(train_layout, examples, pad, t.micro_batches, sharding)
+            tokens_seen += sum(len(e.tokens) for e in examples)
             state, metrics = trainer.train_step(state, params, batch)
             if step % t.log_every == 0 or step == t.steps:
                 metrics = jax.device_get(metrics)

@@ -10,8 +10,11 @@ from moelora_jax.export import load_adapters
 
 def test_a_tiny_job_runs_end_to_end(tiny_model_dir, tmp_path):
     records = [{"prompt": "what colour is the sky ?", "response": "the answer is blue .", "label": "blue"}] * 12
-    result = train(tmp_path / "run", *tiny_job(tiny_model_dir, write_records(tmp_path, records)))
+    cache = tmp_path / "xla-cache"
+    job = tiny_job(tiny_model_dir, write_records(tmp_path, records))
+    result = train(tmp_path / "run", *job, f"--config.compilation_cache={cache}")
     assert result.returncode == 0, result.stderr[-2000:]
+    assert len(list(cache.iterdir())) >= 2  # the compiled programs (at least the train step and generation)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["eval_loss_after"] < summary["eval_loss_before"]
     events = [json.loads(line)["event"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -28,6 +31,9 @@ def test_a_tiny_job_runs_end_to_end(tiny_model_dir, tmp_path):
         (["--config.adapter.kind=mole"], "adapter.kind=mole needs the mole.* settings: use --config configs/mole.py"),
         (["--config.adapter.balance_loss=-1"], "adapter.balance_loss=-1.0 and adapter.z_loss=0.0 must be >= 0"),
         (["--config.data.task=squad"], "data.task='squad' is not a task format"),
+        (["--config.data.pack_length=100"], "data.pack_length=100 must be 0 (rows as long as the window) or at least"),
+        (["--config.data.length_bucket=0"], "data.length_bucket=0 must be >= 1"),
+        (["--config.model.attention=flash"], "model.attention='flash' must be one of ('xla', 'cudnn')"),
         (["--config.model.path=/no/such/model"], "model path /no/such/model does not exist"),
     ],
 )

@@ -19,6 +19,7 @@ from moelora_jax.pretrained import SafetensorsFile
 
 STEPS = 24
 SETTINGS = ["--config.checkpoint.every=4", "--config.optim.decay_steps=100", "--config.adapter.dropout=0.1"]
+SETTINGS += ["--config.data.pack_length=48"]  # packed rows of about three examples each
 
 
 @pytest.fixture(scope="module")
