@@ -9,7 +9,15 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from moelora_jax import AdapterConfig, riemann_precond
-from moelora_jax.models.llama import KVCache, Llama, Llama3RopeScaling, LlamaConfig, abstract_variables, init_variables
+from moelora_jax.models.llama import (
+    KVCache,
+    Llama,
+    Llama3RopeScaling,
+    LlamaConfig,
+    abstract_variables,
+    init_variables,
+    swiglu,
+)
 from moelora_jax.pretrained import load_config, load_params
 from moelora_jax.sharding import DEFAULT_RULES, batch_sharding, logical_shardings, make_mesh
 
@@ -285,3 +293,16 @@ def test_unknown_adapter_target_and_remat_fail_clearly():
         Llama(config, adapter_targets=("q", "qkv"))
     with pytest.raises(ValueError, match="remat='some'"):
         Llama(config, remat="some")
+
+
+def test_swiglu_backward_equals_autodiff_of_silu_times_up():
+    rng = np.random.default_rng(3)
+    gate, up = (jnp.asarray(rng.normal(size=(4, 9)) * 3, jnp.float32) for _ in range(2))
+
+    def plain(g, u):
+        return jnp.sum(jnp.sin(jax.nn.silu(g) * u))
+
+    np.testing.assert_allclose(swiglu(gate, up), jax.nn.silu(gate) * up, rtol=1e-6)
+    got = jax.grad(lambda g, u: jnp.sum(jnp.sin(swiglu(g, u))), argnums=(0, 1))(gate, up)
+    for g, w in zip(got, jax.grad(plain, argnums=(0, 1))(gate, up), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)

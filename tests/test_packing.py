@@ -7,7 +7,7 @@ import pytest
 
 from moelora_jax import AdapterConfig
 from moelora_jax.data import Encoded, Layout, collate, first_fit_decreasing, pack, targets_bound
-from moelora_jax.models.llama import Llama, LlamaConfig, init_variables, segment_positions, swiglu
+from moelora_jax.models.llama import Llama, LlamaConfig, init_variables, segment_positions
 from moelora_jax.trainer import batch_loss
 
 CONFIG = LlamaConfig(64, 32, 64, 2, 4, 2, 8)
@@ -87,19 +87,6 @@ def test_attention_matches_a_written_out_reference_with_its_gradients():
     want = jax.grad(lambda *a: jnp.sum((_reference_attention(*a, mask) * real) ** 2), argnums=(0, 1, 2))(q, k, v)
     for g, w in zip(grads, want, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-5)
-
-
-def test_swiglu_backward_equals_autodiff_of_silu_times_up():
-    rng = np.random.default_rng(3)
-    gate, up = (jnp.asarray(rng.normal(size=(4, 9)) * 3, jnp.float32) for _ in range(2))
-
-    def plain(g, u):
-        return jnp.sum(jnp.sin(jax.nn.silu(g) * u))
-
-    np.testing.assert_allclose(swiglu(gate, up), jax.nn.silu(gate) * up, rtol=1e-6)
-    got = jax.grad(lambda g, u: jnp.sum(jnp.sin(swiglu(g, u))), argnums=(0, 1))(gate, up)
-    for g, w in zip(got, jax.grad(plain, argnums=(0, 1))(gate, up), strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
 def _model_and_variables():

@@ -436,10 +436,10 @@ class Llama(nn.Module):
             prior, cache_index = jnp.sum(cache.valid, axis=1, dtype=jnp.int32), cache.index
             valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, cache_index))
             slots = cache.valid.shape[1]
-        if positions is None:
+        if positions is None and segment_ids is not None:
+            positions = segment_positions(segment_ids)
+        elif positions is None:
             positions = jnp.maximum(prior[:, None] + jnp.cumsum(token_mask, axis=1, dtype=jnp.int32) - 1, 0)
-            if segment_ids is not None:
-                positions = segment_positions(segment_ids)
         query_slot = cache_index + jnp.arange(length)
         mask = valid[:, None, :] & (jnp.arange(slots)[None, None, :] <= query_slot[None, :, None])
         if segment_ids is not None:
