@@ -1,14 +1,18 @@
-"""Peak host memory of a train step against an eval forward of the same batch (CPU, where host memory is device
-memory).
+"""Memory of a train step against an eval forward of the same batch (CPU, where host memory is device memory).
 
-    python bench/memory_bench.py                 # SmolLM2-135M-Instruct, MoE-LoRA E=20 r=4 top-k 10, 4 x 128
+    python bench/memory_bench.py                  # command 1's first BBC batch, MoE-LoRA E=20 r=4 top-k 10
+    python bench/memory_bench.py --remat full     # layers recomputed in the backward pass
 
-Each measurement runs in its own process: load the weights, compile and run once; then three times: return freed
-heap pages to the system (``malloc_trim``), reset the kernel's peak resident-set counter (``/proc/self/clear_refs``)
-and run again. The figure is the largest of those runs' peak RSS above the RSS just before it: the memory the call
-itself needs (activations, gradients, optimizer temporaries), with the weights already resident. The train step
-is ``Trainer.train_step`` (``sqrt_gate``, AdamW + ``riemann_precond``); the eval forward is the same model's jitted
-``apply`` returning float32 logits. Linux only.
+Two measures, each call in its own process (load the weights, compile, run once):
+  - XLA's: what the compiled program allocates beyond its inputs (``memory_analysis()``: temporaries, that is
+    activations, the backward's residuals, gradients and optimizer temporaries, plus outputs not aliased to a
+    donated input, such as an eval forward's logits);
+  - the kernel's: three times, return freed heap pages (``malloc_trim``), reset the peak resident-set counter
+    (``/proc/self/clear_refs``) and run again; the largest peak RSS above the RSS just before it.
+Calls: ``train``, ``Trainer.train_step`` (command 1's job: ``sqrt_gate``, dropout, AdamW + ``riemann_precond``) on
+the batch in our default layout (packed rows, head at the targets); ``eval_loss``, the eval forward our trainer
+runs on it (the loss at the targets); ``eval_logits``, the model's plain forward returning float32 logits for
+every position of the same rows. Linux only.
 """
 
 from __future__ import annotations
@@ -21,17 +25,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
-import numpy as np
-from trainer_step import trainer_step
+from bbc_batches import Command1
 
-from moelora_jax import AdapterConfig
-from moelora_jax.models.llama import Llama, init_variables
-from moelora_jax.optim import OptimConfig
-from moelora_jax.pretrained import load_config, load_params, resolve_model_dir
+from moelora_jax.models.llama import Llama, abstract_variables, init_variables
+from moelora_jax.optim import build_optimizer
+from moelora_jax.pretrained import load_params
+from moelora_jax.run import batch_layout
+from moelora_jax.sharding import make_mesh
+from moelora_jax.trainer import Trainer, batch_loss
 
 REPEATS = 3
-ADAPTER = AdapterConfig(num_experts=20, rank=4, top_k=10, alpha=16.0, strategy="sqrt_gate")
+KINDS = ("eval_logits", "eval_loss", "train")
 
 
 def _status_bytes(field: str) -> int:
@@ -42,22 +48,36 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def probe(kind: str, model: str | None, batch: int, length: int) -> int:
-    """Peak RSS growth (bytes) of one ``kind`` call ("train" or "eval"), measured in this process."""
-    directory = resolve_model_dir(model)
-    config = load_config(directory)
-    params = load_params(directory, config)
-    tokens = np.random.RandomState(0).randint(0, config.vocab_size, (batch, length)).astype(np.int32)
+def probe(kind: str, batch_size: int, remat: str) -> dict[str, int]:
+    """XLA's temporary bytes and the peak RSS growth of one ``kind`` call, measured in this process."""
+    job = Command1.load()
+    model = Llama(job.model_config, adapter=job.settings.adapter, adapter_targets=job.settings.targets, remat=remat)
+    trainer = Trainer(
+        model, build_optimizer(job.settings.optim, nn.unbox(abstract_variables(model))["adapters"]), make_mesh()
+    )
+    params = load_params(job.directory, job.model_config, shardings=trainer.shardings["params"])
+    examples = job.step_examples(batch_size, 1)[0]
+    batch = batch_layout(job.config.data, job.encoded, 1)(examples, job.tokenizer.pad_token_id)
     if kind == "train":
-        optim = OptimConfig(family="adamw", lr=1e-4, gate_lr=1e-4, riemann=True)
-        call = trainer_step(config, params, ADAPTER, optim, tokens)[0]
-    else:
-        llama = Llama(config, adapter=ADAPTER)
-        adapters = init_variables(llama, jax.random.key(0), ("adapters",))["adapters"]
-        forward = jax.jit(lambda p, a, t: llama.apply({"params": p, "adapters": a}, t))
+        holder = {"state": trainer.init(jax.random.key(0))}
+        micro = trainer.put_batch(jax.tree.map(lambda x: x[None], batch), leading=1)
+        compiled = trainer.compile_train_step(holder["state"], params, micro)
 
-        def call():
-            return forward(params, adapters, tokens)
+        def call() -> Any:
+            holder["state"], metrics = trainer.train_step(holder["state"], params, micro)
+            return metrics
+    else:
+        adapters = init_variables(model, jax.random.key(0), ("adapters",))["adapters"]
+        if kind == "eval_loss":
+            fn = jax.jit(lambda p, a, b: batch_loss(model, {"params": p, "adapters": a}, b)[:2])
+            args = (params, adapters, trainer.put_batch(batch))
+        else:
+            fn = jax.jit(lambda p, a, t, m: model.apply({"params": p, "adapters": a}, t, m))
+            args = (params, adapters, batch["tokens"], batch["attention_mask"])
+        compiled = fn.lower(*args).compile()
+
+        def call() -> Any:
+            return fn(*args)
 
     jax.block_until_ready(call())
     growth = []
@@ -67,43 +87,46 @@ def probe(kind: str, model: str | None, batch: int, length: int) -> int:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
         jax.block_until_ready(call())
         growth.append(_status_bytes("VmHWM") - before)
-    return max(growth)
+    stats = compiled.memory_analysis()
+    allocated = stats.temp_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+    return {"xla_bytes": allocated, "peak_growth_bytes": max(growth)}
 
 
-def run(model: str | None, batch: int, length: int) -> dict[str, Any]:
-    growth = {}
-    for kind in ("eval", "train"):
-        command = [sys.executable, __file__, "--probe", kind, "--batch", str(batch), "--length", str(length)]
-        if model:
-            command += ["--model", model]
+def run(batch_size: int, remat: str) -> dict[str, Any]:
+    measured = {}
+    for kind in KINDS:
+        command = [sys.executable, __file__, "--probe", kind, "--batch-size", str(batch_size), "--remat", remat]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        growth[kind] = json.loads(out.strip().splitlines()[-1])["peak_growth_bytes"]
+        measured[kind] = json.loads(out.strip().splitlines()[-1])
+    mib = {k: {m: v / 2**20 for m, v in d.items()} for k, d in measured.items()}
     return {
         "device": jax.devices()[0].device_kind,
-        "batch": [batch, length],
-        "peak_growth_mib": {k: v / 2**20 for k, v in growth.items()},
-        "train_over_eval": growth["train"] / growth["eval"],
+        "batch_size": batch_size,
+        "remat": remat,
+        "mib": mib,
+        "train_over_eval": {
+            f"{measure}/{eval_kind}": measured["train"][measure] / measured[eval_kind][measure]
+            for measure in ("xla_bytes", "peak_growth_bytes")
+            for eval_kind in ("eval_logits", "eval_loss")
+        },
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="HF directory or .gguf (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--probe", choices=["train", "eval"], help=argparse.SUPPRESS)  # the child's job
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--remat", choices=["none", "full", "dots"], default="none")
+    parser.add_argument("--probe", choices=KINDS, help=argparse.SUPPRESS)  # the child's job
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     if args.probe:
-        print(json.dumps({"peak_growth_bytes": probe(args.probe, args.model, args.batch, args.length)}))
+        print(json.dumps(probe(args.probe, args.batch_size, args.remat)))
         return
-    results = run(args.model, args.batch, args.length)
-    mib = results["peak_growth_mib"]
-    print(
-        f"{results['device']}, batch {args.batch} x {args.length}: peak host memory of the call, above the loaded "
-        f"model: eval forward {mib['eval']:.0f} MiB, train step {mib['train']:.0f} MiB "
-        f"({results['train_over_eval']:.2f}x)"
-    )
+    results = run(args.batch_size, args.remat)
+    print(f"{results['device']}, command 1's first batch of {args.batch_size}, remat={args.remat}:")
+    for kind, m in results["mib"].items():
+        print(f"  {kind:<12} XLA {m['xla_bytes']:8.0f} MiB, peak RSS growth {m['peak_growth_bytes']:8.0f} MiB")
+    print("  train / eval: " + ", ".join(f"{k} {v:.2f}x" for k, v in results["train_over_eval"].items()))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

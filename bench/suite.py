@@ -7,8 +7,11 @@ Sections (each a script here, runnable alone):
   - ``variants_smollm2``: ``variants_bench.py`` on SmolLM2-135M-Instruct: MoE-LoRA and LoRA train steps over a
     frozen fwd+bwd; with and without ``riemann_precond``; ``standard`` against ``sqrt_gate``; step time as E grows;
   - ``variants_3b_2layers``: the same on 2 layers of Llama-3.2-3B shapes (random weights);
-  - ``peft``: ``peft_bench.py``: our step against PyTorch PEFT's LoRA step (and its Riemannian optimizer);
-  - ``memory``: ``memory_bench.py``: peak host memory of a train step against an eval forward;
+  - ``packing``: ``packing_bench.py``: README command 1's training step on its real batches, by batch layout
+    (today's padded rows and full head, the head at the targets, packed rows);
+  - ``peft``: ``peft_bench.py``: our step against PyTorch PEFT's LoRA step (and its Riemannian optimizer) on the
+    same real BBC News batches;
+  - ``memory``: ``memory_bench.py``: memory of a train step against an eval forward of the same real batch;
   - ``gpu_3b`` (only when JAX sees a GPU): ``model_bench.py`` on all 28 layers of Llama-3.2-3B shapes in bfloat16,
     with tokens/s and model-FLOPs utilisation of the MoE-LoRA train step.
 """
@@ -32,7 +35,8 @@ SECTIONS = {
         "variants_bench.py",
         *("--shape", "llama-3.2-3b", "--layers", "2", "--batch", "2", "--length", "64", "--rounds", "3"),
     ],
-    "peft": ["peft_bench.py", "--rounds", "3"],
+    "packing": ["packing_bench.py"],
+    "peft": ["peft_bench.py"],
     "memory": ["memory_bench.py"],
     "gpu_3b": [
         "model_bench.py",
@@ -61,9 +65,18 @@ def _summary(results: dict[str, dict]) -> list[str]:
             "peft: step / PEFT LoRA step: "
             + ", ".join(f"{k} {v:.2f}" for k, v in results["peft"]["ratio_to_peft_lora_adamw"].items())
         )
+    if "packing" in results:
+        lines.append(
+            "packing: command 1 examples/s / before: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in results["packing"]["ratio_to_before"].items())
+        )
     if "memory" in results:
-        m = results["memory"]["peak_growth_mib"]
-        lines.append(f"memory: train step {m['train']:.0f} MiB vs eval forward {m['eval']:.0f} MiB above the weights")
+        m = results["memory"]["mib"]
+        lines.append(
+            "memory (XLA, beyond the inputs): train step "
+            + f"{m['train']['xla_bytes']:.0f} MiB, eval loss {m['eval_loss']['xla_bytes']:.0f} MiB, "
+            + f"eval logits {m['eval_logits']['xla_bytes']:.0f} MiB"
+        )
     if "gpu_3b" in results:
         g = results["gpu_3b"]
         mfu = f", model-FLOPs utilisation {g['mfu']:.1%} of {g['peak_flops'] / 1e12:.0f} TFLOP/s" if g["mfu"] else ""
