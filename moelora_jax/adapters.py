@@ -72,6 +72,29 @@ def dropout_mask(rng: jax.Array, rate: float, shape: tuple[int, ...]) -> tuple[j
     return halves >= drop, 1.0 - drop / DROPOUT_LEVELS
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _dropped_matmul(x: jax.Array, keep: jax.Array, a: jax.Array, inverse_keep: float) -> jax.Array:
+    """``drop(x) @ a`` with ``drop(x) = where(keep, x * inverse_keep, 0)``, whose backward keeps ``x`` (which the
+    gate keeps anyway) and the bool ``keep`` instead of the dropped float copy, and recomputes it:
+    ``da = drop(x)^T dy``, ``dx = where(keep, dy @ a^T * inverse_keep, 0)``."""
+    return jnp.where(keep, x * inverse_keep, 0).astype(a.dtype) @ a
+
+
+def _dropped_matmul_fwd(x, keep, a, inverse_keep):
+    return _dropped_matmul(x, keep, a, inverse_keep), (x, keep, a)
+
+
+def _dropped_matmul_bwd(inverse_keep, residuals, dy):
+    x, keep, a = residuals
+    dropped = jnp.where(keep, x * inverse_keep, 0).astype(a.dtype)
+    da = dropped.reshape(-1, x.shape[-1]).T @ dy.reshape(-1, dy.shape[-1])
+    dx = jnp.where(keep, (dy @ a.T) * inverse_keep, 0).astype(x.dtype)
+    return dx, None, da.astype(a.dtype)
+
+
+_dropped_matmul.defvjp(_dropped_matmul_fwd, _dropped_matmul_bwd)
+
+
 class GateRouting(NamedTuple):
     """What a gate decided, for the expert-load statistics of :mod:`moelora_jax.routing`: its float32 ``logits:
     (..., E)`` and ``routed: (..., E)`` bool, the top-k experts each token went to (None for a dense gate)."""
@@ -215,7 +238,7 @@ def moe_lora_delta(
 
     if dropout_rng is not None and dropout_rate > 0.0:
         keep, keep_prob = dropout_mask(dropout_rng, dropout_rate, x.shape)
-        h = jnp.where(keep, x / keep_prob, 0).astype(dtype) @ a_cat
+        h = _dropped_matmul(x, keep, a_cat, 1.0 / keep_prob)
         logits = None if gate is None else jnp.dot(x, gate.astype(dtype), preferred_element_type=jnp.float32)
     elif gate is None:
         h, logits = x @ a_cat, None
