@@ -21,12 +21,15 @@ import math
 import jax
 import jax.numpy as jnp
 
+from moelora_jax.data import round_up
+from moelora_jax.models.llama import lm_head
+
 MAX_CHUNK_LOGITS = 2**23  # float32 logits materialised per chunk (32 MiB)
 
 
 def _chunk_nll(h: jax.Array, head: jax.Array, labels: jax.Array, weights: jax.Array, grad: bool):
     """Summed weighted NLL of one chunk (``h: (B, c, d)``), and ``dL/dh`` of that sum when ``grad``."""
-    logits = jnp.dot(h, head.astype(h.dtype), preferred_element_type=jnp.float32)  # (B, c, V)
+    logits = lm_head(h, head)  # (B, c, V)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
     total = jnp.sum(weights * (lse - picked))
@@ -103,8 +106,7 @@ def head_loss(
         targets = jnp.broadcast_to(jnp.arange(length - 1, dtype=jnp.int32), (batch, length - 1))
     width = targets.shape[1]
     chunk = chunk_size(batch, width, head.shape[1], max_logits)
-    padded = -(-width // chunk) * chunk
-    targets = jnp.pad(targets, ((0, 0), (0, padded - width)), constant_values=-1)
+    targets = jnp.pad(targets, ((0, 0), (0, round_up(width, chunk) - width)), constant_values=-1)
     position = jnp.clip(targets, 0, length - 2)
     labels = jnp.take_along_axis(tokens, position + 1, axis=1)
     weights = ((targets >= 0) & jnp.take_along_axis(loss_mask.astype(bool), position + 1, axis=1)).astype(jnp.float32)

@@ -306,9 +306,8 @@ def _swiglu_fwd(gate, up):
 
 def _swiglu_bwd(residuals, dy):
     gate, up = residuals
-    s = jax.nn.sigmoid(gate.astype(jnp.float32))
-    g32 = gate.astype(jnp.float32)
-    dy32 = dy.astype(jnp.float32)
+    g32, dy32 = gate.astype(jnp.float32), dy.astype(jnp.float32)
+    s = jax.nn.sigmoid(g32)
     dgate = dy32 * up.astype(jnp.float32) * s * (1 + g32 * (1 - s))
     return dgate.astype(gate.dtype), (dy32 * g32 * s).astype(up.dtype)
 
