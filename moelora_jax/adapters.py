@@ -20,9 +20,12 @@ import functools
 import math
 from typing import Literal, NamedTuple
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from moelora_jax.errors import UserError, check_choice
 
 Strategy = Literal["standard", "sqrt_gate"]
 STRATEGIES: tuple[str, ...] = ("standard", "sqrt_gate")
@@ -156,27 +159,23 @@ def _check_delta_args(
     strategy: str,
     dropout_rate: float,
 ) -> None:
-    """Raises ValueError naming the problem for shapes or options that do not fit together."""
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"x has dtype {x.dtype}; the adapter computes in x's dtype, which must be floating point.")
-    if lora_a.ndim != 3 or lora_b.ndim != 3:
-        raise ValueError(
-            f"lora_a must be (E, d_in, r) and lora_b (E, r, d_out); got {lora_a.shape} and {lora_b.shape}. "
-            "Index a stacked layer axis away (or use the Flax module inside nn.scan) before calling."
-        )
+    """Asserts (chex, at trace time) the dtypes and shapes of the arrays, and raises ValueError naming a bad option."""
+    chex.assert_type(x, float)  # the compute dtype
+    chex.assert_rank(
+        [lora_a, lora_b],
+        3,
+        custom_message="lora_a must be (E, d_in, r) and lora_b (E, r, d_out): index a stacked layer axis away (or "
+        "use the Flax module inside nn.scan) before calling.",
+    )
     num_experts, d_in, rank = lora_a.shape
-    if lora_b.shape[:2] != (num_experts, rank):
-        raise ValueError(
-            f"lora_b {lora_b.shape} does not match lora_a {lora_a.shape}: expected ({num_experts}, {rank}, d_out)."
-        )
-    if x.shape[-1] != d_in:
-        raise ValueError(f"x has {x.shape[-1]} features but lora_a expects d_in={d_in}.")
+    chex.assert_shape(lora_b, (num_experts, rank, None))
+    chex.assert_shape(x, (..., d_in))
     if gate is None and num_experts != 1:
         raise ValueError(f"{num_experts} experts need a gate of shape ({d_in}, {num_experts}); got gate=None.")
-    if gate is not None and gate.shape != (d_in, num_experts):
-        raise ValueError(f"gate has shape {gate.shape}; expected (d_in, E) = ({d_in}, {num_experts}).")
-    if mixer is not None and mixer.shape != (num_experts, rank, rank):
-        raise ValueError(f"mixer has shape {mixer.shape}; expected (E, r, r) = ({num_experts}, {rank}, {rank}).")
+    if gate is not None:
+        chex.assert_shape(gate, (d_in, num_experts))
+    if mixer is not None:
+        chex.assert_shape(mixer, (num_experts, rank, rank))
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k={top_k} must lie in [1, E={num_experts}].")
     if strategy not in STRATEGIES:
@@ -226,6 +225,10 @@ def moe_lora_delta(
       kernel included, are cast to the compute dtype for the matmuls (their gradients come back in their own dtype);
       the gate logits accumulate in float32 and the top-k softmax runs in float32. Differentiable in reverse mode
       (``grad``/``vjp``), not forward mode: the expert mixture is a ``custom_vjp``.
+
+    Raises:
+      AssertionError: (chex, at trace time) ``x`` is not floating point or the shapes do not fit together.
+      ValueError: a bad option (``top_k``, ``strategy``, ``dropout_rate``) or no gate for ``E > 1`` experts.
     """
     if isinstance(scale, jax.core.Tracer):
         raise TypeError("moe_lora_delta: scale must be a static Python number (alpha / r), not a traced array.")
@@ -277,18 +280,18 @@ class AdapterConfig:
     mixer: bool = False
 
     def __post_init__(self) -> None:
+        """Raises UserError naming the first bad setting."""
         if self.rank <= 0:
-            raise ValueError(f"AdapterConfig.rank={self.rank} must be a positive integer.")
+            raise UserError(f"AdapterConfig.rank={self.rank} must be a positive integer.")
         if self.num_experts <= 0:
-            raise ValueError(f"AdapterConfig.num_experts={self.num_experts} must be a positive integer.")
+            raise UserError(f"AdapterConfig.num_experts={self.num_experts} must be a positive integer.")
         if self.top_k is not None and not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(
+            raise UserError(
                 f"AdapterConfig.top_k={self.top_k} must lie in [1, num_experts={self.num_experts}] (or be None)."
             )
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"AdapterConfig.strategy={self.strategy!r} must be one of {STRATEGIES}.")
+        check_choice("AdapterConfig.strategy", self.strategy, STRATEGIES)
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"AdapterConfig.dropout={self.dropout} must lie in [0, 1).")
+            raise UserError(f"AdapterConfig.dropout={self.dropout} must lie in [0, 1).")
 
     @property
     def scale(self) -> float:
@@ -322,14 +325,15 @@ class MoleConfig:
     masked: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        """Raises UserError naming the first bad setting."""
         if self.num_loras < 2 or self.rank < 1:
-            raise ValueError(f"MoLE needs at least 2 LoRAs of rank >= 1; got {self.num_loras} of rank {self.rank}.")
+            raise UserError(f"MoLE needs at least 2 LoRAs of rank >= 1; got {self.num_loras} of rank {self.rank}.")
         if self.gate not in ("layer", "block"):
-            raise ValueError(f"MoleConfig.gate={self.gate!r} must be 'layer' or 'block'.")
+            raise UserError(f"MoleConfig.gate={self.gate!r} must be 'layer' or 'block'.")
         if self.tau <= 0:
-            raise ValueError(f"MoleConfig.tau={self.tau} must be > 0.")
+            raise UserError(f"MoleConfig.tau={self.tau} must be > 0.")
         if not set(self.masked) <= set(range(self.num_loras)) or len(set(self.masked)) >= self.num_loras:
-            raise ValueError(
+            raise UserError(
                 f"MoleConfig.masked={self.masked} must name some (not all) of the LoRAs 0..{self.num_loras - 1}."
             )
 
@@ -346,6 +350,8 @@ class MoleConfig:
 def mole_gate_logits(x: jax.Array, gate: jax.Array, log_tau: jax.Array, masked: tuple[int, ...] = ()) -> jax.Array:
     """``normalize(x) @ W_g / tau`` in float32, ``-inf`` on the ``masked`` LoRAs: ``x: (..., d)``, ``gate: (d, N)``
     -> ``(..., N)``; their softmax is the MoLE mixture weights."""
+    chex.assert_shape(gate, (x.shape[-1], None))
+    chex.assert_shape(log_tau, ())
     x = x.astype(jnp.float32)
     normed = x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
     logits = (normed @ gate.astype(jnp.float32)) * jnp.exp(-log_tau)
@@ -358,6 +364,12 @@ def mole_gate_logits(x: jax.Array, gate: jax.Array, log_tau: jax.Array, masked: 
 def lora_mixture(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, weights: jax.Array) -> jax.Array:
     """``sum_i w_i * (x @ A_i) @ B_i``, fused like MoE-LoRA: ``x: (..., d_in)``, ``lora_a: (N, d_in, r)``,
     ``lora_b: (N, r, d_out)``, ``weights: (..., N)`` float32 -> ``(..., d_out)`` in ``x``'s dtype."""
+    chex.assert_rank([lora_a, lora_b], 3)
+    num_loras, d_in, rank = lora_a.shape
+    chex.assert_shape(lora_b, (num_loras, rank, None))
+    chex.assert_shape(x, (..., d_in))
+    chex.assert_shape(weights, (*x.shape[:-1], num_loras))
+    chex.assert_type(weights, jnp.float32)
     a_cat, b_cat = _concat_experts(lora_a, lora_b, x.dtype)
     return _gated_expert_out(x @ a_cat, weights, b_cat, 1.0, False)
 
@@ -410,7 +422,7 @@ class AdaptedDense(nn.Module):
     """A frozen dense projection ``x @ kernel`` plus an optional (MoE-)LoRA adapter.
 
     Variables: ``"params"`` holds the frozen kernel ``(d_in, d_out)`` in ``param_dtype``; the ``"adapters"``
-    collection holds the trainable leaves, always float32 (their names are the contract ``riemann_precond`` relies on):
+    collection holds the trainable leaves, always float32, named by :mod:`moelora_jax.adapter_leaves`' contract:
     lora_a ``(E, d_in, r)`` Kaiming-uniform, lora_b ``(E, r, d_out)`` zeros, gate ``(d_in, E)`` PyTorch-Linear
     default (only when ``E > 1``), mixer ``(E, r, r)`` Kaiming-uniform (only with ``mixer=True``).
     So ``variables = {"params": frozen, "adapters": trainable}`` and gradients need only the second.

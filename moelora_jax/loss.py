@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -100,10 +101,19 @@ def head_loss(
       targets: ``(B, K)`` int positions ``t`` whose next token is a target, ``-1`` for unused slots
         (:func:`~moelora_jax.data.target_positions`); None: every position (the full head).
       max_logits: float32 logits per chunk.
+
+    Shapes and integer dtypes are asserted (chex, at trace time).
     """
-    batch, length, _ = hidden.shape
+    chex.assert_rank(hidden, 3)
+    batch, length, dim = hidden.shape
+    chex.assert_shape(head, (dim, None))
+    chex.assert_shape([tokens, loss_mask], (batch, length))
+    chex.assert_type(tokens, int)
     if targets is None:
         targets = jnp.broadcast_to(jnp.arange(length - 1, dtype=jnp.int32), (batch, length - 1))
+    else:
+        chex.assert_shape(targets, (batch, None))
+        chex.assert_type(targets, int)
     width = targets.shape[1]
     chunk = chunk_size(batch, width, head.shape[1], max_logits)
     targets = jnp.pad(targets, ((0, 0), (0, round_up(width, chunk) - width)), constant_values=-1)

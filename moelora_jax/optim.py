@@ -1,8 +1,8 @@
 """The whole adapter optimizer, built from a config: parameter groups, schedules and the preconditioner.
 
-Adapter leaves are labelled by name (``adapter_labels``): ``lora_a`` / ``lora_b`` / ``mixer`` are ``experts``,
-``gate`` and ``log_tau`` (a MoLE gate's temperature) are ``gate``, and any leaf named in ``frozen`` is ``frozen``
-(no update). Each group gets its own chain under ``optax.partition``::
+Adapter leaves are labelled by name (``adapter_labels``, the names of :mod:`moelora_jax.adapter_leaves`): ``lora_a``
+/ ``lora_b`` / ``mixer`` are ``experts``, ``gate`` and ``log_tau`` (a MoLE gate's temperature) are ``gate``, and any
+leaf named in ``frozen`` is ``frozen`` (no update). Each group gets its own chain under ``optax.partition``::
 
     experts: [riemann_precond(reg)] -> sgd | adamw | reference_adamw   (lr schedule, weight decay on factors)
     gate:    [clip_by_global_norm(c)] -> the same family                 (its own lr schedule)
@@ -23,12 +23,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from moelora_jax.adapter_leaves import FACTOR_LEAVES, GATE_LEAVES, leaf_name
+from moelora_jax.errors import UserError, check_at_least, check_choice
 from moelora_jax.riemann import riemann_precond
 
 Family = Literal["sgd", "adamw", "reference_adamw"]
 FAMILIES: tuple[str, ...] = ("sgd", "adamw", "reference_adamw")
-EXPERT_LEAVES: tuple[str, ...] = ("lora_a", "lora_b", "mixer")
-GATE_LEAVES: tuple[str, ...] = ("gate", "log_tau")  # log_tau: a MoLE gate's temperature
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,19 +53,18 @@ class OptimConfig:
     frozen: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ValueError(f"optim family={self.family!r} must be one of {FAMILIES}.")
+        """Raises UserError naming the first bad setting."""
+        check_choice("optim family", self.family, FAMILIES)
         for name in ("lr", "gate_lr", "weight_decay", "momentum", "end_factor", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"optim {name}={getattr(self, name)} must be >= 0.")
+            check_at_least(f"optim {name}", getattr(self, name), 0)
         if self.riemann and self.riemann_reg <= 0:
-            raise ValueError(f"optim riemann_reg={self.riemann_reg} must be > 0.")
+            raise UserError(f"optim riemann_reg={self.riemann_reg} must be > 0.")
         if self.gauss_seidel and not self.riemann:
-            raise ValueError("optim gauss_seidel=True preconditions with the updated factors: it needs riemann=True.")
+            raise UserError("optim gauss_seidel=True preconditions with the updated factors: it needs riemann=True.")
         if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
-            raise ValueError(f"optim decay_steps={self.decay_steps} must exceed warmup_steps={self.warmup_steps}.")
+            raise UserError(f"optim decay_steps={self.decay_steps} must exceed warmup_steps={self.warmup_steps}.")
         if self.gate_clip_norm is not None and self.gate_clip_norm <= 0:
-            raise ValueError(f"optim gate_clip_norm={self.gate_clip_norm} must be > 0 (or None for no clipping).")
+            raise UserError(f"optim gate_clip_norm={self.gate_clip_norm} must be > 0 (or None for no clipping).")
 
 
 def lr_schedule(peak: float, config: OptimConfig) -> optax.Schedule:
@@ -107,12 +106,12 @@ def adapter_labels(adapters: Any, frozen: tuple[str, ...] = ()) -> Any:
     """``"experts"``, ``"gate"`` or ``"frozen"`` per adapter leaf, by the leaf's name."""
 
     def label(path, _):
-        name = path[-1].key if hasattr(path[-1], "key") else str(path[-1])
+        name = leaf_name(path)
         if name in frozen:
             return "frozen"
         if name in GATE_LEAVES:
             return "gate"
-        if name in EXPERT_LEAVES:
+        if name in FACTOR_LEAVES:
             return "experts"
         raise ValueError(f"adapter leaf {jax.tree_util.keystr(path)} is not an expert factor, mixer or gate.")
 
@@ -132,13 +131,9 @@ def _family(config: OptimConfig, lr: optax.Schedule, decay: bool) -> optax.Gradi
     return optax.chain(*parts, optax.scale_by_learning_rate(lr))
 
 
-def _leaf_name(path: tuple) -> str:
-    return str(getattr(path[-1], "key", path[-1]))
-
-
 def _named(name: str):
     """A mask function: True on leaves called ``name`` (optax ``MaskedNode`` placeholders hold no leaves)."""
-    return lambda tree: jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) == name, tree)
+    return lambda tree: jax.tree_util.tree_map_with_path(lambda path, _: leaf_name(path) == name, tree)
 
 
 class GaussSeidelState(NamedTuple):
@@ -153,9 +148,10 @@ def gauss_seidel_precond(inner: optax.GradientTransformation, reg: float) -> opt
     precond = riemann_precond(reg)
 
     def init(params):
-        names = {_leaf_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
-        if names - {"lora_a", "lora_b"}:
-            raise ValueError(f"optim gauss_seidel=True supports lora_a / lora_b experts only, not {sorted(names)}.")
+        paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        others = {leaf_name(path) or jax.tree_util.keystr(path) for path in paths} - {"lora_a", "lora_b"}
+        if others:
+            raise UserError(f"optim gauss_seidel=True supports lora_a / lora_b experts only, not {sorted(others)}.")
         return GaussSeidelState(inner_a.init(params), inner_b.init(params))
 
     def update(grads, state, params=None, **extra):
@@ -175,7 +171,16 @@ def gauss_seidel_precond(inner: optax.GradientTransformation, reg: float) -> opt
 
 
 def build_optimizer(config: OptimConfig, adapters: Any) -> optax.GradientTransformation:
-    """The optimizer for an ``"adapters"`` tree (its structure fixes the labels)."""
+    """The optimizer for an ``"adapters"`` tree (its structure fixes the labels); UserError if ``config.frozen``
+    freezes some but not all of the tree's factor leaves, which ``riemann`` preconditions together."""
+    if config.riemann:
+        names = {leaf_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(adapters)[0]}
+        factors = names & set(FACTOR_LEAVES)
+        if set(config.frozen) & factors not in (set(), factors):
+            raise UserError(
+                f"optim frozen={config.frozen} splits the adapters' {' / '.join(sorted(factors))}: riemann=True "
+                "preconditions them together, so freeze all of them or none (or set riemann=False)."
+            )
     experts = _family(config, lr_schedule(config.lr, config), decay=True)
     if config.gauss_seidel:
         experts = gauss_seidel_precond(experts, config.riemann_reg)

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-_FACTOR_NAMES = ("lora_a", "lora_b", "mixer")
+from moelora_jax.adapter_leaves import FACTOR_LEAVES, leaf_name
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -21,14 +22,6 @@ class _AdapterGroup(NamedTuple):
     mixer: int | None
 
 
-def _key_name(key: Any) -> str | None:
-    if isinstance(key, jax.tree_util.DictKey):
-        return str(key.key)
-    if isinstance(key, jax.tree_util.GetAttrKey):
-        return key.name
-    return None
-
-
 def _is_masked(leaf: Any) -> bool:
     return isinstance(leaf, optax.MaskedNode)
 
@@ -37,8 +30,8 @@ def _find_adapter_groups(paths: list[tuple], leaves: list[Any]) -> list[_Adapter
     """Pairs every ``lora_a`` gradient with the ``lora_b`` (and ``mixer``) beside it, or raises ValueError."""
     siblings: dict[tuple, dict[str, int]] = {}
     for index, path in enumerate(paths):
-        name = _key_name(path[-1]) if path else None
-        if name in _FACTOR_NAMES:
+        name = leaf_name(path)
+        if name in FACTOR_LEAVES:
             siblings.setdefault(path[:-1], {})[name] = index
     groups = []
     for parent, members in siblings.items():
@@ -209,7 +202,7 @@ def riemann_precond(reg: float = 1e-6) -> optax.GradientTransformationExtraArgs:
         leaves = [leaf for _, leaf in path_leaves]
         groups = _find_adapter_groups(paths, leaves)
         if not groups:
-            if not any(path and _key_name(path[-1]) in ("lora_a", "lora_b") for path in paths):
+            if not any(leaf_name(path) in ("lora_a", "lora_b") for path in paths):
                 raise ValueError(
                     "riemann_precond found no leaves named lora_a / lora_b in the gradients; it preconditions "
                     "LoRA factors stored under those names (rename e.g. PyTorch-style lora_A / lora_B)."

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -50,11 +51,19 @@ def router_stats(routings: list[GateRouting], token_weights: jax.Array) -> Route
       routings: per group of routers, ``(R_j, B, T, E)`` float32 logits and bool top-k choices (see
         :func:`sown_routing`); ``routed=None`` for a dense gate.
       token_weights: ``(B, T)``, 1 on tokens that count (real ones), 0 on padding.
+
+    Shapes (one ``E`` for all groups) and the bool ``routed`` are asserted (chex, at trace time).
     """
+    chex.assert_rank(token_weights, 2)
+    chex.assert_equal_shape([routing.logits for routing in routings], dims=-1)
     weights = token_weights.astype(jnp.float32)
     n = jnp.maximum(jnp.sum(weights), 1.0)
     loads, importances, zs = [], [], []
     for z, routed in routings:
+        chex.assert_shape(z, (None, *token_weights.shape, None))
+        if routed is not None:
+            chex.assert_equal_shape([z, routed])
+            chex.assert_type(routed, bool)
         z = z.astype(jnp.float32)
         importance = jnp.einsum("rbte,bt->re", jax.nn.softmax(z, axis=-1), weights) / n
         if routed is None:  # a dense gate routes every token to every expert: its load is the share of gate weight
@@ -94,23 +103,23 @@ def load_metrics(stats: RouterStats) -> dict[str, jax.Array]:
 
 
 class RouterLosses(NamedTuple):
-    """Coefficients of the auxiliary routing losses added to the training loss (0: off)."""
+    """Coefficients of the auxiliary routing losses added to the training loss (0: off). ``mole_balance`` is None
+    where MoLE's loss is not defined (every adapter but MoLE), and then it is neither computed nor reported."""
 
     balance: float = 0.0
     z: float = 0.0
-    mole_balance: float = 0.0
+    mole_balance: float | None = None
 
     def __call__(self, stats: RouterStats) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """``balance * balance_loss + z * z_loss + mole_balance * mole_balance_loss``, and the metrics of ``stats``:
-        the three losses (whatever their coefficients) and :func:`load_metrics`."""
-        values = {
-            "balance_loss": balance_loss(stats),
-            "z_loss": z_loss(stats),
-            "mole_balance_loss": mole_balance_loss(stats),
-        }
+        """``balance * balance_loss + z * z_loss [+ mole_balance * mole_balance_loss]``, and the metrics of
+        ``stats``: the losses (whatever their coefficients) and :func:`load_metrics`."""
+        values = {"balance_loss": balance_loss(stats), "z_loss": z_loss(stats)}
         total = self.balance * values["balance_loss"] + self.z * values["z_loss"]
-        return total + self.mole_balance * values["mole_balance_loss"], values | load_metrics(stats)
+        if self.mole_balance is not None:
+            values["mole_balance_loss"] = mole_balance_loss(stats)
+            total = total + self.mole_balance * values["mole_balance_loss"]
+        return total, values | load_metrics(stats)
 
     @property
     def active(self) -> bool:
-        return any(c > 0 for c in self)
+        return any(c for c in self)

@@ -2,14 +2,17 @@
 
 import math
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moelora_jax import AdaptedDense, AdapterConfig, moe_lora_delta, topk_softmax_gate
-from moelora_jax.adapters import dropout_mask
+from moelora_jax import AdaptedDense, AdapterConfig, MoleConfig, moe_lora_delta, topk_softmax_gate
+from moelora_jax.adapter_leaves import FACTOR_LEAVES, GATE_LEAVES
+from moelora_jax.adapters import MoleGate, dropout_mask, lora_mixture
+from moelora_jax.errors import UserError
 from moelora_jax.sharding import DEFAULT_RULES, logical_shardings, make_mesh
 
 E, D_IN, R, D_OUT = 5, 12, 3, 7
@@ -223,7 +226,6 @@ def test_dropout_mask_keeps_at_its_rate_from_the_key_alone(rate):
         ({"top_k": 0}, "top_k=0 must lie in"),
         ({"strategy": "sqrt"}, "Unknown gradient strategy"),
         ({"dropout_rate": 1.0}, "dropout_rate"),
-        ({"mixer": np.zeros((E, R, R + 1))}, "mixer has shape"),
     ],
 )
 def test_delta_rejects_bad_options(kwargs, message):
@@ -260,20 +262,52 @@ def test_bfloat16_gradients_follow_float32():
         np.testing.assert_allclose(g16, g32, rtol=0.05, atol=0.05 * np.abs(g32).max())
 
 
-def test_delta_rejects_mismatched_shapes():
+class DeltaShapesTest(chex.TestCase):
+    """Shapes and dtypes are chex assertions, checked while tracing: under ``jax.jit`` as eagerly."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_delta_asserts_shapes_and_dtype(self):
+        x, a, b, gate, _ = _random_adapter(10)
+        delta = self.variant(lambda x, a, b, gate, mixer: moe_lora_delta(x, a, b, gate, scale=1.0, mixer=mixer))
+        bad = [
+            ((x, a[0], b, gate, None), r"lora_a must be \(E, d_in, r\)"),
+            ((x, a, b[:, :2], gate, None), r"shape \(5, 2, 7\) but expected \(5, 3, None\)"),
+            ((x[..., :11], a, b, gate, None), r"shape \(2, 4, 11\) but expected \(\.\.\., 12\)"),
+            ((x, a, b, gate.T, None), r"shape \(5, 12\) but expected \(12, 5\)"),
+            ((x, a, b, gate, jnp.zeros((E, R, R + 1))), r"expected \(5, 3, 3\)"),
+            ((x.astype(np.int32), a, b, gate, None), "type int32 but expected"),
+        ]
+        for args, message in bad:
+            with self.assertRaisesRegex(AssertionError, message):
+                delta(*args)
+
+
+def test_delta_rejects_a_missing_gate_and_a_traced_scale():
     x, a, b, gate, _ = _random_adapter(10)
-    with pytest.raises(ValueError, match="does not match lora_a"):
-        moe_lora_delta(x, a, b[:, :2], gate, scale=1.0)
-    with pytest.raises(ValueError, match="x has 11 features"):
-        moe_lora_delta(x[..., :11], a, b, gate, scale=1.0)
     with pytest.raises(ValueError, match="need a gate"):
         moe_lora_delta(x, a, b, None, scale=1.0)
-    with pytest.raises(ValueError, match="gate has shape"):
-        moe_lora_delta(x, a, b, gate.T, scale=1.0)
-    with pytest.raises(ValueError, match="must be floating point"):
-        moe_lora_delta(x.astype(np.int32), a, b, gate, scale=1.0)
     with pytest.raises(TypeError, match="scale must be a static Python number"):
         jax.jit(lambda s: moe_lora_delta(x, a, b, gate, scale=s))(1.0)
+
+
+def test_mole_mixture_asserts_shapes():
+    x, a, b, _, _ = _random_adapter(10)
+    weights = jnp.full((*x.shape[:-1], E), 1.0 / E)
+    want = sum(x @ a[i] @ b[i] for i in range(E)) / E
+    np.testing.assert_allclose(lora_mixture(x, a, b, weights), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(AssertionError, match=r"expected \(2, 4, 5\)"):
+        lora_mixture(x, a, b, weights[..., :-1])
+    with pytest.raises(AssertionError, match="has type bfloat16 but expected"):
+        lora_mixture(x, a, b, weights.astype(jnp.bfloat16))
+
+
+def test_trainable_leaves_are_the_contracts_names():
+    """Every trainable leaf a module creates is named in ``adapter_leaves`` (the optimizer and export read them)."""
+    x = jnp.ones((2, D_IN))
+    moe = AdaptedDense(D_OUT, adapter=AdapterConfig(num_experts=E, rank=R, mixer=True)).init(jax.random.key(0), x)
+    mole = MoleGate(MoleConfig(num_loras=3, rank=R)).init(jax.random.key(0), x)
+    assert set(moe["adapters"]) == {*FACTOR_LEAVES, "gate"}
+    assert set(mole["adapters"]) == set(GATE_LEAVES)
 
 
 def test_module_init_matches_reference_and_starts_at_base():
@@ -378,5 +412,19 @@ def test_module_kernel_axes_box_every_leaf_with_logical_names():
     ],
 )
 def test_adapter_config_validation(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         AdapterConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_loras": 1, "rank": 2}, "at least 2 LoRAs"),
+        ({"num_loras": 2, "rank": 2, "gate": "model"}, "gate='model' must be 'layer' or 'block'"),
+        ({"num_loras": 2, "rank": 2, "tau": 0.0}, "tau=0.0 must be > 0"),
+        ({"num_loras": 2, "rank": 2, "masked": (0, 1)}, r"must name some \(not all\)"),
+    ],
+)
+def test_mole_config_validation(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        MoleConfig(**kwargs)

@@ -1,9 +1,13 @@
 """The output head at the loss targets only, chunked, with a fused backward, against the full-logits loss."""
 
+import functools
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 from moelora_jax import AdapterConfig
 from moelora_jax.data import target_positions
@@ -30,25 +34,47 @@ def _problem(seed=0, batch=3, length=13, dim=8, vocab=50):
     return hidden, head, tokens, jnp.asarray(loss_mask)
 
 
-@pytest.mark.parametrize("gathered", [True, False])
-@pytest.mark.parametrize("max_logits", [2**30, 2 * 3 * 50, 3 * 50])  # one chunk, chunks of 2, chunks of 1
-def test_head_loss_equals_the_full_logits_loss_with_its_gradient(gathered, max_logits):
-    hidden, head, tokens, loss_mask = _problem()
-    targets = jnp.asarray(target_positions(np.asarray(loss_mask), 9)) if gathered else None
+class HeadLossTest(chex.TestCase):
+    """``head_loss`` under ``jax.jit`` and eagerly (``chex.variants``)."""
 
-    def ours(h):
-        return head_loss(h, head, tokens, loss_mask, targets, max_logits=max_logits)[0]
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.product(gathered=(True, False), max_logits=(2**30, 2 * 3 * 50, 3 * 50))  # chunks of 9, 2, 1
+    def test_equals_the_full_logits_loss_with_its_gradient(self, gathered, max_logits):
+        hidden, head, tokens, loss_mask = _problem()
+        targets = jnp.asarray(target_positions(np.asarray(loss_mask), 9)) if gathered else None
+        loss = self.variant(functools.partial(head_loss, max_logits=max_logits))
 
-    def reference(h):
-        return full_logits_loss(h @ head, tokens, loss_mask)[0]
+        def ours(h):
+            return loss(h, head, tokens, loss_mask, targets)[0]
 
-    np.testing.assert_allclose(ours(hidden), reference(hidden), rtol=1e-6)
-    np.testing.assert_allclose(jax.grad(ours)(hidden), jax.grad(reference)(hidden), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(  # a cotangent other than 1 scales the fused gradient
-        jax.grad(lambda h: 2.5 * ours(h))(hidden), 2.5 * jax.grad(reference)(hidden), rtol=1e-5, atol=1e-6
-    )
-    count = head_loss(hidden, head, tokens, loss_mask, targets)[1]
-    assert float(count) == float(full_logits_loss(hidden @ head, tokens, loss_mask)[1]) == float(loss_mask[:, 1:].sum())
+        def reference(h):
+            return full_logits_loss(h @ head, tokens, loss_mask)[0]
+
+        np.testing.assert_allclose(ours(hidden), reference(hidden), rtol=1e-6)
+        np.testing.assert_allclose(jax.grad(ours)(hidden), jax.grad(reference)(hidden), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(  # a cotangent other than 1 scales the fused gradient
+            jax.grad(lambda h: 2.5 * ours(h))(hidden), 2.5 * jax.grad(reference)(hidden), rtol=1e-5, atol=1e-6
+        )
+        count = loss(hidden, head, tokens, loss_mask, targets)[1]
+        want = float(full_logits_loss(hidden @ head, tokens, loss_mask)[1])
+        assert float(count) == want == float(loss_mask[:, 1:].sum())
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_asserts_shapes_and_integer_tokens(self):
+        hidden, head, tokens, loss_mask = _problem()
+        targets = jnp.asarray(target_positions(np.asarray(loss_mask), 9))
+        loss = self.variant(head_loss)
+        bad = [
+            ((hidden[0], head, tokens, loss_mask, targets), r"rank 2 \(shape \(13, 8\)\) but expected 3"),
+            ((hidden, head.T, tokens, loss_mask, targets), r"shape \(50, 8\) but expected \(8, None\)"),
+            ((hidden, head, tokens[:, 1:], loss_mask, targets), r"shape \(3, 12\) but expected \(3, 13\)"),
+            ((hidden, head, tokens, loss_mask[:2], targets), r"shape \(2, 13\) but expected \(3, 13\)"),
+            ((hidden, head, tokens, loss_mask, targets[0]), r"shape \(9,\) but expected \(3, None\)"),
+            ((hidden, head, tokens.astype(jnp.float32), loss_mask, targets), "type float32 but expected"),
+        ]
+        for args, message in bad:
+            with self.assertRaisesRegex(AssertionError, message):
+                loss(*args)
 
 
 def test_uniform_logits_cost_log_vocab_per_target_only():
@@ -100,4 +126,4 @@ def test_model_outputs_agree_and_batch_loss_matches_full_logits():
     for b in (batch, gathered):
         got, grads = jax.value_and_grad(ours)(variables["adapters"], b)
         np.testing.assert_allclose(got, want, rtol=1e-6)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, want_grads)
+        chex.assert_trees_all_close(grads, want_grads, rtol=1e-4, atol=1e-6)

@@ -1,7 +1,10 @@
 """The adapter optimizer built from OptimConfig: groups, schedules, the reference AdamW."""
 
 import dataclasses
+from typing import NamedTuple
 
+import chex
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +12,8 @@ import optax
 import pytest
 
 from moelora_jax import riemann_precond
+from moelora_jax.adapter_leaves import leaf_name
+from moelora_jax.errors import UserError
 from moelora_jax.optim import OptimConfig, adapter_labels, build_optimizer, lr_schedule, scale_by_reference_adam
 
 
@@ -41,12 +46,67 @@ def test_reference_adam_has_no_bias_correction_and_eps_outside_the_sqrt():
     assert np.allclose(first, 0.1 / (np.sqrt(0.001) + 1e-6))  # bias-corrected Adam would give ~1.0
 
 
+def test_leaf_name_of_a_key_path():
+    tu = jax.tree_util
+    assert leaf_name((tu.DictKey("layers"), tu.DictKey("lora_a"))) == "lora_a"
+    assert leaf_name((tu.DictKey("layers"), tu.GetAttrKey("gate"))) == "gate"
+    for nameless in ((), (tu.DictKey("lora_a"), tu.SequenceKey(0)), (tu.DictKey(3),), (tu.FlattenedIndexKey(0),)):
+        assert leaf_name(nameless) is None
+
+
 def test_labels_by_leaf_name():
     labels = adapter_labels(_adapters())["layers"]["attn"]["q_proj"]
     assert labels == {"lora_a": "experts", "lora_b": "experts", "gate": "gate"}
     assert adapter_labels(_adapters(), frozen=("gate",))["layers"]["attn"]["q_proj"]["gate"] == "frozen"
     with pytest.raises(ValueError, match="kernel"):
         adapter_labels({"q": {"kernel": jnp.zeros(2)}})
+    with pytest.raises(ValueError, match=r"\['lora_a'\]\[0\] is not"):
+        adapter_labels({"lora_a": [jnp.zeros(2)]})
+
+
+class LayerTuple(NamedTuple):
+    lora_a: jax.Array
+    lora_b: jax.Array
+    gate: jax.Array
+
+
+@flax.struct.dataclass
+class LayerStruct:
+    lora_a: jax.Array
+    lora_b: jax.Array
+    gate: jax.Array
+
+
+@pytest.mark.parametrize("container", [LayerTuple, LayerStruct], ids=["namedtuple", "flax_struct"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        OptimConfig(family="adamw", lr=0.1, gate_lr=0.01, gate_clip_norm=0.5, riemann_reg=1e-3, weight_decay=0.1),
+        OptimConfig(family="reference_adamw", lr=0.05, gate_lr=0.01, riemann_reg=1e-2, gauss_seidel=True),
+        OptimConfig(family="sgd", lr=0.1, momentum=0.9, riemann=False, frozen=("gate",)),
+    ],
+    ids=["adamw", "gauss_seidel", "sgd_frozen_gate"],
+)
+def test_attribute_trees_are_labelled_and_optimized_like_dicts(container, config):
+    """Leaves named by attribute (NamedTuple, flax.struct: GetAttrKey) get the labels and the updates of the
+    equivalent dict tree, over steps of the whole optimizer."""
+
+    def as_attributes(tree):
+        return {"layers": {"attn": {"q_proj": container(**tree["layers"]["attn"]["q_proj"])}}}
+
+    adapters = _adapters()
+    assert adapter_labels(as_attributes(adapters), config.frozen) == as_attributes(
+        adapter_labels(adapters, config.frozen)
+    )
+    tx, tx_attr = build_optimizer(config, adapters), build_optimizer(config, as_attributes(adapters))
+    state, state_attr, attr = tx.init(adapters), tx_attr.init(as_attributes(adapters)), as_attributes(adapters)
+    step, step_attr = jax.jit(tx.update), jax.jit(tx_attr.update)
+    for seed in (1, 2):
+        grads = _grads(seed)
+        updates, state = step(grads, state, adapters)
+        updates_attr, state_attr = step_attr(as_attributes(grads), state_attr, attr)
+        chex.assert_trees_all_close(updates_attr, as_attributes(updates), rtol=1e-6, atol=1e-7)
+        adapters, attr = optax.apply_updates(adapters, updates), optax.apply_updates(attr, updates_attr)
 
 
 def test_groups_get_their_own_chains():
@@ -90,11 +150,30 @@ def test_schedule_warms_up_then_decays_like_the_reference():
         ({"riemann_reg": 0.0}, "riemann_reg=0.0"),
         ({"warmup_steps": 10, "decay_steps": 5}, "decay_steps=5"),
         ({"gate_clip_norm": 0.0}, "gate_clip_norm=0.0"),
+        ({"gauss_seidel": True, "riemann": False}, "needs riemann=True"),
     ],
 )
 def test_bad_optim_config_fails_clearly(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         OptimConfig(**kwargs)
+
+
+def test_riemann_refuses_frozen_leaves_that_split_the_factors():
+    """``riemann_precond`` needs an adapter's factors in one group: freezing some of them fails at build time."""
+    plain = _adapters()
+    moslora = {"q": {"lora_a": jnp.ones((2, 8, 2)), "lora_b": jnp.ones((2, 2, 6)), "mixer": jnp.ones((2, 2, 2))}}
+    for adapters, frozen in ((plain, ("lora_b",)), (moslora, ("mixer",)), (moslora, ("lora_a", "lora_b"))):
+        with pytest.raises(UserError, match=r"splits the adapters' lora_a / lora_b.* freeze all of them or none"):
+            build_optimizer(OptimConfig(frozen=frozen), adapters)
+        build_optimizer(OptimConfig(frozen=frozen, riemann=False), adapters)
+    build_optimizer(OptimConfig(frozen=("lora_a", "lora_b", "mixer")), plain)  # frozen names absent from a tree
+
+
+def test_gauss_seidel_refuses_a_mixer():
+    adapters = {"q": {"lora_a": jnp.ones((2, 8, 2)), "lora_b": jnp.ones((2, 2, 6)), "mixer": jnp.ones((2, 2, 2))}}
+    tx = build_optimizer(OptimConfig(gauss_seidel=True), adapters)
+    with pytest.raises(UserError, match=r"supports lora_a / lora_b experts only, not \['mixer'\]"):
+        tx.init(adapters)
 
 
 def test_gauss_seidel_mode_follows_the_reference_scaled_adamw():
@@ -127,5 +206,3 @@ def test_gauss_seidel_mode_follows_the_reference_scaled_adamw():
         b = b + adam("b", np.linalg.inv(np.swapaxes(a, -1, -2) @ a + reg * eye) @ gb)  # the *updated* a
     np.testing.assert_allclose(adapters["layers"]["attn"]["q_proj"]["lora_a"], a, rtol=2e-4, atol=1e-6)
     np.testing.assert_allclose(adapters["layers"]["attn"]["q_proj"]["lora_b"], b, rtol=2e-4, atol=1e-6)
-    with pytest.raises(ValueError, match="needs riemann=True"):
-        OptimConfig(gauss_seidel=True, riemann=False)

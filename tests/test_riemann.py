@@ -1,10 +1,15 @@
 """riemann_precond against the per-expert closed form, through Optax chains, partitions, jit and a device mesh."""
 
+from typing import NamedTuple
+
+import chex
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from absl.testing import parameterized
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -57,18 +62,55 @@ def _closed_form(params: dict, grads: dict, reg: float, mixer: bool) -> dict:
     return out
 
 
-@pytest.mark.parametrize("mixer", [False, True])
-@pytest.mark.parametrize("reg", [1e-6, 1e-2])
-def test_matches_per_expert_closed_form(mixer, reg):
-    params, grads = _adapter_tree(0, mixer), _adapter_tree(1, mixer)
-    tx = riemann_precond(reg)
-    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
-    for proj in ("q", "k"):
-        want = _closed_form(params["attn"][proj], grads["attn"][proj], reg, mixer)
-        for name, value in want.items():
-            # float32 solves of damped Grams: error relative to the array's scale, not each entry's.
-            atol = 1e-5 * np.abs(value).max()
-            np.testing.assert_allclose(updates["attn"][proj][name], value, rtol=1e-4, atol=atol, err_msg=name)
+class ProjTuple(NamedTuple):
+    """One projection's leaves as attributes (``GetAttrKey`` paths) instead of dict keys."""
+
+    kernel: jax.Array
+    lora_a: jax.Array
+    lora_b: jax.Array
+    gate: jax.Array
+    mixer: jax.Array
+
+
+@flax.struct.dataclass
+class ProjStruct:
+    kernel: jax.Array
+    lora_a: jax.Array
+    lora_b: jax.Array
+    gate: jax.Array
+    mixer: jax.Array
+
+
+def _as_attributes(tree: dict, container: type) -> dict:
+    """``tree`` with each projection's dict of leaves replaced by a ``container`` of the same leaves."""
+    return {**tree, "attn": {proj: container(**leaves) for proj, leaves in tree["attn"].items()}}
+
+
+class RiemannPrecondTest(chex.TestCase):
+    """The update traced under ``jax.jit`` and run eagerly (``chex.variants``)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.product(mixer=(False, True), reg=(1e-6, 1e-2))
+    def test_matches_per_expert_closed_form(self, mixer, reg):
+        params, grads = _adapter_tree(0, mixer), _adapter_tree(1, mixer)
+        tx = riemann_precond(reg)
+        updates, _ = self.variant(tx.update)(grads, tx.init(params), params)
+        for proj in ("q", "k"):
+            want = _closed_form(params["attn"][proj], grads["attn"][proj], reg, mixer)
+            for name, value in want.items():
+                # float32 solves of damped Grams: error relative to the array's scale, not each entry's.
+                atol = 1e-5 * np.abs(value).max()
+                np.testing.assert_allclose(updates["attn"][proj][name], value, rtol=1e-4, atol=atol, err_msg=name)
+
+
+@pytest.mark.parametrize("container", [ProjTuple, ProjStruct], ids=["namedtuple", "flax_struct"])
+def test_attribute_trees_are_preconditioned_like_dicts(container):
+    """Factors found by attribute name (GetAttrKey paths) exactly as by dict key."""
+    params, grads = _adapter_tree(0, mixer=True), _adapter_tree(1, mixer=True)
+    update = jax.jit(riemann_precond(1e-3).update)
+    want, _ = update(grads, optax.EmptyState(), params)
+    got, _ = update(_as_attributes(grads, container), optax.EmptyState(), _as_attributes(params, container))
+    chex.assert_trees_all_close(got, _as_attributes(want, container), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("rank", [1, 16, 33])
@@ -139,7 +181,7 @@ def test_first_in_a_chain_equals_preconditioning_by_hand(optimizer):
         pre, _ = precondition(grads, optax.EmptyState(), params)
         want, state_o = step_o(pre, state_o, params)
         got, state_c = step_c(grads, state_c, params)
-        jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7), got, want)
+        chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
         params = optax.apply_updates(params, got)
 
 
@@ -190,15 +232,14 @@ def test_sharded_update_equals_unsharded_and_keeps_shardings(axis_type):
     with jax.set_mesh(mesh):
         sharded_params, sharded_grads = jax.device_put(params, shardings), jax.device_put(grads, shardings)
         got, _ = jax.jit(tx.update)(sharded_grads, tx.init(sharded_params), sharded_params)
-    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7), got, want)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
     for proj in ("q", "k"):
         for name, value in got["attn"][proj].items():
             assert value.sharding.is_equivalent_to(shardings["attn"][proj][name], value.ndim), (proj, name)
 
 
-def test_factors_found_by_attribute_name_in_a_namedtuple():
-    """Factors found by attribute name (GetAttrKey) as well as dict key; leading axes optional."""
-    from typing import NamedTuple
+def test_unstacked_factors_in_a_namedtuple():
+    """No leading (layer, expert) axes: one ``(d_in, r)`` / ``(r, d_out)`` adapter, found by attribute name."""
 
     class Lora(NamedTuple):
         lora_a: jax.Array

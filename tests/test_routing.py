@@ -63,6 +63,20 @@ def test_balance_loss_is_one_when_even_and_e_over_k_when_collapsed():
     np.testing.assert_allclose(load_metrics(stats)["expert_load"], [0.5, 0.5] + [0.0] * 6, atol=1e-7)
 
 
+def test_stats_assert_their_shapes():
+    logits, weights = jnp.zeros((2, 3, 4, 5)), jnp.ones((3, 4))
+    bad = [
+        ([GateRouting(logits[0], None)], weights, r"shape \(3, 4, 5\) but expected \(None, 3, 4, None\)"),
+        ([GateRouting(logits, None)], weights[:, :2], r"shape \(2, 3, 4, 5\) but expected \(None, 3, 2, None\)"),
+        ([GateRouting(logits, logits)], weights, "type float32 but expected bool"),
+        ([GateRouting(logits, logits[..., :2] > 0)], weights, "different shapes"),
+        ([GateRouting(logits, None), GateRouting(logits[..., :3], None)], weights, r"at dims -1: \[5, 3\]"),
+    ]
+    for routings, token_weights, message in bad:
+        with pytest.raises(AssertionError, match=message):
+            jax.jit(router_stats)(routings, token_weights)
+
+
 @pytest.mark.parametrize("loss", [balance_loss, z_loss])
 def test_gradients_match_finite_differences(loss):
     logits = jax.random.normal(jax.random.key(0), (2, 3, 4, 5))  # no near-ties: the top-k sets stay put
