@@ -8,6 +8,7 @@ from moelora_jax.adapters import (
     moe_lora_delta,
     topk_softmax_gate,
 )
+from moelora_jax.errors import UserError
 from moelora_jax.riemann import riemann_precond
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "AdapterConfig",
     "GateRouting",
     "MoleConfig",
+    "UserError",
     "moe_lora_delta",
     "riemann_precond",
     "topk_softmax_gate",

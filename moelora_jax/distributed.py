@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from moelora_jax.errors import UserError, check_choice
+
 INITIALIZE_CHOICES = ("auto", "yes", "no")
 
 
@@ -34,12 +36,11 @@ def initialize(mode: str = "auto", coordinator_address: str = "", num_processes:
     ``process_id`` go with an explicit coordinator (e.g. ``127.0.0.1:1234``, 2, 0 on localhost). CPU processes
     exchange collectives over gloo.
     """
-    if mode not in INITIALIZE_CHOICES:
-        raise ValueError(f"distributed.initialize={mode!r} must be one of {INITIALIZE_CHOICES}.")
+    check_choice("distributed.initialize", mode, INITIALIZE_CHOICES)
     if mode == "no" or (mode == "auto" and not coordinator_address and not on_cloud_tpu_vm()):
         return False
     if coordinator_address and (num_processes < 1 or not 0 <= process_id < num_processes):
-        raise ValueError(
+        raise UserError(
             f"distributed.coordinator_address={coordinator_address!r} needs distributed.num_processes >= 1 and "
             f"0 <= distributed.process_id < num_processes (got {num_processes}, {process_id})."
         )

@@ -29,8 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from moelora_jax.adapter_leaves import ADAPTER_LEAVES
 from moelora_jax.adapters import AdapterConfig
 from moelora_jax.atomic import atomic_directory
+from moelora_jax.errors import UserError
 from moelora_jax.models.llama import LlamaConfig
 from moelora_jax.pretrained import SafetensorsFile, hf_tensors, save_safetensors
 
@@ -55,6 +57,8 @@ def _layer_leaves(adapters: dict[str, Any], targets: Sequence[str]) -> dict[tupl
     for target in targets:
         block, proj, _ = MODULES[target]
         for leaf, value in adapters["layers"][block][proj].items():
+            if leaf not in ADAPTER_LEAVES:
+                raise ValueError(f"adapter leaf {target}.{leaf} is not one of {ADAPTER_LEAVES}: it would not load.")
             out[target, leaf] = np.asarray(jax.device_get(value), np.float32)
     return out
 
@@ -112,17 +116,15 @@ def load_adapters(directory: str | os.PathLike) -> ExportedAdapters:
     directory = Path(directory)
     config_path, tensors_path = directory / ADAPTERS_CONFIG, directory / ADAPTERS_FILE
     if not config_path.exists() or not tensors_path.exists():
-        raise FileNotFoundError(
-            f"{directory} is not an adapter export: it needs {ADAPTERS_CONFIG} and {ADAPTERS_FILE}."
-        )
+        raise UserError(f"{directory} is not an adapter export: it needs {ADAPTERS_CONFIG} and {ADAPTERS_FILE}.")
     info = json.loads(config_path.read_text())
     if info.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{config_path} has export format {info.get('format')}; this version reads {EXPORT_FORMAT}.")
+        raise UserError(f"{config_path} has export format {info.get('format')}; this version reads {EXPORT_FORMAT}.")
     reader = SafetensorsFile(tensors_path)
     by_target: dict[tuple[str, ...], list[np.ndarray]] = {}
     for target in info["targets"]:
         block, proj, module = MODULES[target]
-        for leaf in ("lora_a", "lora_b", "gate", "mixer"):
+        for leaf in ADAPTER_LEAVES:
             names = [f"model.layers.{i}.{module}.{leaf}" for i in range(info["num_layers"])]
             if names[0] in reader:
                 by_target["layers", block, proj, leaf] = [reader.get(n) for n in names]
@@ -138,12 +140,12 @@ def load_adapters(directory: str | os.PathLike) -> ExportedAdapters:
 
 def _require_plain_lora(adapter: AdapterConfig, what: str, allow_mixer: bool) -> None:
     if adapter.num_experts != 1:
-        raise ValueError(
+        raise UserError(
             f"{what} needs plain LoRA (adapter.kind=lora), but this adapter mixes {adapter.num_experts} experts by "
             "an input-dependent gate: use the adapters.safetensors export."
         )
     if adapter.mixer and not allow_mixer:
-        raise ValueError(f"{what} has no MoSLoRA mixer: use the merged or the adapters.safetensors export.")
+        raise UserError(f"{what} has no MoSLoRA mixer: use the merged or the adapters.safetensors export.")
 
 
 def export_peft(

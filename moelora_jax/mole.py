@@ -22,6 +22,7 @@ from flax import traverse_util
 
 from moelora_jax.adapters import MoleConfig
 from moelora_jax.atomic import atomic_directory
+from moelora_jax.errors import UserError
 from moelora_jax.export import ADAPTERS_CONFIG, MODULES, load_adapters, plain_lora_factors
 from moelora_jax.models.llama import LlamaConfig
 from moelora_jax.pretrained import SafetensorsFile, save_safetensors
@@ -44,7 +45,7 @@ class LoraStack:
 def _read_ours(directory: Path, model_config: LlamaConfig) -> Factors:
     exported = load_adapters(directory)
     if exported.adapter.num_experts != 1:
-        raise ValueError(
+        raise UserError(
             f"{directory} holds a mixture of {exported.adapter.num_experts} experts; MoLE mixes plain LoRAs "
             "(adapter.kind=lora)."
         )
@@ -60,9 +61,9 @@ def _read_ours(directory: Path, model_config: LlamaConfig) -> Factors:
 def _read_peft(directory: Path, model_config: LlamaConfig) -> Factors:
     config = json.loads((directory / PEFT_CONFIG).read_text())
     if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
-        raise ValueError(f"{directory} is not a plain LoRA (peft_type {config.get('peft_type')}, DoRA or similar).")
+        raise UserError(f"{directory} is not a plain LoRA (peft_type {config.get('peft_type')}, DoRA or similar).")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise ValueError(f"{directory} sets rank_pattern/alpha_pattern, which MoLE does not read: export plain LoRA.")
+        raise UserError(f"{directory} sets rank_pattern/alpha_pattern, which MoLE does not read: export plain LoRA.")
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     reader = SafetensorsFile(directory / PEFT_WEIGHTS)
@@ -75,7 +76,7 @@ def _read_peft(directory: Path, model_config: LlamaConfig) -> Factors:
         b = np.stack([reader.get(n.format("B")).T for n in names]).astype(np.float32)
         factors[target] = (a, scale * b)
     if not factors:
-        raise ValueError(f"{directory}/{PEFT_WEIGHTS} has no LoRA weights for a LLaMA projection this base model has.")
+        raise UserError(f"{directory}/{PEFT_WEIGHTS} has no LoRA weights for a LLaMA projection this base model has.")
     return factors
 
 
@@ -83,7 +84,7 @@ def _same_base(directory: Path, theirs: LlamaConfig, ours: LlamaConfig) -> None:
     if dataclasses.replace(theirs, eos_token_ids=(), bos_token_id=None, pad_token_id=None) != dataclasses.replace(
         ours, eos_token_ids=(), bos_token_id=None, pad_token_id=None
     ):
-        raise ValueError(f"{directory} was trained on another base model ({theirs}); MoLE needs LoRAs of model.path.")
+        raise UserError(f"{directory} was trained on another base model ({theirs}); MoLE needs LoRAs of model.path.")
 
 
 def read_lora(directory: str | os.PathLike, model_config: LlamaConfig) -> Factors:
@@ -97,16 +98,14 @@ def read_lora(directory: str | os.PathLike, model_config: LlamaConfig) -> Factor
     raise _not_a_lora(directory)
 
 
-def _not_a_lora(directory: Path) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"{directory} is not a LoRA: it needs {ADAPTERS_CONFIG} (our export) or {PEFT_CONFIG} (PEFT)."
-    )
+def _not_a_lora(directory: Path) -> UserError:
+    return UserError(f"{directory} is not a LoRA: it needs {ADAPTERS_CONFIG} (our export) or {PEFT_CONFIG} (PEFT).")
 
 
 def stack_loras(directories: Sequence[str | os.PathLike], model_config: LlamaConfig) -> LoraStack:
     """``N >= 2`` LoRAs as one frozen stack over the union of their targets (see the module docstring)."""
     if len(directories) < 2:
-        raise ValueError(f"MoLE mixes at least 2 LoRAs; got {len(directories)}: list them in mole.loras.")
+        raise UserError(f"MoLE mixes at least 2 LoRAs; got {len(directories)}: list them in mole.loras.")
     loras = [read_lora(d, model_config) for d in directories]
     targets = tuple(t for t in MODULES if any(t in lora for lora in loras))
     rank = max(a.shape[-1] for lora in loras for a, _ in lora.values())
@@ -115,7 +114,7 @@ def stack_loras(directories: Sequence[str | os.PathLike], model_config: LlamaCon
         shapes = [(a.shape[:2], b.shape[::2]) for lora in loras if target in lora for a, b in [lora[target]]]
         (layers, d_in), (_, d_out) = shapes[0]
         if any(s != shapes[0] for s in shapes):
-            raise ValueError(f"the LoRAs' {target} projections differ in shape ({shapes}): they are for other bases.")
+            raise UserError(f"the LoRAs' {target} projections differ in shape ({shapes}): they are for other bases.")
         a_stack = np.zeros((layers, len(loras), d_in, rank), np.float32)
         b_stack = np.zeros((layers, len(loras), rank, d_out), np.float32)
         for i, lora in enumerate(loras):
@@ -133,7 +132,7 @@ def with_loras(params: dict[str, Any], stack: LoraStack) -> dict[str, Any]:
         block, proj, _ = MODULES[target]
         kernel = flat["layers", block, proj, "kernel"].shape
         if kernel != (a.shape[0], a.shape[2], b.shape[3]):
-            raise ValueError(
+            raise UserError(
                 f"the LoRAs' {target} projection is {a.shape[0]} x {a.shape[2]} -> {b.shape[3]} but model.path's is "
                 f"{kernel[0]} x {kernel[1]} -> {kernel[2]}: they were trained on another base model."
             )
@@ -191,9 +190,7 @@ def load_mole(directory: str | os.PathLike) -> tuple[MoleConfig, tuple[str, ...]
     directory = Path(directory)
     info = json.loads((directory / MOLE_CONFIG).read_text())
     if info.get("format") != MOLE_FORMAT:
-        raise ValueError(
-            f"{directory / MOLE_CONFIG} has format {info.get('format')}; this version reads {MOLE_FORMAT}."
-        )
+        raise UserError(f"{directory / MOLE_CONFIG} has format {info.get('format')}; this version reads {MOLE_FORMAT}.")
     reader = SafetensorsFile(directory / MOLE_GATES)
     adapters = traverse_util.unflatten_dict({tuple(name.split("/")): reader.get(name) for name in reader})
     mole = info["mole"] | {"masked": tuple(info["mole"]["masked"])}

