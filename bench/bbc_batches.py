@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from moelora_jax.config_file import load_config as load_config_file
-from moelora_jax.data import Encoded, batch_indices, encode_example
+from moelora_jax.data import Encoded, batch_indices, encode_examples
 from moelora_jax.pretrained import load_config, load_tokenizer, resolve_model_dir
-from moelora_jax.run import Plan, plan
+from moelora_jax.settings import Settings
 from moelora_jax.tasks import load_task
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "llama_moelora.py"
@@ -20,7 +20,7 @@ class Command1:
     """``configs/llama_moelora.py`` as command 1 runs it: its config, settings, model and encoded BBC examples."""
 
     config: Any
-    settings: Plan
+    settings: Settings
     directory: Path
     model_config: Any
     tokenizer: Any
@@ -32,8 +32,8 @@ class Command1:
         directory = resolve_model_dir(None)
         tokenizer = load_tokenizer(directory)
         _, examples = load_task(config.data.task, None, config.data.train_split)
-        encoded = [encode_example(tokenizer, e, config.data.max_length) for e in examples]
-        return cls(config, plan(config), directory, load_config(directory), tokenizer, encoded)
+        encoded, _ = encode_examples(tokenizer, examples, config.data.max_length)
+        return cls(config, Settings.from_config(config), directory, load_config(directory), tokenizer, encoded)
 
     def step_examples(self, batch_size: int, steps: int) -> list[list[Encoded]]:
         """The examples of training steps ``0 .. steps - 1`` (seed 0), as the trainer draws them."""

@@ -37,18 +37,29 @@ def worker(steps: int, batch_size: int) -> None:
     from moelora_jax.models.llama import Llama, abstract_variables
     from moelora_jax.optim import build_optimizer
     from moelora_jax.pretrained import load_config, load_params, load_tokenizer, resolve_model_dir
-    from moelora_jax.run import plan
     from moelora_jax.sharding import make_mesh
     from moelora_jax.tasks import load_task
     from moelora_jax.trainer import Trainer
 
     config = load_config_file(Path.cwd() / "configs" / "llama_moelora.py")
-    settings = plan(config)
+    try:  # a tree with validated settings sections
+        from moelora_jax.settings import Settings
+
+        settings = Settings.from_config(config)
+        adapter, targets, data_settings = settings.adapter.config, settings.adapter.targets, settings.data
+    except ImportError:
+        from moelora_jax.run import plan
+
+        settings = plan(config)
+        adapter, targets, data_settings = settings.adapter, settings.targets, config.data
     directory = resolve_model_dir(None)
     model_config, tokenizer = load_config(directory), load_tokenizer(directory)
     _, examples = load_task(config.data.task, None, config.data.train_split)
-    encoded = [data.encode_example(tokenizer, e, config.data.max_length) for e in examples]
-    model = Llama(model_config, adapter=settings.adapter, adapter_targets=settings.targets)
+    if hasattr(data, "encode_examples"):  # a tree with overflow policies
+        encoded = data.encode_examples(tokenizer, examples, config.data.max_length)[0]
+    else:
+        encoded = [data.encode_example(tokenizer, e, config.data.max_length) for e in examples]
+    model = Llama(model_config, adapter=adapter, adapter_targets=targets)
     trainer = Trainer(
         model, build_optimizer(settings.optim, nn.unbox(abstract_variables(model))["adapters"]), make_mesh()
     )
@@ -56,7 +67,7 @@ def worker(steps: int, batch_size: int) -> None:
     try:  # a tree with batch layouts builds batches as its trainer does
         from moelora_jax.run import batch_layout
 
-        layout = batch_layout(config.data, encoded, 1)
+        layout = batch_layout(data_settings, encoded, 1)
     except ImportError:
         layout = lambda rows, pad: data.collate(rows, config.data.max_length, pad)  # noqa: E731
     batches = []

@@ -51,13 +51,15 @@ def _status_bytes(field: str) -> int:
 def probe(kind: str, batch_size: int, remat: str) -> dict[str, int]:
     """XLA's temporary bytes and the peak RSS growth of one ``kind`` call, measured in this process."""
     job = Command1.load()
-    model = Llama(job.model_config, adapter=job.settings.adapter, adapter_targets=job.settings.targets, remat=remat)
+    model = Llama(
+        job.model_config, adapter=job.settings.adapter.config, adapter_targets=job.settings.adapter.targets, remat=remat
+    )
     trainer = Trainer(
         model, build_optimizer(job.settings.optim, nn.unbox(abstract_variables(model))["adapters"]), make_mesh()
     )
     params = load_params(job.directory, job.model_config, shardings=trainer.shardings["params"])
     examples = job.step_examples(batch_size, 1)[0]
-    batch = batch_layout(job.config.data, job.encoded, 1)(examples, job.tokenizer.pad_token_id)
+    batch = batch_layout(job.settings.data, job.encoded, 1)(examples, job.tokenizer.pad_token_id)
     if kind == "train":
         holder = {"state": trainer.init(jax.random.key(0))}
         micro = trainer.put_batch(jax.tree.map(lambda x: x[None], batch), leading=1)

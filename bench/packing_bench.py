@@ -54,7 +54,10 @@ def run(batch_size: int, steps: int, pack_lengths: list[int], remat: str) -> dic
     trainers = {}
     for policy in ("none", remat):
         model = Llama(
-            job.model_config, adapter=job.settings.adapter, adapter_targets=job.settings.targets, remat=policy
+            job.model_config,
+            adapter=job.settings.adapter.config,
+            adapter_targets=job.settings.adapter.targets,
+            remat=policy,
         )
         optimizer = build_optimizer(job.settings.optim, nn.unbox(abstract_variables(model))["adapters"])
         trainers[policy] = Trainer(model, optimizer, make_mesh())

@@ -101,7 +101,7 @@ def run(data: str, batch: int, length: int, steps: int) -> dict[str, Any]:
         examples = job.step_examples(batch, steps)
         pad = job.tokenizer.pad_token_id
         dense = [Layout(job.config.data.max_length)(e, pad) for e in examples]  # PEFT's rows come from these
-        ours = [batch_layout(job.config.data, job.encoded, 1)(e, pad) for e in examples]
+        ours = [batch_layout(job.settings.data, job.encoded, 1)(e, pad) for e in examples]
     else:
         directory = resolve_model_dir(None)
         config = load_config(directory)

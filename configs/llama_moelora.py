@@ -66,7 +66,8 @@ def get_config(preset: str = "") -> ConfigDict:
     config.data.eval_path = ""  # empty: the train file (its eval_split)
     config.data.train_split = "train"
     config.data.eval_split = "test"
-    config.data.max_length = 192  # one example's most tokens (the prompt is cut from the left to fit)
+    config.data.max_length = 192  # one example's most tokens
+    config.data.overflow = "truncate"  # a longer example: truncate (its prompt text) | drop (counted) | error
     config.data.packing = True  # several examples per row (segment-masked attention); False: one, left-padded
     config.data.pack_length = 0  # packed row length; 0: max_length (longer rows fit more, at quadratic attention cost)
     config.data.length_bucket = 32  # packed rows and generation prompts are padded to a multiple of this
@@ -84,6 +85,7 @@ def get_config(preset: str = "") -> ConfigDict:
     config.train.eval_batch_size = 32
     config.train.max_new_tokens = 8
     config.train.log_every = 1
+    config.train.max_skipped_fraction = 0.5  # stop with an error when more updates than this are non-finite
 
     config.checkpoint = ConfigDict()
     config.checkpoint.every = 25  # steps between checkpoints; 0: only at the end (and when stopped by a signal)

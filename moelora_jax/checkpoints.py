@@ -30,6 +30,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax.traverse_util import flatten_dict
 
+from moelora_jax.errors import UserError, check_at_least
 from moelora_jax.trainer import TrainState
 
 FORMAT = 1
@@ -56,8 +57,7 @@ class Checkpoints:
     """
 
     def __init__(self, directory: str | os.PathLike, fingerprint: dict[str, Any], *, keep: int = 3) -> None:
-        if keep < 1:
-            raise ValueError(f"checkpoint.keep={keep} must be >= 1.")
+        check_at_least("checkpoint.keep", keep, 1)
         self.directory = Path(directory).absolute()
         self.fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back: tuples become lists
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
@@ -80,7 +80,7 @@ class Checkpoints:
         need = sum(x.nbytes for x in jax.tree.leaves(state)) + _SPACE_MARGIN
         free = _free_bytes(self.directory)
         if free < need:
-            raise OSError(
+            raise UserError(
                 f"checkpoint {step} needs about {need / 2**20:.1f} MiB but {self.directory} has {free / 2**20:.1f} MiB "
                 f"free; the complete checkpoints there (steps {self.steps()}) are intact: free space, then rerun to "
                 "resume."
@@ -98,26 +98,27 @@ class Checkpoints:
     def restore(self, like: TrainState, step: int | None = None) -> TrainState:
         """Checkpoint ``step`` (default: the latest) read onto the shapes, dtypes and shardings of ``like``.
 
-        Raises a one-line ``ValueError`` when there is no such checkpoint, when it was written by another
-        configuration (listing what differs), or when it cannot be read (e.g. truncated).
+        Raises a one-line ``UserError`` when there is no such checkpoint, when it was written by another
+        configuration (listing what differs), or when its files cannot be read (e.g. truncated: orbax and
+        tensorstore report that as an ``OSError`` or ``ValueError``; any other exception is a bug and propagates).
         """
         steps = self.steps()
         if step is None:
             if not steps:
-                raise ValueError(f"no checkpoint to resume from in {self.directory}.")
+                raise UserError(f"no checkpoint to resume from in {self.directory}.")
             step = steps[-1]
         if step not in steps:
-            raise ValueError(f"no checkpoint for step {step} in {self.directory}: it has steps {steps}.")
+            raise UserError(f"no checkpoint for step {step} in {self.directory}: it has steps {steps}.")
         path = self.directory / str(step)
         try:
             meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        except Exception as e:  # any failure to read is reported the same way
-            raise ValueError(_unreadable(path, steps, step, e)) from e
+        except _UNREADABLE as e:
+            raise UserError(_unreadable(path, steps, step, e)) from e
         if meta.get("format") != FORMAT:
-            raise ValueError(f"checkpoint {path} has format {meta.get('format')}, this version reads {FORMAT}.")
+            raise UserError(f"checkpoint {path} has format {meta.get('format')}, this version reads {FORMAT}.")
         differences = fingerprint_differences(meta["fingerprint"], self.fingerprint)
         if differences:
-            raise ValueError(
+            raise UserError(
                 f"checkpoint {path} belongs to another configuration ({'; '.join(differences)}): resume with the "
                 "settings it was written with, or write this run to another output_dir."
             )
@@ -126,8 +127,8 @@ class Checkpoints:
             restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))[
                 "state"
             ]
-        except Exception as e:
-            raise ValueError(_unreadable(path, steps, step, e)) from e
+        except _UNREADABLE as e:
+            raise UserError(_unreadable(path, steps, step, e)) from e
         return restored._replace(rng=jax.random.wrap_key_data(restored.rng))
 
     def wait(self) -> None:
@@ -142,16 +143,20 @@ class Checkpoints:
 
     @contextlib.contextmanager
     def _reporting_write_errors(self) -> Iterator[None]:
-        """A failed background save (full disk, lost permissions...) as one ``OSError`` line."""
+        """A failed background save (full disk, lost permissions...) as one ``UserError`` line."""
         try:
             yield
-        except Exception as e:
-            raise OSError(
+        except _UNREADABLE as e:
+            raise UserError(
                 f"a checkpoint could not be written to {self.directory} ({_first_line(e, 300)}); the complete "
                 f"checkpoints there (steps {self.steps()}) are intact: free space or fix the directory, then rerun to "
                 "resume."
             ) from e
 
+
+_UNREADABLE = (OSError, ValueError)
+"""What orbax and tensorstore raise for files that cannot be read or written: tensorstore's errors are
+``ValueError``, a JSON file cut short gives ``json.JSONDecodeError`` (also a ``ValueError``), the OS ``OSError``."""
 
 _SPACE_MARGIN = 1 << 20
 """Bytes asked for beyond the arrays' own size (metadata, JSON), before a save is started."""

@@ -2,9 +2,10 @@
 
 Each example is tokenized as ``prompt_ids + response_ids + [eos]`` from two separate tokenizer calls, and the loss
 mask marks exactly the response and end tokens, so labels come from the very ids the model reads and can never be
-misaligned. A sequence longer than the window loses prompt tokens from the left (the instruction's end and the
-whole response are kept); a prompt that leaves no room for its response is an error. The training order is a
-permutation drawn from ``(seed, epoch)`` so that any position of any epoch can be reproduced.
+misaligned. An example longer than the window follows an overflow policy (:data:`OVERFLOW_POLICIES`): an error,
+dropped, or (the default) truncated by cutting text from the start of the prompt, inside the chat template, so the
+template's header, the instruction at the prompt's end, the assistant header and the whole response are kept. The
+training order is a permutation drawn from ``(seed, epoch)`` so that any position of any epoch can be reproduced.
 
 Batches come in two layouts. ``collate`` left-pads one example per row to the window (one compiled shape;
 generation needs left padding). ``pack`` places several examples in each row, first-fit decreasing, with segment
@@ -17,21 +18,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+
+from moelora_jax.errors import UserError
+
+Overflow = Literal["error", "drop", "truncate"]
+OVERFLOW_POLICIES: tuple[Overflow, ...] = ("error", "drop", "truncate")
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One task instance: the text the model reads, the target it should produce, and the label the target encodes
-    (what evaluation compares, e.g. ``"B"``, ``"Yes"``, ``"business"``)."""
+    """One task instance: the text the model reads, the target it should produce, the label the target encodes
+    (what evaluation compares, e.g. ``"B"``, ``"Yes"``, ``"business"``) and where it was read (``file:line``, for
+    messages)."""
 
     prompt: str
     response: str
     label: str = ""
+    source: str = dataclasses.field(default="", compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,23 +51,56 @@ class Encoded:
     loss_mask: np.ndarray
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a JSON-lines file; a malformed line fails with its line number."""
+@dataclasses.dataclass(frozen=True)
+class OverflowCounts:
+    """What the overflow policy did to a list of examples: ``kept``, the indices of the examples encoded (in order,
+    one per encoding returned), and how many were ``truncated`` (among the kept) and ``dropped``."""
+
+    kept: tuple[int, ...]
+    truncated: int
+    dropped: int
+
+
+def require_file(path: str | Path) -> Path:
+    """``path`` as a ``Path``; a :class:`UserError` when it is not a file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file {path} not found.")
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+        raise UserError(f"data file {path} not found: check the path.")
+    return path
+
+
+def read_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """``(line number from 1, text with its line end)`` of each line of a UTF-8 file; a BOM at the file's start is
+    dropped, and a line that is not valid UTF-8 fails with its number."""
+    path = require_file(path)
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: malformed JSON line ({e.msg}); fix or remove that line.") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}.")
-            records.append(record)
+                text = (raw.removeprefix(_UTF8_BOM) if number == 1 else raw).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(
+                    f"{path}:{number}: not valid UTF-8 ({e.reason} at byte {e.start + 1} of the line): "
+                    "re-save the file as UTF-8."
+                ) from None
+            yield number, text
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` of each non-blank line of a JSON-lines file; a malformed line fails with its number."""
+    records = []
+    for number, line in read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{number}: malformed JSON line ({e.msg}); fix or remove that line.") from None
+        if not isinstance(record, dict):
+            raise UserError(
+                f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}: "
+                "write one {...} record per line."
+            )
+        records.append((number, record))
     return records
 
 
@@ -76,35 +118,90 @@ def format_prompt(tokenizer: Any, prompt: str, use_chat_template: bool) -> tuple
     return prompt, True
 
 
-def encode_example(
-    tokenizer: Any, example: Example, max_length: int, *, use_chat_template: bool = True, index: int | None = None
-) -> Encoded:
-    """``prompt + response + eos`` tokens and their loss mask, left-truncating the prompt to fit ``max_length``."""
-    text, special = format_prompt(tokenizer, example.prompt, use_chat_template)
-    prompt_ids = tokenizer(text, add_special_tokens=special)["input_ids"]
-    response_ids = [*tokenizer(example.response, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
-    room = max_length - len(response_ids)
-    where = "" if index is None else f"example {index}: "
-    if room < 1:
-        raise ValueError(
-            f"{where}the response needs {len(response_ids)} tokens but the window is {max_length}: raise max_length."
-        )
-    if len(prompt_ids) >= max_length:
-        raise ValueError(
-            f"{where}the prompt alone is {len(prompt_ids)} tokens, longer than the window of {max_length}: "
-            "raise max_length or shorten the prompt."
-        )
-    prompt_ids = prompt_ids[-room:]
-    tokens = np.asarray([*prompt_ids, *response_ids], np.int32)
-    loss_mask = np.zeros(len(tokens), bool)
-    loss_mask[len(prompt_ids) :] = True
-    return Encoded(tokens, loss_mask)
+def _prompt_ids(tokenizer: Any, prompt: str, use_chat_template: bool) -> list[int]:
+    text, special = format_prompt(tokenizer, prompt, use_chat_template)
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _fit_prompt(tokenizer: Any, prompt: str, room: int, use_chat_template: bool) -> list[int] | None:
+    """The formatted prompt's ids in at most ``room`` tokens: the template around the longest tail of the prompt's
+    text that fits (the text's tokens, decoded, re-formatted and re-tokenized, so every candidate is measured), or
+    None when even the template around an empty prompt is longer."""
+    content = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def around_tail(k: int) -> list[int]:
+        return _prompt_ids(tokenizer, tokenizer.decode(content[len(content) - k :]), use_chat_template)
+
+    best = around_tail(0)
+    if len(best) > room:
+        return None
+    low, high = 0, len(content)  # around_tail(low) fits; a binary search for the largest k that does
+    while low < high:
+        mid = (low + high + 1) // 2
+        ids = around_tail(mid)
+        if len(ids) <= room:
+            low, best = mid, ids
+        else:
+            high = mid - 1
+    return best
+
+
+def encode_examples(
+    tokenizer: Any,
+    examples: Sequence[Example],
+    max_length: int,
+    *,
+    use_chat_template: bool = True,
+    overflow: Overflow = "truncate",
+) -> tuple[list[Encoded], OverflowCounts]:
+    """Each example's ``prompt + response + eos`` tokens and loss mask, and what ``overflow`` did to the examples
+    longer than ``max_length``.
+
+    ``"error"``: a :class:`UserError` naming the first such example. ``"drop"``: they are left out. ``"truncate"``:
+    text is cut from the start of the prompt, inside the template, until the example fits; one whose response
+    does not fit even with an empty prompt is dropped. ``OverflowCounts.kept`` aligns the encodings with
+    ``examples``.
+    """
+    if overflow not in OVERFLOW_POLICIES:
+        raise UserError(f"overflow={overflow!r} must be one of {OVERFLOW_POLICIES}.")
+    encoded, kept, truncated = [], [], 0
+    for index, example in enumerate(examples):
+        prompt_ids = _prompt_ids(tokenizer, example.prompt, use_chat_template)
+        response_ids = [*tokenizer(example.response, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        if len(prompt_ids) + len(response_ids) > max_length:
+            if overflow == "error":
+                length = len(prompt_ids) + len(response_ids)
+                where = example.source or f"example {index}"
+                raise UserError(
+                    f"{where}: the example (its prompt starts {example.prompt[:40]!r}) is {length} tokens "
+                    f"({len(prompt_ids)} prompt, {len(response_ids)} response and end), longer than "
+                    f"max_length={max_length}: raise data.max_length, shorten the example, or set data.overflow to "
+                    "'truncate' or 'drop'."
+                )
+            room = max_length - len(response_ids)
+            fitted = _fit_prompt(tokenizer, example.prompt, room, use_chat_template) if overflow == "truncate" else None
+            if fitted is None:
+                continue
+            prompt_ids, truncated = fitted, truncated + 1
+        tokens = np.asarray([*prompt_ids, *response_ids], np.int32)
+        encoded.append(Encoded(tokens, np.arange(len(tokens)) >= len(prompt_ids)))
+        kept.append(index)
+    return encoded, OverflowCounts(tuple(kept), truncated, len(examples) - len(kept))
 
 
 def encode_prompt(tokenizer: Any, prompt: str, max_length: int, *, use_chat_template: bool = True) -> np.ndarray:
-    """Prompt tokens for generation, keeping the last ``max_length``."""
-    text, special = format_prompt(tokenizer, prompt, use_chat_template)
-    return np.asarray(tokenizer(text, add_special_tokens=special)["input_ids"][-max_length:], np.int32)
+    """Prompt tokens for generation, at most ``max_length``: a longer prompt loses text from its start, inside the
+    template (as under ``overflow="truncate"``)."""
+    ids = _prompt_ids(tokenizer, prompt, use_chat_template)
+    if len(ids) > max_length:
+        ids = _fit_prompt(tokenizer, prompt, max_length, use_chat_template)
+        if ids is None:
+            empty = len(_prompt_ids(tokenizer, "", use_chat_template))
+            raise UserError(
+                f"the prompt template alone is {empty} tokens, more than max_length={max_length}: "
+                "raise data.max_length."
+            )
+    return np.asarray(ids, np.int32)
 
 
 def left_pad(sequences: Sequence[np.ndarray], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -268,9 +365,11 @@ def batch_indices(num_examples: int, batch_size: int, *, seed: int, step: int) -
     Each epoch is a fresh permutation and drops its last incomplete batch.
     """
     if num_examples == 0:
-        raise ValueError("the training set is empty: check the data path and the task format.")
+        raise UserError("the training set is empty: check the data path and the task format.")
     per_epoch = num_examples // batch_size
     if per_epoch == 0:
-        raise ValueError(f"{num_examples} training examples are fewer than one batch of {batch_size}.")
+        raise UserError(
+            f"{num_examples} training examples are fewer than one batch of {batch_size}: lower the batch size."
+        )
     epoch, offset = divmod(step, per_epoch)
     return epoch_order(num_examples, seed, epoch)[offset * batch_size : (offset + 1) * batch_size]

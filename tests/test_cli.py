@@ -1,9 +1,14 @@
 """``train.py`` end to end on a tiny model directory, and its one-line errors for bad input."""
 
+import hashlib
 import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
-from train_cli import error_line, records, tiny_job, train, write_records
+from train_cli import RECORDS, ROOT, command, environment, error_line, records, tiny_job, train, write_records
 
 from moelora_jax.export import load_adapters
 
@@ -50,11 +55,12 @@ def test_bad_data_fails_with_one_line(tiny_model_dir, tmp_path):
         ([], "gave no 'train' examples"),
         (
             [{"prompt": " ".join(["why"] * 40), "response": "yes"}],
-            "the prompt alone is 42 tokens, longer than the window of 24",
+            "is 44 tokens (42 prompt, 2 response and end), longer than max_length=24",
         ),
     ]
     for lines, message in cases:
-        result = train(tmp_path / "run", *tiny_job(tiny_model_dir, write_records(tmp_path, lines)))
+        job = tiny_job(tiny_model_dir, write_records(tmp_path, lines))
+        result = train(tmp_path / "run", *job, "--config.data.overflow=error")
         line = error_line(result)
         assert message in line and line.startswith("error:"), result.stderr[-2000:]
 
@@ -92,3 +98,129 @@ def test_moslora_trains_through_the_trainer(tiny_model_dir, tmp_path, kind, riem
     exported = load_adapters(run / "export" / "adapters")
     mixer = exported.adapters["layers"]["attn"]["q_proj"]["mixer"]
     assert mixer.shape[:2] == (2, 1 if kind == "lora" else 4) and exported.adapter.mixer
+
+
+def _tree_digest(directory: Path) -> dict[str, str]:
+    """Every file under ``directory`` by its relative path -> a hash of its bytes."""
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tiny_model_dir, tmp_path_factory):
+    """A finished two-step tiny job (its checkpoint at step 2) and its overrides."""
+    root = tmp_path_factory.mktemp("checkpointed")
+    job = [*tiny_job(tiny_model_dir, write_records(root)), "--config.train.eval_before=False"]
+    result = train(root / "run", *job, "--config.train.steps=2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root / "run", job
+
+
+def _rerun_over(checkpointed_run, tmp_path, *overrides: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """The checkpointed run's directory copied, and ``train.py`` run over it with ``overrides``; asserts its
+    checkpoints were left exactly as they were."""
+    source, job = checkpointed_run
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    before = _tree_digest(run / "checkpoints")
+    result = train(run, *job, *overrides)
+    assert _tree_digest(run / "checkpoints") == before
+    return result, run
+
+
+def test_updates_that_are_all_skipped_stop_the_run_with_their_count(checkpointed_run, tmp_path):
+    """A learning rate that overflows the adapters after one update: every later update is non-finite."""
+    result, _ = _rerun_over(checkpointed_run, tmp_path, "--config.optim.lr=1e30", "--config.train.steps=6")
+    line = error_line(result)  # the last line, after the progress bar's
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == line, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert re.search(r"error: [34] of this run's 4 updates had a non-finite loss or gradient and were skipped", line)
+
+
+def test_a_bug_keeps_its_traceback(checkpointed_run, tmp_path):
+    """An exception that is not a ``UserError`` (here a ``KeyError`` raised inside the job) is not reworded."""
+    job = checkpointed_run[1]
+    bug = "def broken(*args, **kwargs):\n    raise KeyError('a bug in the batch layout')\n"
+    script = tmp_path / "buggy_train.py"
+    script.write_text(
+        f"import runpy, sys\nimport moelora_jax.run\n{bug}moelora_jax.run.batch_layout = broken\n"
+        f"sys.argv[0] = {str(ROOT / 'train.py')!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    argv = command(tmp_path / "run", *job)
+    result = subprocess.run(
+        [argv[0], str(script), *argv[2:]], capture_output=True, text=True, env=environment(), timeout=600
+    )
+    assert result.returncode not in (0, 2)
+    assert (
+        "Traceback (most recent call last)" in result.stderr
+        and "KeyError: 'a bug in the batch layout'" in result.stderr
+    )
+    assert "error:" not in result.stderr
+
+
+CSQA_ROW = {"question": {"stem": "why ?", "choices": [{"label": "A", "text": "yes"}, {"label": "B", "text": "no"}]}}
+BAD_DATA = {  # records, raw bytes appended, overrides, the message
+    "null response": (
+        [*RECORDS[:3], {"prompt": "why ?", "response": None}],
+        b"",
+        [],
+        r"train.jsonl:4: field 'response' is null; give every row a prompt and a response string",
+    ),
+    "answerKey not a choice": (
+        [CSQA_ROW | {"answerKey": "A"}, CSQA_ROW | {"answerKey": "C"}],
+        b"",
+        ["--config.data.task=commonsenseqa"],
+        r"train.jsonl:2: answerKey 'C' is not one of the choice labels \['A', 'B'\]",
+    ),
+    "not UTF-8": (
+        RECORDS[:2],
+        b'{"prompt": "caf\xe9 ?", "response": "yes"}\n',  # Latin-1
+        [],
+        r"train.jsonl:3: not valid UTF-8 \(.*\): re-save the file as UTF-8",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DATA)
+def test_bad_data_fails_in_one_line_and_leaves_the_checkpoints(checkpointed_run, tmp_path, case):
+    lines, raw, overrides, message = BAD_DATA[case]
+    path = write_records(tmp_path, lines)
+    path.write_bytes(path.read_bytes() + raw)
+    result, _ = _rerun_over(checkpointed_run, tmp_path, f"--config.data.train_path={path}", *overrides)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+    assert re.search(message, error_line(result)), error_line(result)
+
+
+def test_a_tokenizer_larger_than_the_embedding_fails_in_one_line(checkpointed_run, tiny_model_dir, tmp_path):
+    """Its extra ids would index past the embedding: every loss NaN, every update skipped."""
+    transformers = pytest.importorskip("transformers")
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model)
+    tokenizer.add_tokens([f"extra{i}" for i in range(40)])
+    tokenizer.save_pretrained(model)
+    result, _ = _rerun_over(checkpointed_run, tmp_path, f"--config.model.path={model}")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+    assert re.search(r"the tokenizer in .* has 6[0-9] tokens but the model's embedding has 32 rows", error_line(result))
+
+
+def test_a_bom_at_the_start_of_a_jsonl_file_reads_the_same_data(checkpointed_run, tmp_path):
+    """The same records behind a UTF-8 BOM are the same data: the run resumes its checkpoint (same fingerprint)."""
+    path = write_records(tmp_path)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    result, run = _rerun_over(checkpointed_run, tmp_path, f"--config.data.train_path={path}", "--config.train.steps=2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((run / "summary.json").read_text())["resumed_from_step"] == 2
+
+
+@pytest.mark.parametrize(("overflow", "reported"), [("truncate", "1 had their prompt truncated and 0 were dropped")])
+def test_an_over_long_example_is_truncated_and_counted(tiny_model_dir, tmp_path, overflow, reported):
+    long = {"prompt": " ".join(["why"] * 40), "response": "the answer is blue ."}
+    job = tiny_job(tiny_model_dir, write_records(tmp_path, [*RECORDS, long]))
+    result = train(tmp_path / "run", *job, f"--config.data.overflow={overflow}", "--config.train.eval_before=False")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"of 13 training examples longer than data.max_length=24, {reported}" in result.stdout
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["train_examples"] == 13

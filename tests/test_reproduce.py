@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from moelora_jax.config_file import load_config, load_module
-from moelora_jax.run import plan
+from moelora_jax.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,13 +25,14 @@ def test_every_run_of_a_protocol_is_a_valid_config(name, tmp_path):
     for index, run in enumerate(runs):
         config = load_config(ROOT / "configs" / "llama_moelora.py", protocol.preset)
         config.update_from_flattened_dict(reproduce.settings(protocol, run, tmp_path / run.name, {}, index == 0))
-        settings = plan(config)  # unknown keys or wrong types raise above, bad values here
+        settings = Settings.from_config(config)  # unknown keys or wrong types raise above, bad values here
+        adapter = settings.adapter.config
         assert (settings.optim.family, settings.optim.lr) == (run.optimizer, run.lr)
-        assert (settings.adapter.num_experts > 1) == run.method.startswith("moe")
+        assert (adapter.num_experts > 1) == run.method.startswith("moe")
         assert settings.optim.riemann == ("riemann" in run.method)
-        assert settings.adapter.mixer == ("moslora" in run.method)
+        assert adapter.mixer == ("moslora" in run.method)
         if run.method.startswith("moe"):  # (plain LoRA has no gate, so no gradient strategy)
-            assert (settings.adapter.strategy == "sqrt_gate") == run.method.endswith("sqrt_gate")
+            assert (adapter.strategy == "sqrt_gate") == run.method.endswith("sqrt_gate")
     argv = reproduce.command(protocol, {"optim.lr": 1e-3 * 3e-3, "train.eval_before": False})
     assert argv[-2:] == ["--config.optim.lr=3e-06", "--config.train.eval_before=False"]
 

@@ -74,6 +74,11 @@ def test_outputs_of_a_run(job):
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (run / "export").iterdir()) == ["adapters"]  # E = 4: no PEFT or merged form
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [STEPS - 4, STEPS]  # keep=2
+    settings = json.loads((run / "config.json").read_text())  # the resolved settings
+    assert settings["adapter"]["config"]["num_experts"] == 4 and settings["data"]["pack_length"] == 48
+    logged = records(run)[0]
+    assert {"loss", "grad_norm", "balance_loss", "z_loss", "load_cv", "expert_load"} <= logged.keys()
+    assert "mole_balance_loss" not in logged  # MoLE's loss is not MoE-LoRA's
 
 
 def test_a_run_stopped_and_continued_equals_the_uninterrupted_one(job, tmp_path):

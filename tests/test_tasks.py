@@ -1,11 +1,13 @@
 """Task formats on their original files (the shared copies when present, hand-made records otherwise) and scoring."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from moelora_jax.data import Example
+from moelora_jax.errors import UserError
 from moelora_jax.tasks import TASKS, load_task, matthews_correlation
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -74,8 +76,17 @@ def test_scienceqa_keeps_text_only_problems_of_the_split(tmp_path):
     assert "(A) frog\n(B) whale" in train[0].prompt
     _, test = load_task("scienceqa", path, "test")
     assert test[0].label == "C" and "Context: It is July." in test[0].prompt
-    with pytest.raises(ValueError, match="no 'validation' examples"):
+    with pytest.raises(UserError, match="no 'validation' examples"):
         load_task("scienceqa", path, "validation")
+    problems["1"]["answer"] = 2
+    path.write_text(json.dumps(problems))
+    with pytest.raises(
+        UserError, match=r"problems\.json: problem 1: answer 2 is not the index of one of its 2 choices"
+    ):
+        load_task("scienceqa", path, "train")
+    path.write_bytes(json.dumps(problems).encode().replace(b"frog", b"fr\xf6g"))
+    with pytest.raises(UserError, match=r"problems\.json:1: not valid UTF-8 .*: re-save the file as UTF-8"):
+        load_task("scienceqa", path, "train")
 
 
 def test_bbc_news_is_balanced_and_split_disjointly():
@@ -99,15 +110,86 @@ def test_scoring_accuracy_and_mcc():
 
 
 def test_bad_task_input_fails_clearly(tmp_path):
-    with pytest.raises(ValueError, match="unknown task format 'squad'"):
+    with pytest.raises(UserError, match="unknown task format 'squad'"):
         load_task("squad", tmp_path / "x.jsonl")
     path = tmp_path / "data.jsonl"
-    path.write_text(json.dumps({"question": "q?"}) + "\n")
-    with pytest.raises(ValueError, match=r"data\.jsonl:1: missing field\(s\) \['prompt', 'response'\]"):
+    path.write_text("\n" + json.dumps({"question": "q?"}) + "\n")
+    with pytest.raises(UserError, match=r"data\.jsonl:2: missing field\(s\) \['prompt', 'response'\]"):
         load_task("prompt_response", path)
     path.write_text("")
-    with pytest.raises(ValueError, match="gave no 'train' examples"):
+    with pytest.raises(UserError, match="gave no 'train' examples"):
         load_task("prompt_response", path)
+    for name, missing in (("prompt_response", "x.csv"), ("boolq", "x.jsonl"), ("sst2", "x.tsv")):
+        with pytest.raises(UserError, match=rf"data file \S*{re.escape(missing)} not found"):
+            load_task(name, tmp_path / missing)
+
+
+NULL_FIX = "give every row a prompt and a response string (or remove the row)"
+
+
+def test_prompt_response_rejects_null_and_non_string_fields(tmp_path):
+    path = tmp_path / "data.jsonl"
+    good = {"prompt": "why ?", "response": "because"}
+    for bad, message in (
+        ({"prompt": "why ?", "response": None}, f"data.jsonl:2: field 'response' is null; {NULL_FIX}."),
+        ({"prompt": None, "response": "b"}, f"data.jsonl:2: field 'prompt' is null; {NULL_FIX}."),
+        ({"prompt": "a", "response": ["b"]}, f"data.jsonl:2: field 'response' is a list, not a string; {NULL_FIX}."),
+        ({**good, "label": {"a": 1}}, "data.jsonl:2: field 'label' is a dict, not a string; make it a string."),
+    ):
+        path.write_text(f"{json.dumps(good)}\n{json.dumps(bad)}\n")
+        with pytest.raises(UserError, match=re.escape(message)):
+            load_task("prompt_response", path)
+    path.write_text(json.dumps({"prompt": 7, "response": 1.5, "label": None}) + "\n")
+    assert load_task("prompt_response", path)[1] == [Example("7", "1.5", "")]  # numbers as text, a null label empty
+
+
+def test_prompt_response_rejects_a_missing_value_in_a_table(tmp_path):
+    pytest.importorskip("datasets")
+    path = tmp_path / "data.csv"
+    path.write_text("prompt,response\nwhy ?,because\nwhat ?,\n")
+    with pytest.raises(UserError, match=re.escape(f"data.csv: row 2: field 'response' is null; {NULL_FIX}.")):
+        load_task("prompt_response", path)
+
+
+def _commonsenseqa_row(answer_key):
+    choices = [{"label": label, "text": text} for label, text in zip("ABC", ("sun", "rain", "snow"), strict=True)]
+    return {"answerKey": answer_key, "question": {"stem": "What is hot?", "choices": choices}}
+
+
+def test_commonsenseqa_answer_key_must_be_a_choice_label(tmp_path):
+    path = tmp_path / "dev.jsonl"
+    path.write_text(f"{json.dumps(_commonsenseqa_row('A'))}\n\n{json.dumps(_commonsenseqa_row('D'))}\n")
+    message = "dev.jsonl:3: answerKey 'D' is not one of the choice labels ['A', 'B', 'C']; fix the answerKey"
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_task("commonsenseqa", path)
+    path.write_text(json.dumps(_commonsenseqa_row("A")) + "\n")
+    assert [e.label for e in load_task("commonsenseqa", path)[1]] == ["A"]
+
+
+def test_boolq_answer_must_be_a_bool(tmp_path):
+    path = tmp_path / "dev.jsonl"
+    path.write_text(json.dumps({"title": "t", "passage": "p", "question": "q", "answer": "false"}) + "\n")
+    with pytest.raises(UserError, match=re.escape("dev.jsonl:1: answer 'false' is not true or false")):
+        load_task("boolq", path)
+
+
+def test_glue_tsv_names_the_line_of_a_bad_row_and_accepts_a_bom(tmp_path):
+    path = tmp_path / "dev.tsv"
+    path.write_bytes(b"\xef\xbb\xbfsentence\tlabel\r\ngood film\t1\r\nbad film\t0\r\n")
+    _, examples = load_task("sst2", path)
+    assert [(e.prompt.splitlines()[0], e.label) for e in examples] == [
+        ("good film", "positive"),
+        ("bad film", "negative"),
+    ]
+    path.write_bytes(b"sentence\tlabel\ngood film\t1\nno label\n")
+    with pytest.raises(UserError, match=r"dev\.tsv:3: row does not match the expected GLUE columns"):
+        load_task("sst2", path)
+    path.write_bytes(b"sentence\tlabel\ngood film\t1\nunlabelled\t-\n")  # a test file: no labels
+    with pytest.raises(UserError, match=r"dev\.tsv:3: row does not match the expected GLUE columns"):
+        load_task("sst2", path)
+    path.write_bytes(b"sentence\tlabel\ngood film\t1\nna\xefve film\t1\n")
+    with pytest.raises(UserError, match=r"dev\.tsv:3: not valid UTF-8 \(.*\): re-save the file as UTF-8\."):
+        load_task("sst2", path)
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet", ".json"])

@@ -67,6 +67,31 @@ def test_eight_device_mesh_matches_one_device():
     )
 
 
+def test_optimizer_state_shardings_are_declared_from_the_adapters():
+    """Adam's moments are sharded like the adapter leaf they track, the counts replicated, before anything runs;
+    ``init`` and the step produce exactly those shardings."""
+    trainer, params = _setup((1, 4, 2), OptimConfig(family="adamw", lr=1e-2, gate_lr=1e-2))
+    adapters = jax.tree_util.tree_flatten_with_path(trainer.shardings["adapters"])[0]
+    by_path = {tuple(k.key for k in path): sharding for path, sharding in adapters}
+    assert any(not s.is_fully_replicated for s in by_path.values())  # the fsdp x tensor mesh splits some factors
+    declared = jax.tree_util.tree_flatten_with_path(trainer.state_shardings.opt_state)[0]
+    matched = 0
+    for path, sharding in declared:
+        keys = tuple(getattr(k, "key", None) for k in path)
+        owner = next((keys[i:] for i in range(len(keys)) if keys[i:] in by_path), None)
+        if owner is None:
+            assert sharding.is_fully_replicated, jax.tree_util.keystr(path)  # counts
+        else:
+            matched += 1
+            assert sharding == by_path[owner], jax.tree_util.keystr(path)
+    assert matched == 2 * len(by_path)  # mu and nu of every adapter leaf
+    state = trainer.init(jax.random.key(0))
+    for _ in range(2):
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+        assert shardings == trainer.state_shardings
+        state, _ = trainer.train_step(state, params, _batch(0, batch=4))
+
+
 def test_accumulated_micro_batches_equal_one_large_batch():
     big = _batch(7, n_micro=1, batch=4)
     micro = jax.tree.map(lambda x: x.reshape(2, 2, *x.shape[2:]), big)

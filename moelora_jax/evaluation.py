@@ -1,0 +1,67 @@
+"""Evaluation by generation: greedy answers to held-out prompts, scored by the task's parser and metric.
+
+Prompts are batched by length, longest first, and each batch is left-padded to its longest prompt rounded up to
+``length_bucket`` (0: to ``prompt_length``), so at most ``prompt_length / length_bucket`` shapes compile. Each
+batch is placed on the trainer's mesh (:meth:`~moelora_jax.trainer.Trainer.put_batch`) and decoded with the KV
+cache (:func:`~moelora_jax.generation.generate`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from moelora_jax.data import Example, encode_prompt, left_pad, round_up
+from moelora_jax.distributed import to_host
+from moelora_jax.generation import generate
+from moelora_jax.tasks import Task
+from moelora_jax.trainer import Trainer
+
+
+def generate_answers(
+    trainer: Trainer,
+    params: Any,
+    adapters: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    batch_size: int,
+    prompt_length: int,
+    max_new_tokens: int,
+    use_chat_template: bool = True,
+    length_bucket: int = 0,
+) -> list[str]:
+    """Greedy answers of ``trainer.model`` with ``adapters`` to each example's prompt, decoded, in order."""
+    eos = tuple(trainer.model.config.eos_token_ids) or (tokenizer.eos_token_id,)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    prompts = [encode_prompt(tokenizer, e.prompt, prompt_length, use_chat_template=use_chat_template) for e in examples]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    answers: list[str] = [""] * len(prompts)
+    variables = {"params": params, "adapters": adapters}
+    with trainer.context():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            chunk = [prompts[i] for i in rows]
+            chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # fixed shape; extra rows are dropped
+            length = min(prompt_length, round_up(len(chunk[0]), length_bucket)) if length_bucket else prompt_length
+            tokens, mask = left_pad(chunk, length, pad)
+            batch = trainer.put_batch({"tokens": tokens, "attention_mask": mask})
+            out = generate(
+                trainer.model,
+                variables,
+                batch["tokens"],
+                batch["attention_mask"],
+                max_new_tokens=max_new_tokens,
+                eos_ids=eos,
+                pad_id=pad,
+            )
+            for i, row in zip(rows, to_host(out), strict=False):
+                answers[i] = tokenizer.decode(row, skip_special_tokens=True)
+    return answers
+
+
+def task_score(
+    trainer: Trainer, params: Any, adapters: Any, tokenizer: Any, task: Task, examples: Sequence[Example], **kwargs
+) -> float:
+    """The task's score (accuracy or MCC) of greedy answers; ``kwargs`` as for :func:`generate_answers`."""
+    return task.score(generate_answers(trainer, params, adapters, tokenizer, examples, **kwargs), examples)
