@@ -29,6 +29,9 @@ def get_config(preset: str = "") -> ConfigDict:
     config.model.param_dtype = "float32"  # frozen weights
     config.model.remat = "none"
     config.model.attention = "xla"  # jax.nn.dot_product_attention: xla | cudnn (GPU, bfloat16: the flash kernel)
+    config.model.quantize = "none"  # frozen q/k/v/o + MLP kernels: none | int8 | nf4 (QLoRA's 4-bit NormalFloat)
+    config.model.quant_block_size = 64  # NF4 block (bitsandbytes' default); must divide every kernel's input size
+    config.model.double_quant = False  # NF4 only: the block scales in 8 bits too (QLoRA's double quantization)
 
     config.adapter = ConfigDict()
     config.adapter.kind = "moe_lora"  # or "lora"
@@ -116,6 +119,7 @@ def get_config(preset: str = "") -> ConfigDict:
         config.output_dir = "runs/smoke"
     elif preset == "paper":
         config.model.dtype = config.model.param_dtype = "bfloat16"
+        # the reference code's base is 4-bit: --config.model.quantize=nf4 --config.model.double_quant=True
         config.optim.lr, config.optim.gate_lr = 1e-5, 3e-8
         config.optim.warmup_steps, config.optim.decay_steps = 0, 2222
         config.train.steps, config.train.batch_size, config.train.micro_batches = 2000, 80, 10

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from moelora_jax.errors import UserError, check_choice
+from moelora_jax.quantize import KERNEL_TYPES, QuantConfig, dequantize, kernel_leaves
 
 Strategy = Literal["standard", "sqrt_gate"]
 STRATEGIES: tuple[str, ...] = ("standard", "sqrt_gate")
@@ -421,7 +422,8 @@ class MoleGate(nn.Module):
 class AdaptedDense(nn.Module):
     """A frozen dense projection ``x @ kernel`` plus an optional (MoE-)LoRA adapter.
 
-    Variables: ``"params"`` holds the frozen kernel ``(d_in, d_out)`` in ``param_dtype``; the ``"adapters"``
+    Variables: ``"params"`` holds the frozen kernel ``(d_in, d_out)`` in ``param_dtype`` (or, with ``quant``, its
+    int8 / NF4 leaves, dequantized inside the matmul); the ``"adapters"``
     collection holds the trainable leaves, always float32, named by :mod:`moelora_jax.adapter_leaves`' contract:
     lora_a ``(E, d_in, r)`` Kaiming-uniform, lora_b ``(E, r, d_out)`` zeros, gate ``(d_in, E)`` PyTorch-Linear
     default (only when ``E > 1``), mixer ``(E, r, r)`` Kaiming-uniform (only with ``mixer=True``).
@@ -441,6 +443,7 @@ class AdaptedDense(nn.Module):
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
     kernel_axes: LogicalAxes | None = None
     deterministic: bool | None = None
+    quant: QuantConfig | None = None
 
     def _init(self, init: nn.initializers.Initializer, axes: tuple[str | None, ...]) -> nn.initializers.Initializer:
         return init if self.kernel_axes is None else nn.with_logical_partitioning(init, axes)
@@ -448,6 +451,23 @@ class AdaptedDense(nn.Module):
     def _adapter_leaf(self, name: str, init: nn.initializers.Initializer, shape: tuple[int, ...], axes) -> jax.Array:
         init = self._init(init, axes)
         return self.variable(ADAPTER_COLLECTION, name, lambda: init(self.make_rng("params"), shape, jnp.float32)).value
+
+    def _frozen_kernel(self, d_in: int, ax_in: str | None, ax_out: str | None) -> jax.Array:
+        """The frozen ``(d_in, features)`` kernel in the compute dtype: the ``kernel`` param, or with ``quant`` its
+        quantized leaves (``kernel_<field>``, see :func:`~moelora_jax.quantize.kernel_leaves`) dequantized here, so
+        the dequantization fuses into the matmul."""
+        if self.quant is None or self.quant.mode == "none":
+            init = self._init(self.kernel_init, (ax_in, ax_out))
+            return self.param("kernel", init, (d_in, self.features), self.param_dtype).astype(self.dtype)
+        if self.is_initializing():
+            self.make_rng("params")  # the float kernel's one draw, so adapters initialise alike whatever the storage
+        names = {"in": ax_in, "out": ax_out, None: None}
+        fields = {}
+        for field, (shape, dtype, axes) in kernel_leaves(self.quant, d_in, self.features).items():
+            init = self._init(nn.initializers.zeros, tuple(names[a] for a in axes))  # loaded, never initialised
+            key = jax.random.key(0)  # unused by zeros: no draw from the "params" stream
+            fields[field] = self.variable("params", f"kernel_{field}", init, key, shape, dtype).value
+        return dequantize(KERNEL_TYPES[self.quant.mode, self.quant.double_quant](**fields), self.dtype)
 
     @nn.compact
     def __call__(
@@ -458,10 +478,7 @@ class AdaptedDense(nn.Module):
         d_in = x.shape[-1]
         ax_in, ax_out = self.kernel_axes or (None, None)
         x = x.astype(self.dtype)
-        kernel = self.param(
-            "kernel", self._init(self.kernel_init, (ax_in, ax_out)), (d_in, self.features), self.param_dtype
-        )
-        y = x @ kernel.astype(self.dtype)
+        y = x @ self._frozen_kernel(d_in, ax_in, ax_out)
         cfg = self.adapter
         if cfg is None:
             return y

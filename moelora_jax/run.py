@@ -36,6 +36,7 @@ from moelora_jax.mole import export_mole, stack_loras, with_loras
 from moelora_jax.optim import build_optimizer, lr_schedule
 from moelora_jax.preemption import PreemptedError, PreemptionGuard
 from moelora_jax.pretrained import check_vocabulary, load_config, load_params, load_tokenizer, resolve_model_dir
+from moelora_jax.quantize import dequantize_params
 from moelora_jax.run_log import CURVES_FILE, RunLog, plot_curves, record_values
 from moelora_jax.settings import DataSettings, ExportSettings, Settings
 from moelora_jax.sharding import batch_sharding, make_mesh
@@ -177,7 +178,10 @@ def _export(
     if not (settings.adapters or want_peft or want_merged):
         return []
     adapters = to_host(adapters)  # collectives with several processes: every process gathers
-    merged_params = to_host(params) if want_merged else None
+    # a quantized base merges as the float model it computes with (its kernels dequantized in param_dtype)
+    merged_params = (
+        to_host(dequantize_params(params, job.model.quant, job.model.weights_dtype)) if want_merged else None
+    )
     if not is_primary():
         return []
     written, kwargs = [], {"adapter": adapter.config, "targets": adapter.targets}
@@ -253,6 +257,7 @@ def run(config: Any) -> dict[str, Any]:
         param_dtype=m.weights_dtype,
         remat=m.remat,
         attention_impl=m.attention,
+        quant=m.quant,
     )
     adapter_shapes = nn.unbox(abstract_variables(model))["adapters"]
     trainer = Trainer(model, build_optimizer(settings.optim, adapter_shapes), mesh, router_losses=a.router_losses)
@@ -261,7 +266,9 @@ def run(config: Any) -> dict[str, Any]:
     )
     state = _resume(checkpoints, trainer.init(jax.random.key(t.seed)), settings.checkpoint.resume)
     first_step, first_skipped = int(state.step), int(state.skipped)
-    params = load_params(directory, model_config, param_dtype=m.weights_dtype, shardings=trainer.shardings["params"])
+    params = load_params(
+        directory, model_config, param_dtype=m.weights_dtype, shardings=trainer.shardings["params"], quant=m.quant
+    )
     if a.sources:
         stack = stack_loras(a.sources, model_config)
         params = jax.device_put(with_loras(params, stack), trainer.shardings["params"])

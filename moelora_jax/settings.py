@@ -20,6 +20,7 @@ from moelora_jax.errors import UserError, check_at_least, check_choice
 from moelora_jax.models.llama import ATTENTION_IMPLS, REMAT_CHOICES, TARGETS, check_targets
 from moelora_jax.mole import describe_lora
 from moelora_jax.optim import OptimConfig
+from moelora_jax.quantize import QUANT_MODES, QuantConfig
 from moelora_jax.routing import RouterLosses
 from moelora_jax.tasks import TASKS
 
@@ -29,19 +30,32 @@ ADAPTER_KINDS = ("lora", "moe_lora", "mole")
 
 @dataclasses.dataclass(frozen=True)
 class ModelSettings:
-    """``model.*``: where the frozen base comes from and how it computes."""
+    """``model.*``: where the frozen base comes from, how it is stored (``quantize``) and how it computes."""
 
     path: str
     dtype: str
     param_dtype: str
     remat: str
     attention: str
+    quantize: str
+    quant_block_size: int
+    double_quant: bool
 
     def __post_init__(self) -> None:
         check_choice("model.dtype", self.dtype, tuple(DTYPES))
         check_choice("model.param_dtype", self.param_dtype, tuple(DTYPES))
         check_choice("model.remat", self.remat, REMAT_CHOICES)
         check_choice("model.attention", self.attention, ATTENTION_IMPLS)
+        check_choice("model.quantize", self.quantize, QUANT_MODES)
+        if self.quantize == "nf4" and (self.quant_block_size <= 0 or self.quant_block_size % 2):
+            raise UserError(f"model.quant_block_size={self.quant_block_size} must be a positive even number (e.g. 64).")
+        if self.double_quant and self.quantize != "nf4":
+            raise UserError("model.double_quant=True compresses NF4's scales: it needs model.quantize=nf4.")
+
+    @property
+    def quant(self) -> QuantConfig:
+        """The frozen kernels' storage (:mod:`moelora_jax.quantize`)."""
+        return QuantConfig(self.quantize, self.quant_block_size, self.double_quant)
 
     @property
     def compute_dtype(self) -> Any:

@@ -40,6 +40,8 @@ def test_a_tiny_job_runs_end_to_end(tiny_model_dir, tmp_path):
         (["--config.data.length_bucket=0"], "data.length_bucket=0 must be >= 1"),
         (["--config.model.attention=flash"], "model.attention='flash' must be one of ('xla', 'cudnn')"),
         (["--config.model.path=/no/such/model"], "model path /no/such/model does not exist"),
+        (["--config.model.quantize=nf8"], "model.quantize='nf8' must be one of ('none', 'int8', 'nf4')"),
+        (["--config.model.double_quant=True"], "model.double_quant=True compresses NF4's scales: it needs"),
     ],
 )
 def test_bad_config_fails_before_loading_anything(tmp_path, overrides, message):
@@ -224,3 +226,15 @@ def test_an_over_long_example_is_truncated_and_counted(tiny_model_dir, tmp_path,
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"of 13 training examples longer than data.max_length=24, {reported}" in result.stdout
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["train_examples"] == 13
+
+
+def test_a_quantized_base_trains_exports_merged_and_refuses_a_block_size_that_does_not_divide(tiny_model_dir, tmp_path):
+    """int8 and NF4 bases through the CLI: a plain LoRA run's merged export is the dequantized base plus the adapter;
+    an NF4 block of 48 does not divide the tiny model's 32 inputs."""
+    job = tiny_job(tiny_model_dir, write_records(tmp_path))
+    result = train(tmp_path / "run", *job, "--config.model.quantize=int8", "--config.adapter.kind=lora")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "run" / "export").iterdir()) == ["adapters", "merged", "peft"]
+    bad = train(tmp_path / "bad", *job, "--config.model.quantize=nf4", "--config.model.quant_block_size=48")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr[-2000:]
+    assert "quantization block_size=48 does not divide d_in=32" in error_line(bad)

@@ -35,6 +35,7 @@ from moelora_jax.adapters import (
     MoleGate,
 )
 from moelora_jax.errors import UserError, check_choice
+from moelora_jax.quantize import QuantConfig
 from moelora_jax.sharding import constrain
 
 TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
@@ -245,6 +246,7 @@ class _LayerPart(nn.Module):
     param_dtype: jnp.dtype
     deterministic: bool
     attention_impl: AttentionImpl
+    quant: QuantConfig | None
 
     def proj(self, target: str, features: int, axes: tuple[str, str]) -> AdaptedDense:
         return AdaptedDense(
@@ -255,6 +257,7 @@ class _LayerPart(nn.Module):
             kernel_init=nn.initializers.normal(0.02),
             kernel_axes=axes,
             deterministic=self.deterministic,
+            quant=self.quant,
             name=f"{target}_proj",
         )
 
@@ -343,7 +346,16 @@ class DecoderLayer(_LayerPart):
     def __call__(self, x, cos, sin, mask, cache_index, layer_cache):
         fields = {
             f: getattr(self, f)
-            for f in ("config", "adapter", "targets", "dtype", "param_dtype", "deterministic", "attention_impl")
+            for f in (
+                "config",
+                "adapter",
+                "targets",
+                "dtype",
+                "param_dtype",
+                "deterministic",
+                "attention_impl",
+                "quant",
+            )
         }
         norm = {"eps": self.config.rms_norm_eps, "dtype": self.dtype, "param_dtype": self.param_dtype}
         normed = RMSNorm(**norm, name="attn_norm")(x)
@@ -380,6 +392,8 @@ class Llama(nn.Module):
     adapters are always float32 and logits always float32. ``remat``: ``"none"``, ``"full"`` (recompute each layer
     in the backward pass) or ``"dots"`` (keep only matmul outputs without batch dimensions). ``attention_impl``:
     ``jax.nn.dot_product_attention``'s ``"xla"`` or ``"cudnn"`` (GPU, float16/bfloat16; the flash kernel).
+    ``quant``: the q/k/v/o and MLP kernels stored int8 or NF4 (:mod:`moelora_jax.quantize`) and dequantized inside
+    each projection's matmul; the embedding, the norms and the LM head stay in ``param_dtype``.
     """
 
     config: LlamaConfig
@@ -389,6 +403,7 @@ class Llama(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     remat: Remat = "none"
     attention_impl: AttentionImpl = "xla"
+    quant: QuantConfig | None = None
 
     def __post_init__(self) -> None:
         check_targets("adapter_targets", tuple(self.adapter_targets))
@@ -475,6 +490,7 @@ class Llama(nn.Module):
             param_dtype=self.param_dtype,
             deterministic=deterministic,
             attention_impl=self.attention_impl,
+            quant=self.quant,
             name="layers",
         )
         x, new_kv = stack(x, cos, sin, mask, cache_index, None if cache is None else (cache.k, cache.v))
