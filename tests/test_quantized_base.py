@@ -48,6 +48,7 @@ def _steps(model: Llama, params: dict, optim: OptimConfig, devices: tuple[int, i
         (NF4, LORA, True, (1, 1, 1)),
         (NF4, MOE, True, (1, 1, 1)),
         (NF4, MOE_SQRT, False, (1, 1, 1)),
+        (NF4, MOE, False, (1, 1, 1)),
         (NF4, MOSLORA, True, (1, 1, 1)),
         (INT8, MOE_SQRT, True, (1, 1, 1)),
         (NF4_DOUBLE, MOE_SQRT, True, (2, 2, 2)),
