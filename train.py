@@ -48,7 +48,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.FATAL)
     config = _CONFIG.value
     try:
-        run(config)  # validates the whole config (plan) before loading anything
+        run(config, sys.orig_argv)  # validates the whole config before loading anything
     except PreemptedError as e:
         print(str(e), file=sys.stderr)
         sys.exit(EXIT_PREEMPTED)

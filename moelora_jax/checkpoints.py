@@ -11,7 +11,9 @@ A checkpoint ``<directory>/<step>/`` holds two items:
 Saves are atomic: orbax writes into a temporary directory and renames it when complete, so a crash, a kill or a
 full disk during a save leaves the earlier checkpoints as they were (an unfinished one stays a
 ``<step>.orbax-checkpoint-tmp`` directory, never read), and the oldest are deleted only after a newer one is
-complete. A save is not started at all when the disk lacks room for it. Saves run in the background; the next save,
+complete (on an object store such as ``gs://``, orbax marks a complete checkpoint with a commit file instead of a
+rename). A save is not started at all when a local disk lacks room for it (an object store has no free-space figure,
+so there it is not checked). Saves run in the background; the next save,
 :meth:`Checkpoints.wait` or :meth:`Checkpoints.close` waits for the one in flight and raises its error. Every
 process of a multi-process job must call every method.
 """
@@ -21,9 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from flax.traverse_util import flatten_dict
 
 from moelora_jax.errors import UserError, check_at_least
+from moelora_jax.storage import as_path, free_bytes
 from moelora_jax.trainer import TrainState
 
 FORMAT = 1
@@ -51,14 +52,14 @@ class Checkpoints:
     """An orbax ``CheckpointManager`` over ``directory`` for one run's :class:`TrainState`.
 
     Args:
-      directory: where the step directories live (created if missing).
+      directory: where the step directories live (created if missing), local or remote (``gs://bucket/run/...``).
       fingerprint: JSON-compatible settings stored with each checkpoint and required to match on restore.
       keep: how many of the newest checkpoints to keep.
     """
 
     def __init__(self, directory: str | os.PathLike, fingerprint: dict[str, Any], *, keep: int = 3) -> None:
         check_at_least("checkpoint.keep", keep, 1)
-        self.directory = Path(directory).absolute()
+        self.directory = as_path(directory)
         self.fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back: tuples become lists
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
@@ -78,8 +79,8 @@ class Checkpoints:
         step; returns once the arrays are copied off the devices, so the caller may donate or update ``state``."""
         step = int(state.step) if step is None else step
         need = sum(x.nbytes for x in jax.tree.leaves(state)) + _SPACE_MARGIN
-        free = _free_bytes(self.directory)
-        if free < need:
+        free = free_bytes(self.directory)
+        if free is not None and free < need:
             raise UserError(
                 f"checkpoint {step} needs about {need / 2**20:.1f} MiB but {self.directory} has {free / 2**20:.1f} MiB "
                 f"free; the complete checkpoints there (steps {self.steps()}) are intact: free space, then rerun to "
@@ -162,16 +163,12 @@ _SPACE_MARGIN = 1 << 20
 """Bytes asked for beyond the arrays' own size (metadata, JSON), before a save is started."""
 
 
-def _free_bytes(directory: Path) -> int:
-    return shutil.disk_usage(directory).free
-
-
 def _storable(state: TrainState) -> TrainState:
     """The state with its typed PRNG key as raw key data (what orbax stores)."""
     return state._replace(rng=jax.random.key_data(state.rng))
 
 
-def _unreadable(path: Path, steps: list[int], step: int, error: Exception) -> str:
+def _unreadable(path: Any, steps: list[int], step: int, error: Exception) -> str:
     earlier = [s for s in steps if s < step]
     fix = (
         f"move it aside to resume from step {earlier[-1]}, or set checkpoint.resume={earlier[-1]}"

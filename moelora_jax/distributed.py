@@ -99,3 +99,29 @@ def any_process(flag: bool) -> bool:
     if jax.process_count() == 1:
         return flag
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def check_shared_directory(directory: Any) -> None:
+    """Refuse a multi-process job whose ``directory`` (an :class:`epath.Path`) is not the same place for every
+    process, as a directory on each host's own disk is: orbax's checkpoints need one that all of them see.
+
+    Process 0 writes a marker named by a random token it broadcasts; every process then looks for it. A collective:
+    every process must call it; all of them raise the same ``UserError`` when any did not see the marker.
+    """
+    if jax.process_count() == 1:
+        return
+    token = int(multihost_utils.broadcast_one_to_all(np.random.default_rng().integers(1 << 62)))
+    marker = directory / f".shared-check-{token}"
+    if is_primary():
+        marker.write_text(str(token))
+    multihost_utils.sync_global_devices("moelora_jax: shared-directory marker written")
+    seen = marker.exists() and marker.read_text() == str(token)
+    blind = np.flatnonzero(~multihost_utils.process_allgather(np.asarray(seen)))
+    if is_primary():
+        marker.unlink()
+    if len(blind):
+        raise UserError(
+            f"output_dir {directory} is not shared by the job's {jax.process_count()} processes (process "
+            f"{', '.join(map(str, blind))} cannot see what process 0 wrote there): give every host the same "
+            "directory, a gs:// bucket on TPU VMs or a shared filesystem."
+        )

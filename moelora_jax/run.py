@@ -1,12 +1,17 @@
 """The end-to-end fine-tuning job from a config: load, evaluate, train, evaluate, export, report.
 
-``run(config)`` validates the whole config (:class:`~moelora_jax.settings.Settings`) before loading anything heavy and
-records it (``config.json``), joins a multi-process job if configured, then: tokenizes the task (an example longer than
+``run(config)`` validates the whole config (:class:`~moelora_jax.settings.Settings`) before loading anything heavy,
+joins a multi-process job if configured (refusing an ``output_dir`` its processes do not share), records the settings
+(``config.json``) and the command line (``commands.jsonl``), then: tokenizes the task (an example longer than
 the window is truncated, dropped or refused, by ``data.overflow``), restores the latest checkpoint of ``output_dir`` if
 there is one (refusing one of another configuration), loads the frozen model onto the mesh, evaluates by generation
 (fresh runs only), trains with periodic evaluation and checkpoints (a progress bar; every record to ``metrics.jsonl``
 and TensorBoard), stops with a checkpoint on SIGTERM/SIGINT, evaluates, exports the adapters, plots the curves and
 prints a summary.
+
+``output_dir`` may be remote (``gs://bucket/run``): checkpoints are written to it directly, the other files through a
+local staging copy pushed after the settings are recorded, after each checkpoint and at the end
+(:class:`~moelora_jax.storage.OutputDirectory`). The model and data paths may be remote too.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +33,7 @@ from tqdm.auto import tqdm
 from moelora_jax.atomic import write_text_atomically
 from moelora_jax.checkpoints import Checkpoints
 from moelora_jax.data import Layout, batch_indices, encode_examples
-from moelora_jax.distributed import host_local_batch, initialize, is_primary, to_host
+from moelora_jax.distributed import check_shared_directory, host_local_batch, initialize, is_primary, to_host
 from moelora_jax.errors import UserError
 from moelora_jax.evaluation import task_score
 from moelora_jax.export import export_adapters, export_merged, export_peft
@@ -37,9 +43,10 @@ from moelora_jax.optim import build_optimizer, lr_schedule
 from moelora_jax.preemption import PreemptedError, PreemptionGuard
 from moelora_jax.pretrained import check_vocabulary, load_config, load_params, load_tokenizer, resolve_model_dir
 from moelora_jax.quantize import dequantize_params
-from moelora_jax.run_log import CURVES_FILE, RunLog, plot_curves, record_values
+from moelora_jax.run_log import COMMANDS_FILE, CURVES_FILE, RunLog, plot_curves, record_command, record_values
 from moelora_jax.settings import DataSettings, ExportSettings, Settings
 from moelora_jax.sharding import batch_sharding, make_mesh
+from moelora_jax.storage import OutputDirectory, is_remote
 from moelora_jax.tasks import load_task
 from moelora_jax.trainer import Trainer
 
@@ -72,29 +79,21 @@ def _train_batch(layout: Layout, examples: list, pad: int, micro_batches: int, s
     return host_local_batch(lambda positions: {k: v[positions] for k, v in rows.items()}, shape, sharding)
 
 
-def _compilation_cache(setting: str) -> None:
+def _compilation_cache(setting: str, output: OutputDirectory) -> None:
     """Point JAX's persistent compilation cache at ``setting``: ``auto`` keeps ``$JAX_COMPILATION_CACHE_DIR`` if
-    set, else uses ``$XDG_CACHE_HOME/moelora_jax/xla`` (default ``~/.cache``); ``""`` leaves the cache off."""
+    set, else uses ``$XDG_CACHE_HOME/moelora_jax/xla`` (default ``~/.cache``); ``output_dir`` uses
+    ``<output_dir>/compilation_cache``; any other value is a directory, local or remote (``gs://...``); ``""`` leaves
+    the cache off."""
     if setting == "auto":
         if jax.config.jax_compilation_cache_dir:
             return
         setting = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moelora_jax" / "xla")
+    elif setting == "output_dir":
+        setting = os.fspath(output.root / "compilation_cache")
     if setting:
-        jax.config.update("jax_compilation_cache_dir", str(Path(setting).expanduser()))
-
-
-def _writable(directory: Path) -> Path:
-    """``directory``, created if missing, after checking a file can be written in it."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-probe-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(
-            f"output_dir {directory} is not writable ({e.strerror or e}): choose another --config.output_dir."
-        ) from e
-    return directory
+        jax.config.update(
+            "jax_compilation_cache_dir", setting if is_remote(setting) else str(Path(setting).expanduser())
+        )
 
 
 def _fingerprint(settings: Settings, model_config: Any, encoded: list) -> dict:
@@ -213,18 +212,34 @@ def _export(
     return [str(p) for p in written]
 
 
-def run(config: Any) -> dict[str, Any]:
+def _record_start(output: OutputDirectory, settings: Settings, argv: Sequence[str] | None) -> None:
+    """Fill the staging copy of ``output`` from the remote one, write the settings and this attempt's command line
+    into it, and push them (process 0 only); say that free space goes unchecked on an object store."""
+    if not is_primary():
+        return
+    output.pull()
+    write_text_atomically(output.local / SETTINGS_FILE, json.dumps(settings.to_dict(), indent=2))
+    record_command(output.local, argv, processes=jax.process_count())
+    output.push()
+    if output.remote:
+        print(f"checkpoints: {output.root} is an object store, so free space is not checked before each save.")
+
+
+def run(config: Any, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the job, or continue it from its latest checkpoint; returns the summary it prints (also written to
-    ``output_dir/summary.json``). Raises :class:`UserError` for bad input (before loading anything when the config
-    is at fault) and :class:`PreemptedError` after checkpointing when signalled to stop."""
+    ``output_dir/summary.json``). ``argv`` is the command line recorded in ``commands.jsonl`` (None when called
+    from Python). Raises :class:`UserError` for bad input (before loading anything when the config is at fault)
+    and :class:`PreemptedError` after checkpointing when signalled to stop."""
     settings = Settings.from_config(config)
-    _compilation_cache(settings.compilation_cache)
+    output = OutputDirectory(settings.output_dir)
+    _compilation_cache(settings.compilation_cache, output)
     dist = settings.distributed
     initialize(dist.initialize, dist.coordinator_address, dist.num_processes, dist.process_id)
     start = time.perf_counter()
-    output_dir = _writable(Path(settings.output_dir))
-    if is_primary():
-        write_text_atomically(output_dir / SETTINGS_FILE, json.dumps(settings.to_dict(), indent=2))
+    output.prepare()
+    check_shared_directory(output.root)
+    _record_start(output, settings, argv)
+    output_dir = output.local
     d, t = settings.data, settings.train
 
     directory = resolve_model_dir(settings.model.path or None)
@@ -262,7 +277,7 @@ def run(config: Any) -> dict[str, Any]:
     adapter_shapes = nn.unbox(abstract_variables(model))["adapters"]
     trainer = Trainer(model, build_optimizer(settings.optim, adapter_shapes), mesh, router_losses=a.router_losses)
     checkpoints = Checkpoints(
-        output_dir / "checkpoints", _fingerprint(settings, model_config, encoded), keep=settings.checkpoint.keep
+        output.root / "checkpoints", _fingerprint(settings, model_config, encoded), keep=settings.checkpoint.keep
     )
     state = _resume(checkpoints, trainer.init(jax.random.key(t.seed)), settings.checkpoint.resume)
     first_step, first_skipped = int(state.step), int(state.skipped)
@@ -309,6 +324,7 @@ def run(config: Any) -> dict[str, Any]:
     every = settings.checkpoint.every
     steps = range(first_step + 1, t.steps + 1)
     bar = tqdm(steps, "train", initial=first_step, total=t.steps, dynamic_ncols=True, disable=not is_primary())
+    push = output.push if is_primary() else lambda: None
     train_start, tokens_seen, eval_seconds, saved_step = time.perf_counter(), 0, 0.0, first_step
     with PreemptionGuard() as guard:
         for step in bar:
@@ -331,11 +347,13 @@ def run(config: Any) -> dict[str, Any]:
             if step == t.steps or (every and step % every == 0):
                 checkpoints.save(state)
                 saved_step = step
+                push()
             if step != t.steps and guard.should_stop():
                 if saved_step != step:
                     checkpoints.save(state)
                 checkpoints.close()
                 log.close()
+                push()
                 raise PreemptedError(step, guard.signal_name, str(checkpoints.directory))
     checkpoints.close()  # the last step saved above; a run resumed at its end has nothing new to save
     train_seconds = time.perf_counter() - train_start - eval_seconds
@@ -348,6 +366,7 @@ def run(config: Any) -> dict[str, Any]:
     if not is_primary():
         return {}
     curves = plot_curves(log.records, output_dir / CURVES_FILE, task.metric)
+    output.push()  # the exports and the curves (the summary follows)
     trained_steps = t.steps - first_step
     summary = {
         "model": str(directory),
@@ -365,17 +384,18 @@ def run(config: Any) -> dict[str, Any]:
         "train_seconds": train_seconds,
         "train_tokens_per_s": tokens_seen / train_seconds if trained_steps else None,
         "total_seconds": time.perf_counter() - start,
-        "output_dir": str(output_dir),
+        "output_dir": str(output),
         "checkpoints": str(checkpoints.directory),
-        "exports": exports,
-        "curves": str(curves),
+        "exports": [output.remote_path(path) for path in exports],
+        "curves": output.remote_path(curves),
     }
     write_text_atomically(output_dir / "summary.json", json.dumps(summary, indent=2))
-    _print_summary(summary, task.metric, len(eval_examples), t.batch_size, output_dir)
+    output.push()
+    _print_summary(summary, task.metric, len(eval_examples), t.batch_size, str(output))
     return summary
 
 
-def _print_summary(summary: dict[str, Any], metric: str, n_eval: int, batch_size: int, output_dir: Path) -> None:
+def _print_summary(summary: dict[str, Any], metric: str, n_eval: int, batch_size: int, output_dir: str) -> None:
     def change(name: str) -> str:
         before = summary[f"{name}_before"]
         return (f"{before:.3f} -> " if before is not None else "") + f"{summary[f'{name}_after']:.3f}"
@@ -388,5 +408,5 @@ def _print_summary(summary: dict[str, Any], metric: str, n_eval: int, batch_size
         f"{summary['train_seconds']:.0f} s training"
         + (f" at {speed:.0f} tokens/s" if speed else "")
         + f", {summary['total_seconds']:.0f} s total\nin {output_dir}: metrics.jsonl, tensorboard/, {CURVES_FILE}, "
-        f"{SETTINGS_FILE}, summary.json, checkpoints/" + (", export/" if summary["exports"] else "")
+        f"{SETTINGS_FILE}, {COMMANDS_FILE}, summary.json, checkpoints/" + (", export/" if summary["exports"] else "")
     )

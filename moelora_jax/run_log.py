@@ -1,4 +1,5 @@
-"""A run's records: ``metrics.jsonl``, TensorBoard event files beside it, and a PNG of the curves at the end.
+"""A run's records: ``metrics.jsonl``, TensorBoard event files beside it, a PNG of the curves at the end, and
+``commands.jsonl``, the command line of every attempt with the versions it ran.
 
 Each record is a flat dict with ``event`` (``"train"`` or ``"eval"``), ``step`` and numbers. In TensorBoard a
 number ``x`` of an ``event`` record appears as the scalar ``event/x`` at ``step``. On resume from step ``s`` the
@@ -8,9 +9,14 @@ TensorBoard's view, so the curves of a resumed run read like those of an uninter
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
 import json
 import os
+import platform
+import shlex
 import shutil
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +28,9 @@ from moelora_jax.atomic import write_text_atomically
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 CURVES_FILE = "curves.png"
+COMMANDS_FILE = "commands.jsonl"
+VERSIONED = ("moelora_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers")
+"""The packages whose versions :func:`record_command` writes down."""
 
 
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -110,3 +119,37 @@ def plot_curves(records: Sequence[dict[str, Any]], path: str | os.PathLike, metr
     figure.savefig(tmp, dpi=100)
     os.replace(tmp, path)
     return path
+
+
+def _source_commit() -> str | None:
+    """``<git commit>[+dirty]`` of the checkout this package runs from, if it runs from one."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+    try:
+        git = ["git", "-C", str(root)]
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def record_command(directory: str | os.PathLike, argv: Sequence[str] | None, processes: int = 1) -> dict[str, Any]:
+    """Append this attempt to ``directory/commands.jsonl`` and return its record: the exact command line ``argv``
+    (``sys.orig_argv`` for ``train.py``; None when the job was started from Python), as one shell-quoted string
+    too, the working directory, the start time, the process count and the versions of :data:`VERSIONED`."""
+    record = {
+        "argv": list(argv) if argv is not None else None,
+        "command": shlex.join(argv) if argv is not None else None,
+        "cwd": os.getcwd(),
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "processes": processes,
+        "python": platform.python_version(),
+        "versions": {name: importlib.metadata.version(name) for name in VERSIONED},
+        "moelora_jax_commit": _source_commit(),
+    }
+    path = Path(directory) / COMMANDS_FILE
+    earlier = path.read_text() if path.exists() else ""
+    write_text_atomically(path, earlier + json.dumps(record) + "\n")
+    return record

@@ -32,6 +32,7 @@ import numpy as np
 
 from moelora_jax.data import Example, read_jsonl, read_lines, require_file
 from moelora_jax.errors import UserError
+from moelora_jax.storage import local_copy
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 MULTIPLE_CHOICE = r"The answer is \(?([A-Z])\)?\."
@@ -342,13 +343,14 @@ TASKS: dict[str, Task] = {
 
 def load_task(name: str, path: str | Path | None, split: str = "train") -> tuple[Task, list[Example]]:
     """The task and its examples from ``path`` (``split`` selects within files that hold several splits; only
-    ``bbc_news`` has a default source, so only it accepts ``path=None``)."""
+    ``bbc_news`` has a default source, so only it accepts ``path=None``). A remote ``path`` (``gs://...``, a file or
+    a directory) is read through a local copy."""
     if name not in TASKS:
         raise UserError(f"unknown task format {name!r}: choose from {sorted(TASKS)}.")
     task = TASKS[name]
     if path is None and name != "bbc_news":
         raise UserError(f"task {name!r} needs a data path.")
-    examples = task.read(None if path is None else Path(path), split)
+    examples = task.read(None if path is None else local_copy(path), split)
     if not examples:
         raise UserError(f"{path} gave no {split!r} examples for task {name!r}: check the file and the split.")
     return task, examples

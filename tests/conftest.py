@@ -135,3 +135,15 @@ def tmpfs():
             subprocess.run(["umount", "-l", str(path)], check=False)
 
     return mount
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A GCS emulator on loopback for the session (:mod:`gcs_emulator`); ``gcs.bucket()`` gives a fresh bucket."""
+    import gcs_emulator
+
+    emulator, stop = gcs_emulator.start()
+    try:
+        yield emulator
+    finally:
+        stop()

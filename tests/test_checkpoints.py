@@ -187,7 +187,7 @@ def test_a_disk_that_fills_during_a_save_fails_in_one_line_and_keeps_the_last_ch
             f.write(b"\0" * (shutil.disk_usage(disk).free - 256 * 1024))
         with pytest.raises(UserError, match=r"checkpoint 2 needs about 2\.0 MiB .* \(steps \[1\]\) are intact"):
             checkpoints.save(state._replace(step=np.int32(2)))
-        monkeypatch.setattr("moelora_jax.checkpoints._free_bytes", lambda directory: 1 << 40)
+        monkeypatch.setattr("moelora_jax.checkpoints.free_bytes", lambda directory: 1 << 40)
         with pytest.raises(UserError, match=r"could not be written .* \(steps \[1\]\) are intact"):
             checkpoints.save(state._replace(step=np.int32(2), adapters={"w": noise + 1}))
             checkpoints.wait()

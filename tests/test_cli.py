@@ -25,6 +25,18 @@ def test_a_tiny_job_runs_end_to_end(tiny_model_dir, tmp_path):
     events = [json.loads(line)["event"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert events == ["eval", "train", "train", "train", "eval"]
 
+    # the run's record of itself: the resolved settings, and the command line that reruns it
+    settings = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert settings["train"]["steps"] == 3 and settings["compilation_cache"] == str(cache)
+    (attempt,) = [json.loads(line) for line in (tmp_path / "run" / "commands.jsonl").read_text().splitlines()]
+    assert attempt["argv"][1:] == command(tmp_path / "run", *job, f"--config.compilation_cache={cache}")[1:]
+    assert attempt["cwd"] == str(tmp_path) and attempt["versions"]["moelora_jax"] and attempt["processes"] == 1
+    rerun = subprocess.run(attempt["argv"], cwd=attempt["cwd"], env=environment(), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["resumed_from_step"] == 3  # the same run
+    attempts = [json.loads(line) for line in (tmp_path / "run" / "commands.jsonl").read_text().splitlines()]
+    assert [a["argv"] for a in attempts] == [attempt["argv"]] * 2
+
 
 @pytest.mark.parametrize(
     ("overrides", "message"),

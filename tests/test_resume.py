@@ -7,12 +7,11 @@ import json
 import os
 import shutil
 import signal
-import socket
 import time
 
 import numpy as np
 import pytest
-from train_cli import error_line, records, start, tiny_job, train, write_records
+from train_cli import error_line, one_job_on_processes, records, start, tiny_job, train, write_records
 
 from moelora_jax.preemption import EXIT_PREEMPTED
 from moelora_jax.pretrained import SafetensorsFile
@@ -188,28 +187,8 @@ def test_a_full_disk_fails_in_one_line_and_keeps_the_last_checkpoint(job, tmp_pa
         assert _summary(run)["resumed_from_step"] == 4
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_processes(run, args):
-    port = _free_port()
-    processes = [
-        start(
-            run,
-            *args,
-            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-            "--config.distributed.num_processes=2",
-            f"--config.distributed.process_id={i}",
-            devices=2,
-            log=run.parent / f"process{i}.log",
-        )
-        for i in range(2)
-    ]
-    codes = [p.wait(timeout=600) for p in processes]
-    logs = "\n".join((run.parent / f"process{i}.log").read_text()[-1500:] for i in range(2))
+    codes, logs = one_job_on_processes([run, run], args, run.parent)
     assert codes == [0, 0], logs
 
 

@@ -4,6 +4,7 @@ import atexit
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,9 @@ def tiny_job(model_dir: Path, data_path: Path) -> list[str]:
     ]
 
 
-def command(output_dir: Path, *overrides: str, preset: str = "smoke", config: str = "llama_moelora.py") -> list[str]:
+def command(
+    output_dir: Path | str, *overrides: str, preset: str = "smoke", config: str = "llama_moelora.py"
+) -> list[str]:
     return [
         sys.executable,
         str(ROOT / "train.py"),
@@ -49,7 +52,7 @@ def command(output_dir: Path, *overrides: str, preset: str = "smoke", config: st
     ]
 
 
-def environment(devices: int = 1) -> dict[str, str]:
+def environment(devices: int = 1, extra: dict[str, str] | None = None) -> dict[str, str]:
     flags = "--xla_cpu_multi_thread_eigen=false"
     if devices > 1:
         flags += f" --xla_force_host_platform_device_count={devices}"
@@ -59,29 +62,43 @@ def environment(devices: int = 1) -> dict[str, str]:
         "JAX_PLATFORMS": "cpu",
         "JAX_COMPILATION_CACHE_DIR": XLA_CACHE,
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        **(extra or {}),
     }
 
 
 def train(
-    output_dir: Path, *overrides: str, preset: str = "smoke", devices: int = 1, config: str = "llama_moelora.py"
+    output_dir: Path | str,
+    *overrides: str,
+    preset: str = "smoke",
+    devices: int = 1,
+    config: str = "llama_moelora.py",
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess:
-    """``train.py --config configs/<config>:<preset>`` to completion; stdout and stderr captured."""
+    """``train.py --config configs/<config>:<preset>`` to completion; stdout and stderr captured. ``env`` adds to the
+    environment; ``cwd`` defaults to the output directory's parent (a remote ``output_dir`` needs one)."""
     return subprocess.run(
         command(output_dir, *overrides, preset=preset, config=config),
         capture_output=True,
         text=True,
-        env=environment(devices),
-        cwd=output_dir.parent,
+        env=environment(devices, env),
+        cwd=cwd or Path(output_dir).parent,
         timeout=600,
     )
 
 
-def start(output_dir: Path, *overrides: str, devices: int = 1, log: Path | None = None) -> subprocess.Popen:
-    """``train.py`` in the background, its output to ``log`` (default: beside the output directory)."""
-    log = log or output_dir.parent / f"{output_dir.name}.log"
+def start(
+    output_dir: Path | str,
+    *overrides: str,
+    devices: int = 1,
+    log: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen:
+    """``train.py`` in the background, its output to ``log`` (default: beside a local output directory)."""
+    log = log or Path(output_dir).parent / f"{Path(output_dir).name}.log"
     with open(log, "w") as out:
         return subprocess.Popen(
-            command(output_dir, *overrides), stdout=out, stderr=subprocess.STDOUT, env=environment(devices)
+            command(output_dir, *overrides), stdout=out, stderr=subprocess.STDOUT, env=environment(devices, env)
         )
 
 
@@ -98,3 +115,29 @@ def records(output_dir: Path, event: str = "train") -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(path)
     return [r for r in read_records(path) if r["event"] == event]
+
+
+def one_job_on_processes(
+    output_dirs: list[Path | str], args: list[str], log_dir: Path, envs: list[dict[str, str]] | None = None
+) -> tuple[list[int], str]:
+    """One ``jax.distributed`` job on localhost, process ``i`` writing to ``output_dirs[i]`` with 2 CPU devices and
+    ``envs[i]`` added to its environment; returns the exit codes and the tail of each process's log."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    count = len(output_dirs)
+    processes = [
+        start(
+            output_dir,
+            *args,
+            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+            f"--config.distributed.num_processes={count}",
+            f"--config.distributed.process_id={i}",
+            devices=2,
+            log=log_dir / f"process{i}.log",
+            env=envs[i] if envs else None,
+        )
+        for i, output_dir in enumerate(output_dirs)
+    ]
+    codes = [p.wait(timeout=600) for p in processes]
+    return codes, "\n".join((log_dir / f"process{i}.log").read_text()[-1500:] for i in range(count))
