@@ -45,6 +45,7 @@ def get_config(preset: str = "") -> ConfigDict:
     config.adapter.mixer = False
     config.adapter.balance_loss = 0.0  # Switch load-balancing loss coefficient (Fedus et al.: 1e-2); 0: off
     config.adapter.z_loss = 0.0  # router z-loss coefficient (ST-MoE: 1e-3); 0: off
+    config.adapter.init_from = ""  # start from these adapters (our export/adapters, or a PEFT LoRA); empty: random
 
     config.optim = ConfigDict()
     config.optim.family = "adamw"  # sgd | adamw | reference_adamw
@@ -99,6 +100,11 @@ def get_config(preset: str = "") -> ConfigDict:
     config.export.adapters = True  # export/adapters: adapters.safetensors + adapters.json, any adapter
     config.export.peft = True  # export/peft: PEFT LoRA format (plain LoRA without a mixer only)
     config.export.merged = True  # export/merged: a HF model with the adapter folded in (plain LoRA only)
+
+    config.log = ConfigDict()
+    config.log.wandb = False  # also log to Weights & Biases (pip install 'moelora_jax[wandb]'; WANDB_MODE=offline)
+    config.log.wandb_project = "moelora_jax"
+    config.log.wandb_run = ""  # empty: the output_dir's name
 
     config.distributed = ConfigDict()
     config.distributed.initialize = "auto"  # auto: with a coordinator_address or on a Cloud TPU VM | yes | no

@@ -30,6 +30,7 @@ from flax import traverse_util
 
 from moelora_jax.atomic import atomic_directory
 from moelora_jax.errors import UserError
+from moelora_jax.hub import is_hub_id, snapshot
 from moelora_jax.models.llama import Llama, LlamaConfig, abstract_variables
 from moelora_jax.quantize import QuantConfig, kernel_leaves, quantize
 from moelora_jax.sharding import DEFAULT_RULES, LogicalRules, logical_shardings
@@ -368,7 +369,10 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
 
 def resolve_model_dir(source: str | os.PathLike | None = None) -> Path:
     """A HF model directory for ``source``: a directory as is; a ``.gguf`` file converted once into the cache;
-    None for the default SmolLM2-135M-Instruct. A remote ``source`` (``gs://...``) is read through a local copy."""
+    None for the default SmolLM2-135M-Instruct. A remote ``source`` (``gs://...``) is read through a local copy; a
+    Hugging Face hub id (``org/name[@revision]``) that is not a local path, through the hub's cache."""
+    if source is not None and is_hub_id(os.fspath(source)) and not Path(source).expanduser().exists():
+        return snapshot(os.fspath(source))
     path = default_model_path() if source is None else local_copy(source)
     if path.is_dir():
         return path

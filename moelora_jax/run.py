@@ -43,12 +43,21 @@ from moelora_jax.optim import build_optimizer, lr_schedule
 from moelora_jax.preemption import PreemptedError, PreemptionGuard
 from moelora_jax.pretrained import check_vocabulary, load_config, load_params, load_tokenizer, resolve_model_dir
 from moelora_jax.quantize import dequantize_params
-from moelora_jax.run_log import COMMANDS_FILE, CURVES_FILE, RunLog, plot_curves, record_command, record_values
+from moelora_jax.run_log import (
+    COMMANDS_FILE,
+    CURVES_FILE,
+    RunLog,
+    open_wandb,
+    plot_curves,
+    record_command,
+    record_values,
+)
 from moelora_jax.settings import DataSettings, ExportSettings, Settings
 from moelora_jax.sharding import batch_sharding, make_mesh
-from moelora_jax.storage import OutputDirectory, is_remote
+from moelora_jax.storage import OutputDirectory, is_remote, local_copy
 from moelora_jax.tasks import load_task
 from moelora_jax.trainer import Trainer
+from moelora_jax.warm_start import source_digest, warm_adapters
 
 SETTINGS_FILE = "config.json"
 """The run's resolved settings (:meth:`Settings.to_dict`), written into ``output_dir`` at start."""
@@ -96,14 +105,17 @@ def _compilation_cache(setting: str, output: OutputDirectory) -> None:
         )
 
 
-def _fingerprint(settings: Settings, model_config: Any, encoded: list) -> dict:
-    """What a checkpoint must agree with to be resumed (see :mod:`moelora_jax.checkpoints`)."""
+def _fingerprint(settings: Settings, model_config: Any, encoded: list, init_from: Path | None) -> dict:
+    """What a checkpoint must agree with to be resumed (see :mod:`moelora_jax.checkpoints`); a warm start's
+    source digest among them."""
     digest = hashlib.sha256()
     for e in encoded:
         digest.update(e.tokens.tobytes() + e.loss_mask.tobytes())
     a, o = settings.adapter, settings.optim
     adapter = dataclasses.asdict(a.config)
     adapter.pop("masked", None)  # MoLE masking changes inference only: a masked run may resume an unmasked one
+    if init_from is not None:
+        adapter["init_from"] = source_digest(init_from)
     return {
         "adapter": adapter | {"targets": ",".join(a.targets), "sources": ",".join(a.sources)},
         "model": dataclasses.asdict(model_config),
@@ -115,6 +127,15 @@ def _fingerprint(settings: Settings, model_config: Any, encoded: list) -> dict:
             "sha256": digest.hexdigest()[:16],
         },
     }
+
+
+def _warm_start(directory: Path, fresh: Any, settings: Settings, model_config: Any) -> Any:
+    """``fresh`` (the adapters on the devices) replaced by those of ``directory``, placed as ``fresh`` is."""
+    a = settings.adapter
+    host = warm_adapters(directory, to_host(fresh), adapter=a.config, targets=a.targets, model_config=model_config)
+    if is_primary():
+        print(f"adapters: initialised from {a.init_from}; the optimizer starts fresh at step 0.")
+    return jax.tree.map(lambda h, x: jax.make_array_from_callback(x.shape, x.sharding, lambda i: h[i]), host, fresh)
 
 
 def _resume(checkpoints: Checkpoints, fresh: Any, resume: str) -> Any:
@@ -276,11 +297,13 @@ def run(config: Any, argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     adapter_shapes = nn.unbox(abstract_variables(model))["adapters"]
     trainer = Trainer(model, build_optimizer(settings.optim, adapter_shapes), mesh, router_losses=a.router_losses)
-    checkpoints = Checkpoints(
-        output.root / "checkpoints", _fingerprint(settings, model_config, encoded), keep=settings.checkpoint.keep
-    )
+    init_from = local_copy(a.init_from) if a.init_from else None
+    fingerprint = _fingerprint(settings, model_config, encoded, init_from)
+    checkpoints = Checkpoints(output.root / "checkpoints", fingerprint, keep=settings.checkpoint.keep)
     state = _resume(checkpoints, trainer.init(jax.random.key(t.seed)), settings.checkpoint.resume)
     first_step, first_skipped = int(state.step), int(state.skipped)
+    if init_from is not None and first_step == 0:
+        state = state._replace(adapters=_warm_start(init_from, state.adapters, settings, model_config))
     params = load_params(
         directory, model_config, param_dtype=m.weights_dtype, shardings=trainer.shardings["params"], quant=m.quant
     )
@@ -312,7 +335,16 @@ def run(config: Any, argv: Sequence[str] | None = None) -> dict[str, Any]:
         loss = trainer.eval_loss(params, adapters, eval_batches)
         return {"step": step, task.metric: score, "eval_loss": loss}
 
-    log = RunLog(output_dir, resume_step=first_step, enabled=is_primary())
+    tracker = None
+    if settings.log.wandb and is_primary():
+        tracker = open_wandb(
+            output_dir,
+            project=settings.log.wandb_project,
+            name=settings.log.wandb_run or output.root.name,
+            config=settings.to_dict(),
+            resume_step=first_step,
+        )
+    log = RunLog(output_dir, resume_step=first_step, enabled=is_primary(), wandb=tracker)
     if first_step == 0:
         before = evaluate(state.adapters, 0) if t.eval_before else None
         if before:
@@ -374,6 +406,7 @@ def run(config: Any, argv: Sequence[str] | None = None) -> dict[str, Any]:
         "adapter": dataclasses.asdict(a.config) | {"targets": list(a.targets)},
         "steps": t.steps,
         "resumed_from_step": first_step,
+        "init_from": a.init_from or None,
         "skipped_updates": int(state.skipped),
         f"{task.metric}_before": before[task.metric] if before else None,
         f"{task.metric}_after": after[task.metric],

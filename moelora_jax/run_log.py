@@ -1,5 +1,5 @@
-"""A run's records: ``metrics.jsonl``, TensorBoard event files beside it, a PNG of the curves at the end, and
-``commands.jsonl``, the command line of every attempt with the versions it ran.
+"""A run's records: ``metrics.jsonl``, TensorBoard event files beside it (and optionally a Weights & Biases run), a
+PNG of the curves at the end, and ``commands.jsonl``, the command line of every attempt with the versions it ran.
 
 Each record is a flat dict with ``event`` (``"train"`` or ``"eval"``), ``step`` and numbers. In TensorBoard a
 number ``x`` of an ``event`` record appears as the scalar ``event/x`` at ``step``. On resume from step ``s`` the
@@ -14,6 +14,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -29,6 +30,8 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 CURVES_FILE = "curves.png"
 COMMANDS_FILE = "commands.jsonl"
+WANDB_ID_FILE = "wandb_id"
+"""The Weights & Biases run id of an output directory: every attempt of the run logs to that one W&B run."""
 VERSIONED = ("moelora_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers")
 """The packages whose versions :func:`record_command` writes down."""
 
@@ -50,19 +53,35 @@ def record_values(metrics: dict[str, Any]) -> dict[str, float | list[float]]:
     return values
 
 
+def open_wandb(directory: str | os.PathLike, *, project: str, name: str, config: dict, resume_step: int) -> Any:
+    """A Weights & Biases run for the output ``directory``, its files in ``directory/wandb``, with ``config`` (the
+    resolved settings) attached. A resumed attempt (``resume_step > 0``) continues the W&B run of the directory's
+    :data:`WANDB_ID_FILE`; a fresh one starts a new run. ``$WANDB_MODE=offline`` keeps it on disk."""
+    import wandb
+
+    id_file = Path(directory) / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if resume_step and id_file.exists() else secrets.token_hex(4)
+    write_text_atomically(id_file, run_id)
+    return wandb.init(project=project, name=name, id=run_id, resume="allow", config=config, dir=str(directory))
+
+
 class RunLog:
-    """Appends records to ``directory/metrics.jsonl`` and ``directory/tensorboard/``.
+    """Appends records to ``directory/metrics.jsonl``, ``directory/tensorboard/`` and, if given, a W&B run.
 
     Args:
       directory: the run's output directory.
       resume_step: the step the run continues from; records after it are dropped, and with 0 (a fresh run)
         all earlier records are.
       enabled: False on every process but the primary one, which alone writes.
+      wandb: a run of :func:`open_wandb` to log to as well (``event/key`` at ``step``); finished by :meth:`close`.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, resume_step: int = 0, enabled: bool = True) -> None:
+    def __init__(
+        self, directory: str | os.PathLike, *, resume_step: int = 0, enabled: bool = True, wandb: Any = None
+    ) -> None:
         self.path = Path(directory) / METRICS_FILE
         self.enabled = enabled
+        self._wandb = wandb
         self._file = self._writer = None
         self.records: list[dict[str, Any]] = []
         if not enabled:
@@ -86,16 +105,25 @@ class RunLog:
         self.records.append(record)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        for key, value in record.items():
-            if key not in ("event", "step") and isinstance(value, int | float):
-                self._writer.add_scalar(f"{record['event']}/{key}", value, record["step"])
+        scalars = {
+            f"{record['event']}/{key}": value
+            for key, value in record.items()
+            if key not in ("event", "step") and isinstance(value, int | float)
+        }
+        for tag, value in scalars.items():
+            self._writer.add_scalar(tag, value, record["step"])
         self._writer.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=record["step"])
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._writer.close()
             self._file = self._writer = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
 
 def plot_curves(records: Sequence[dict[str, Any]], path: str | os.PathLike, metric: str) -> Path:

@@ -9,6 +9,7 @@ from the same objects.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Any
 
 import jax.numpy as jnp
@@ -69,13 +70,15 @@ class ModelSettings:
 @dataclasses.dataclass(frozen=True)
 class AdapterSettings:
     """``adapter.*`` (and ``mole.*`` for MoLE): the adapter, the projections it adapts, MoLE's source LoRA
-    directories and the routing losses' coefficients."""
+    directories, the routing losses' coefficients and the adapter directory a fresh run starts from (``init_from``,
+    :mod:`moelora_jax.warm_start`; empty: random)."""
 
     kind: str
     config: AdapterConfig | MoleConfig
     targets: tuple[str, ...]
     sources: tuple[str, ...]
     router_losses: RouterLosses
+    init_from: str
 
     @classmethod
     def from_config(cls, adapter: Any, mole: Any = None) -> AdapterSettings:
@@ -104,7 +107,9 @@ class AdapterSettings:
                 f"adapter.balance_loss={adapter.balance_loss} and adapter.z_loss={adapter.z_loss} must be >= 0, and "
                 "need a gate (adapter.kind=moe_lora) to be > 0."
             )
-        return cls(adapter.kind, config, targets, sources, losses)
+        if adapter.init_from and adapter.kind == "mole":
+            raise UserError("adapter.init_from starts lora and moe_lora runs; a MoLE run's experts are mole.loras.")
+        return cls(adapter.kind, config, targets, sources, losses, adapter.init_from)
 
     @property
     def routed(self) -> bool:
@@ -224,6 +229,20 @@ class ExportSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class LogSettings:
+    """``log.*``: trackers beside ``metrics.jsonl`` and TensorBoard: Weights & Biases when ``wandb`` (project
+    ``wandb_project``, run name ``wandb_run`` or the output directory's name)."""
+
+    wandb: bool
+    wandb_project: str
+    wandb_run: str
+
+    def __post_init__(self) -> None:
+        if self.wandb and importlib.util.find_spec("wandb") is None:
+            raise UserError("log.wandb=True needs the wandb package: pip install 'moelora_jax[wandb]'.")
+
+
+@dataclasses.dataclass(frozen=True)
 class DistributedSettings:
     """``distributed.*``: how to join a multi-process job (:func:`moelora_jax.distributed.initialize`)."""
 
@@ -258,6 +277,7 @@ class Settings:
     train: TrainSettings
     checkpoint: CheckpointSettings
     export: ExportSettings
+    log: LogSettings
     distributed: DistributedSettings
     mesh: MeshSettings
 
@@ -275,6 +295,7 @@ class Settings:
             train=TrainSettings(**config.train.to_dict()),
             checkpoint=CheckpointSettings(**checkpoint),
             export=ExportSettings(**config.export.to_dict()),
+            log=LogSettings(**config.log.to_dict()),
             distributed=DistributedSettings(**config.distributed.to_dict()),
             mesh=MeshSettings(**config.mesh.to_dict()),
         )
