@@ -7,10 +7,12 @@
   rebuild the model.
 - :func:`export_peft` (E = 1, no mixer): ``adapter_model.safetensors`` + ``adapter_config.json`` that
   ``peft.PeftModel.from_pretrained`` loads onto transformers' LLaMA: ``lora_A.weight = A^T (r, d_in)``,
-  ``lora_B.weight = B^T (d_out, r)``, ``lora_alpha / r`` our scale.
+  ``lora_B.weight = B^T (d_out, r)``, ``lora_alpha / r`` our scale; and a ``README.md`` model card.
 - :func:`merge_adapters` / :func:`export_merged` (E = 1): ``W0 + s * A [M] B`` folded into the frozen kernels and
-  written as a plain Hugging Face model directory. A gated mixture depends on each token's gate, so it has no
-  merged form.
+  written as a Hugging Face model directory that transformers and vLLM serve as is: ``config.json``
+  (``LlamaForCausalLM``, the weights' dtype), ``generation_config.json``, the tokenizer with its chat template, and
+  ``model.safetensors`` or, above ``max_shard_bytes``, shards listed in ``model.safetensors.index.json``.
+  A gated mixture (MoE-LoRA, MoLE) depends on each token's gate, so it has neither a merged nor a PEFT form.
 
 Every export directory appears atomically (:func:`~moelora_jax.atomic.atomic_directory`).
 """
@@ -28,9 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from huggingface_hub import split_state_dict_into_shards_factory
 
 from moelora_jax.adapter_leaves import ADAPTER_LEAVES
-from moelora_jax.adapters import AdapterConfig
+from moelora_jax.adapters import AdapterConfig, MoleConfig
 from moelora_jax.atomic import atomic_directory
 from moelora_jax.errors import UserError
 from moelora_jax.models.llama import LlamaConfig
@@ -38,6 +41,8 @@ from moelora_jax.pretrained import SafetensorsFile, hf_tensors, save_safetensors
 
 ADAPTERS_FILE, ADAPTERS_CONFIG = "adapters.safetensors", "adapters.json"
 EXPORT_FORMAT = 1
+MAX_SHARD_BYTES = 5 * 10**9
+"""Largest ``.safetensors`` file of a merged export before it is split into shards: huggingface_hub's "5GB"."""
 
 MODULES = {
     "q": ("attn", "q_proj", "self_attn.q_proj"),
@@ -138,14 +143,69 @@ def load_adapters(directory: str | os.PathLike) -> ExportedAdapters:
     )
 
 
-def _require_plain_lora(adapter: AdapterConfig, what: str, allow_mixer: bool) -> None:
+def _require_plain_lora(adapter: AdapterConfig | MoleConfig, what: str, allow_mixer: bool) -> None:
+    """Raise unless ``adapter`` is plain LoRA (E = 1), with a MoSLoRA mixer only where ``allow_mixer``."""
     if adapter.num_experts != 1:
         raise UserError(
-            f"{what} needs plain LoRA (adapter.kind=lora), but this adapter mixes {adapter.num_experts} experts by "
-            "an input-dependent gate: use the adapters.safetensors export."
+            f"{what} needs plain LoRA (adapter.kind=lora), but this adapter mixes {adapter.num_experts} experts "
+            "(MoE-LoRA or MoLE) by a per-token gate, which neither merged weights nor a PEFT LoRA can express: use "
+            "our export (export/adapters, or export/mole for MoLE), read by moelora_jax.export.load_adapters "
+            "(moelora_jax.mole.load_mole) and run by moelora_jax.generation.generate."
         )
     if adapter.mixer and not allow_mixer:
-        raise UserError(f"{what} has no MoSLoRA mixer: use the merged or the adapters.safetensors export.")
+        raise UserError(
+            f"{what} has no place for a MoSLoRA mixer: use the merged export (export/merged) or ours (export/adapters)."
+        )
+
+
+PEFT_CARD = """\
+---
+{front_matter}
+---
+
+# LoRA adapter
+
+A plain LoRA trained with moelora_jax (JAX/Flax) and written in PEFT's format. Each target projection of every
+decoder layer computes `y = x W0 + (alpha / r) * (x A) B`, with `W0` frozen, `A: (d_in, r)` and `B: (r, d_out)`.
+
+| setting | value |
+| --- | --- |
+| base model | `{base_model}` |
+| method | LoRA |
+| rank r | {rank} |
+| alpha | {alpha:g} (scale alpha / r = {scale:g}) |
+| dropout | {dropout:g} (training only) |
+| targets | {targets} |
+
+## Loading
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+base = AutoModelForCausalLM.from_pretrained({base_model_literal})
+model = PeftModel.from_pretrained(base, "path/to/this/directory")
+```
+"""
+"""``README.md`` of a PEFT export; ``front_matter`` is the model card's YAML metadata (Hugging Face Hub keys)."""
+
+
+def _peft_model_card(adapter: AdapterConfig, modules: Sequence[str], base_model: str) -> str:
+    """The ``README.md`` of a PEFT export: YAML front matter (``base_model``, ``library_name: peft``, tags), the
+    method and its settings, and how to load it with ``peft.PeftModel.from_pretrained``."""
+    front_matter = [f"base_model: {json.dumps(base_model)}"] if base_model else []
+    front_matter += ["library_name: peft", "pipeline_tag: text-generation", "tags:", "- lora", "- moelora_jax"]
+    base = base_model or "path/to/the/base/model"
+    return PEFT_CARD.format(
+        front_matter="\n".join(front_matter),
+        base_model=base,
+        base_model_literal=json.dumps(base),
+        rank=adapter.rank,
+        alpha=adapter.alpha,
+        scale=adapter.scale,
+        dropout=adapter.dropout,
+        targets=", ".join(f"`{m}`" for m in modules),
+    )
 
 
 def export_peft(
@@ -156,9 +216,10 @@ def export_peft(
     targets: Sequence[str],
     base_model: str = "",
 ) -> Path:
-    """Write a PEFT LoRA adapter (``adapter_model.safetensors``, ``adapter_config.json``) for E = 1, no mixer."""
+    """Write a PEFT LoRA adapter (``adapter_model.safetensors``, ``adapter_config.json``, ``README.md``) for E = 1,
+    no mixer; ``base_model`` (a Hub id or a path) goes into its config and model card."""
     _require_plain_lora(adapter, "the PEFT export", allow_mixer=False)
-    tensors = {}
+    tensors, modules = {}, sorted(MODULES[t][1] for t in targets)
     for (target, leaf), stacked in _layer_leaves(adapters, targets).items():
         name = {"lora_a": "lora_A", "lora_b": "lora_B"}[leaf]
         for i, layer in enumerate(stacked):
@@ -170,7 +231,7 @@ def export_peft(
         "r": adapter.rank,
         "lora_alpha": adapter.alpha,
         "lora_dropout": adapter.dropout,
-        "target_modules": sorted(MODULES[t][1] for t in targets),
+        "target_modules": modules,
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
@@ -180,6 +241,7 @@ def export_peft(
     with atomic_directory(directory) as tmp:
         save_safetensors(tmp / "adapter_model.safetensors", tensors, {"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "README.md").write_text(_peft_model_card(adapter, modules, base_model))
     return Path(directory)
 
 
@@ -208,6 +270,29 @@ def merge_adapters(
     return traverse_util.unflatten_dict(merged)
 
 
+def save_hf_weights(
+    directory: str | os.PathLike, tensors: dict[str, np.ndarray], max_shard_bytes: int = MAX_SHARD_BYTES
+) -> None:
+    """Write Hugging Face weights into ``directory``: ``model.safetensors``, or where they exceed
+    ``max_shard_bytes``, shards ``model-00001-of-0000n.safetensors`` filled in ``tensors``' order (a tensor larger
+    than the limit gets one of its own) and ``model.safetensors.index.json`` (``metadata.total_size`` in bytes,
+    ``weight_map``: tensor -> file), the layout ``transformers`` writes and reads."""
+    if max_shard_bytes <= 0:
+        raise UserError(f"max_shard_bytes={max_shard_bytes} must be a positive number of bytes (default 5e9).")
+    directory = Path(directory)
+    split = split_state_dict_into_shards_factory(
+        tensors,
+        get_storage_size=lambda t: t.nbytes,
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_bytes,
+    )
+    for file, names in split.filename_to_tensors.items():
+        save_safetensors(directory / file, {name: tensors[name] for name in names}, {"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
 def export_merged(
     directory: str | os.PathLike,
     params: dict[str, Any],
@@ -217,12 +302,26 @@ def export_merged(
     targets: Sequence[str],
     model_config: LlamaConfig,
     tokenizer: Any = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
-    """Write the merged model as a Hugging Face directory (``config.json``, ``model.safetensors``, tokenizer)."""
+    """Write the merged model as a Hugging Face directory that ``transformers.AutoModelForCausalLM`` and vLLM load as
+    is: ``config.json`` (``LlamaForCausalLM``; ``dtype`` the weights', e.g. ``bfloat16``), ``generation_config.json``
+    (the config's bos / eos / pad ids), the tokenizer's files (its chat template included) and the weights
+    (:func:`save_hf_weights`)."""
+    import transformers
+
     merged = merge_adapters(params, adapters, adapter=adapter, targets=targets)
+    tensors = hf_tensors(merged, model_config)
+    hf_config = model_config.to_hf()
+    hf_config.architectures = ["LlamaForCausalLM"]
+    hf_config.dtype = tensors["model.embed_tokens.weight"].dtype.name  # every leaf has the base's weights_dtype
+    generation = transformers.GenerationConfig(
+        bos_token_id=hf_config.bos_token_id, eos_token_id=hf_config.eos_token_id, pad_token_id=hf_config.pad_token_id
+    )
     with atomic_directory(directory) as tmp:
-        model_config.to_hf().save_pretrained(tmp)
-        save_safetensors(tmp / "model.safetensors", hf_tensors(merged, model_config), {"format": "pt"})
+        hf_config.save_pretrained(tmp)
+        generation.save_pretrained(tmp)
+        save_hf_weights(tmp, tensors, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(directory)

@@ -398,7 +398,6 @@ def run(config: Any, argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not is_primary():
         return {}
     curves = plot_curves(log.records, output_dir / CURVES_FILE, task.metric)
-    output.push()  # the exports and the curves (the summary follows)
     trained_steps = t.steps - first_step
     summary = {
         "model": str(directory),
@@ -423,7 +422,7 @@ def run(config: Any, argv: Sequence[str] | None = None) -> dict[str, Any]:
         "curves": output.remote_path(curves),
     }
     write_text_atomically(output_dir / "summary.json", json.dumps(summary, indent=2))
-    output.push()
+    output.push()  # the exports, curves and summary
     _print_summary(summary, task.metric, len(eval_examples), t.batch_size, str(output))
     return summary
 
