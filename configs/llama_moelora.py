@@ -78,6 +78,7 @@ def get_config(preset: str = "") -> ConfigDict:
     config.data.chat_template = True
     config.data.max_train_examples = 0  # 0: all
     config.data.max_eval_examples = 64
+    config.data.eval_seed = -1  # draws the max_eval_examples subset; -1: train.seed + 1; >= 0: one for all seeds
 
     config.train = ConfigDict()
     config.train.steps = 50

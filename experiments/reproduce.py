@@ -1,6 +1,7 @@
 """Reproduce the papers' claims: four adapters x {SGD, AdamW} x three learning rates, then tables and plots.
 
     python experiments/reproduce.py                          # the CPU protocol: SmolLM2-135M, BBC News, ~75 min
+    python experiments/reproduce.py --protocol resolve       # 2 tasks x 4 methods x 2 optimizers x 3 seeds: ~7 h
     python experiments/reproduce.py --protocol paper         # CommonsenseQA, 2000 steps of 80 (a GPU or TPU)
     python experiments/reproduce.py --protocol paper --model /models/Llama-3.2-3B
     python experiments/reproduce.py --methods moslora,moslora+riemann,moe_moslora+riemann+sqrt_gate   # MoSLoRA rows
@@ -11,19 +12,32 @@ The methods are LoRA; MoE-LoRA; MoE-LoRA with the per-expert ``riemann_precond``
 MoE-LoRA with ``riemann_precond`` and ``sqrt_gate`` gradients (Sun et al. 2025); on request also MoSLoRA (Wu et al.
 2024: an ``r x r`` mixer between the factors) with and without ``riemann_precond``, and MoE-LoRA with mixers.
 Each run is one ``python train.py --config configs/llama_moelora.py[:preset] --config.KEY=VALUE ...`` into
-``runs/reproduce/<protocol>/<method>-<optimizer>-<lr>/``; a run with a ``summary.json`` is skipped and an interrupted
-run resumes from its checkpoint, so running the command again continues the grid. The collected results go to
+``runs/reproduce/<protocol>/<method>-<optimizer>-<lr>/``; a run with a ``summary.json`` is skipped, an interrupted
+run resumes from its checkpoint, and a run that another process is running (it holds the directory's ``.lock``) is
+left to it, so running the command again, or in a second terminal, continues the grid. The collected results go to
 ``docs/results/<protocol>/``: ``results.json`` (each run's command, scores and training-loss curve), ``tables.md``,
 ``loss_vs_step.png`` and ``accuracy_vs_lr.png``.
 
+The ``resolve`` protocol is built to tell methods apart: BBC News and GLUE SST-2 (``--data-dir``/glue_data/SST-2),
+each optimizer at its best rate of the CPU grid, seeds 0, 1 and 2, every run of a task scored on the same held-out
+examples (BBC News' 424 test articles, 500 of SST-2's 872 dev sentences) with each example's outcome kept
+(``eval_examples.jsonl``). Its runs go to
+``runs/reproduce/resolve/<task>/<method>-<optimizer>-<lr>-seed<seed>/``; its tables give each cell's accuracy with a
+95% bootstrap interval over seeds and examples, and each paper claim's paired difference with its verdict
+(``tables.md``, ``accuracy.png``, ``claims.png``).
+
 The gate's learning rate keeps the reference code's ratio to the experts' (3e-8 : 1e-5 under AdamW, 3e-8 : 3e-5
-under SGD). Every adapter starts as the base model (``B = 0``), so the base model is evaluated once, in the first run.
+under SGD). Every adapter starts as the base model (``B = 0``), so the base model is evaluated once (per task), in
+the first run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
+import functools
 import importlib.metadata
 import json
 import os
@@ -31,13 +45,18 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moelora_jax.atomic import write_text_atomically  # noqa: E402
+from moelora_jax.errors import UserError  # noqa: E402
+from moelora_jax.evaluation import EXAMPLES_FILE  # noqa: E402
 from moelora_jax.preemption import EXIT_PREEMPTED  # noqa: E402
 from moelora_jax.run_log import METRICS_FILE, read_records  # noqa: E402
 
@@ -126,10 +145,11 @@ def grid(protocol: Protocol, methods: list[str]) -> list[Run]:
     ]
 
 
-def settings(protocol: Protocol, run: Run, output_dir: Path, extra: dict[str, Any], first: bool) -> dict[str, Any]:
-    """The config overrides of one run (dotted keys of ``configs/llama_moelora.py``); ``extra`` comes last and wins."""
+def settings(overrides: dict[str, Any], run: Run, first: bool) -> dict[str, Any]:
+    """The config overrides of one run (dotted keys of ``configs/llama_moelora.py``) on a protocol's ``overrides``;
+    :func:`run_grid` adds ``output_dir`` and the user's overrides after them."""
     return {
-        **protocol.overrides,
+        **overrides,
         **METHODS[run.method][1],
         "optim.family": run.optimizer,
         "optim.lr": run.lr,
@@ -137,14 +157,12 @@ def settings(protocol: Protocol, run: Run, output_dir: Path, extra: dict[str, An
         "train.eval_before": first,
         "export.peft": False,
         "export.merged": False,
-        "output_dir": str(output_dir),
-        **extra,
     }
 
 
-def command(protocol: Protocol, overrides: dict[str, Any]) -> list[str]:
-    """The ``train.py`` command line of a run with these overrides."""
-    config = f"{CONFIG.relative_to(ROOT)}" + (f":{protocol.preset}" if protocol.preset else "")
+def command(preset: str, overrides: dict[str, Any]) -> list[str]:
+    """The ``train.py`` command line of a run with these overrides on a preset of the config ("": none)."""
+    config = f"{CONFIG.relative_to(ROOT)}" + (f":{preset}" if preset else "")
     values = {k: f"{v:.3g}" if isinstance(v, float) else v for k, v in overrides.items()}
     return ["python", "train.py", f"--config={config}", *(f"--config.{k}={v}" for k, v in values.items())]
 
@@ -166,29 +184,49 @@ def last_line(path: Path) -> str:
     return lines[-1] if lines else ""
 
 
-def run_grid(protocol: Protocol, runs: list[Run], root: Path, extra: dict[str, str]) -> None:
-    """Run every unfinished run in turn; stops at a bad config or data (exit 2: every run would fail alike)."""
-    for index, run in enumerate(runs):
-        directory = root / run.name
+@contextlib.contextmanager
+def claimed(directory: Path) -> Iterator[bool]:
+    """Whether this process holds the lock of a run's ``directory`` (an ``flock`` on ``.lock``, which the system
+    releases when the process ends, even killed): protocols started in one tree at once share out the runs."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+        else:
+            yield True
+
+
+def run_grid(preset: str, plan: list[tuple[str, dict[str, Any]]], root: Path, extra: dict[str, str]) -> None:
+    """Run each ``(name, overrides)`` of ``plan`` not finished (``summary.json``) nor running in another process,
+    into ``root / name``; stops at a bad config or data (exit 2: every run would fail alike)."""
+    for index, (name, overrides) in enumerate(plan):
+        directory = root / name
         if (directory / "summary.json").exists():
             continue
-        directory.mkdir(parents=True, exist_ok=True)
-        output_dir = directory.relative_to(ROOT) if directory.is_relative_to(ROOT) else directory
-        argv = command(protocol, settings(protocol, run, output_dir, extra, first=index == 0))
-        (directory / "command.txt").write_text(" ".join(argv) + "\n")
-        start = time.perf_counter()
-        code = train(argv, directory / "train.log")
-        seconds = time.perf_counter() - start
+        with claimed(directory) as mine:
+            if not mine:
+                print(f"[{index + 1}/{len(plan)}] {name}: running in another process, skipped", flush=True)
+                continue
+            if (directory / "summary.json").exists():  # another process finished it since the check above
+                continue
+            output_dir = directory.relative_to(ROOT) if directory.is_relative_to(ROOT) else directory
+            argv = command(preset, {**overrides, "output_dir": str(output_dir), **extra})
+            (directory / "command.txt").write_text(" ".join(argv) + "\n")
+            start = time.perf_counter()
+            code = train(argv, directory / "train.log")
+            seconds = time.perf_counter() - start
         if code == EXIT_PREEMPTED:
-            sys.exit(f"stopped during {run.name}; run the same command again to continue the grid.")
+            sys.exit(f"stopped during {name}; run the same command again to continue.")
         if code == 2:
-            sys.exit(f"{run.name}: {last_line(directory / 'train.log')}")
+            sys.exit(f"{name}: {last_line(directory / 'train.log')}")
         if code:
-            print(f"[{index + 1}/{len(runs)}] {run.name}: FAILED (exit {code}): {last_line(directory / 'train.log')}")
+            print(f"[{index + 1}/{len(plan)}] {name}: FAILED (exit {code}): {last_line(directory / 'train.log')}")
             continue
         summary = json.loads((directory / "summary.json").read_text())
         print(
-            f"[{index + 1}/{len(runs)}] {run.name}: accuracy {summary['accuracy_after']:.3f}, "
+            f"[{index + 1}/{len(plan)}] {name}: accuracy {summary['accuracy_after']:.3f}, "
             f"held-out loss {summary['eval_loss_after']:.3f}, {summary['skipped_updates']} skipped, {seconds:.0f} s",
             flush=True,
         )
@@ -205,6 +243,28 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), **versions}
 
 
+def run_record(directory: Path) -> dict[str, Any]:
+    """A finished run's command, final scores, skipped updates, training time and training-loss curve."""
+    summary = json.loads((directory / "summary.json").read_text())
+    records = read_records(directory / METRICS_FILE)
+    return {
+        "command": (directory / "command.txt").read_text().strip(),
+        "accuracy": summary["accuracy_after"],
+        "eval_loss": summary["eval_loss_after"],
+        "skipped_updates": summary["skipped_updates"],
+        "train_seconds": summary["train_seconds"],
+        "train_loss": [[r["step"], r["loss"]] for r in records if r["event"] == "train"],
+    }
+
+
+def base_record(directory: Path) -> dict[str, float] | None:
+    """The base model's scores, if this run evaluated it before training (``train.eval_before``)."""
+    summary = json.loads((directory / "summary.json").read_text())
+    if summary["accuracy_before"] is None:
+        return None
+    return {"accuracy": summary["accuracy_before"], "eval_loss": summary["eval_loss_before"]}
+
+
 def collect(protocol_name: str, runs: list[Run], root: Path) -> dict[str, Any]:
     """Every finished run's command, final scores and training-loss curve; the base model's scores."""
     results, base = [], None
@@ -212,21 +272,8 @@ def collect(protocol_name: str, runs: list[Run], root: Path) -> dict[str, Any]:
         directory = root / run.name
         if not (directory / "summary.json").exists():
             continue
-        summary = json.loads((directory / "summary.json").read_text())
-        records = read_records(directory / METRICS_FILE)
-        if summary["accuracy_before"] is not None:
-            base = {"accuracy": summary["accuracy_before"], "eval_loss": summary["eval_loss_before"]}
-        results.append(
-            dataclasses.asdict(run)
-            | {
-                "command": (directory / "command.txt").read_text().strip(),
-                "accuracy": summary["accuracy_after"],
-                "eval_loss": summary["eval_loss_after"],
-                "skipped_updates": summary["skipped_updates"],
-                "train_seconds": summary["train_seconds"],
-                "train_loss": [[r["step"], r["loss"]] for r in records if r["event"] == "train"],
-            }
-        )
+        base = base_record(directory) or base
+        results.append(dataclasses.asdict(run) | run_record(directory))
     return {"protocol": protocol_name, "machine": machine(), "base": base, "runs": results}
 
 
@@ -303,12 +350,360 @@ def plot(collected: dict[str, Any], protocol: Protocol, directory: Path) -> list
     return written
 
 
+@dataclasses.dataclass(frozen=True)
+class Resolve:
+    """A protocol that can resolve differences: each optimizer at one learning rate, on several tasks and seeds.
+
+    ``train.seed`` sets the adapters' initialisation, the data order and dropout. Every run of a task is scored on
+    the same held-out examples (all of them, or a subset drawn by a fixed ``data.eval_seed``), so that methods can
+    be compared example by example."""
+
+    overrides: dict[str, Any]
+    tasks: dict[str, dict[str, Any]]
+    learning_rates: dict[str, float]
+    seeds: tuple[int, ...]
+
+
+BEST_LEARNING_RATES = {"sgd": 1e-2, "adamw": 1e-3}
+"""Each optimizer's best rate in the CPU grid (``docs/results/cpu/results.json``): the highest accuracy averaged
+over the four core methods, SGD 0.484 at 1e-2 and AdamW 0.880 at 1e-3."""
+TASK_NAMES = {"bbc_news": "BBC News", "sst2": "SST-2"}
+CLAIMS = (
+    ("Zhang & Pilanci 2024", "riemann_precond helps", "moe_lora+riemann", "moe_lora"),
+    ("Sun et al. 2025", "riemann + sqrt-gate beats MoE-LoRA", "moe_lora+riemann+sqrt_gate", "moe_lora"),
+    ("Sun et al. 2025", "sqrt-gate adds to riemann", "moe_lora+riemann+sqrt_gate", "moe_lora+riemann"),
+)
+"""(paper, claim, method A, method B): each paper claims that A scores above B, under SGD and under AdamW. Zhang &
+Pilanci's claim is about LoRA; the four core methods test it on MoE-LoRA, whose experts are preconditioned each."""
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+
+
+def resolve_protocol(data_dir: Path) -> Resolve:
+    """BBC News (all 424 test articles; the CPU grid's 20 steps of 4) and SST-2 (500 of the 872 dev sentences, the
+    same for every seed; 60 steps of 4 from 2,000 training sentences drawn by the seed: after 20, MoE-LoRA + riemann
+    + sqrt-gate answered "negative" to every sentence under both optimizers), seeds 0, 1, 2. Schedules keep the
+    grid's shape: warmup over 10% of the steps, decay over 1.1 times the steps."""
+    sst2 = data_dir / "glue_data" / "SST-2"
+    return Resolve(
+        overrides=protocols(data_dir)["cpu"].overrides | {"data.max_eval_examples": 0},
+        tasks={
+            "bbc_news": {"data.task": "bbc_news"},
+            "sst2": {
+                "data.task": "sst2",
+                "data.train_path": str(sst2 / "train.tsv"),
+                "data.eval_path": str(sst2 / "dev.tsv"),
+                "data.max_train_examples": 2000,
+                "data.max_eval_examples": 500,
+                "data.eval_seed": 0,
+                "train.steps": 60,
+                "optim.warmup_steps": 6,
+                "optim.decay_steps": 66,
+                "checkpoint.every": 20,
+            },
+        },
+        learning_rates=BEST_LEARNING_RATES,
+        seeds=(0, 1, 2),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """One run of a :class:`Resolve` protocol."""
+
+    task: str
+    method: str
+    optimizer: str
+    lr: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}/{Run(self.method, self.optimizer, self.lr).name}-seed{self.seed}"
+
+
+def trials(resolve: Resolve, methods: list[str]) -> list[Trial]:
+    """Seed by seed, so that a protocol stopped part-way has every cell at its first seeds; then task, optimizer,
+    method."""
+    return [
+        Trial(task, method, optimizer, lr, seed)
+        for seed in resolve.seeds
+        for task in resolve.tasks
+        for optimizer, lr in resolve.learning_rates.items()
+        for method in methods
+    ]
+
+
+def resolve_plan(resolve: Resolve, methods: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Each trial's directory name and overrides (:func:`settings`); the first of each task also scores the base
+    model."""
+    plan, first = [], {}
+    for trial in trials(resolve, methods):
+        overrides = resolve.overrides | resolve.tasks[trial.task] | {"train.seed": trial.seed}
+        run = Run(trial.method, trial.optimizer, trial.lr)
+        plan.append((trial.name, settings(overrides, run, first=first.setdefault(trial.task, trial) == trial)))
+    return plan
+
+
+def run_resolve(resolve: Resolve, methods: list[str], root: Path, extra: dict[str, str]) -> None:
+    """Run every unfinished trial into ``root / trial.name`` (:func:`run_grid`), once the tasks' files are found;
+    ``extra`` may not set what the protocol varies or keeps the same for every seed."""
+    if fixed := sorted({"train.seed", "data.max_eval_examples", "data.eval_seed"} & set(extra)):
+        raise UserError(f"--set {fixed[0]} would undo the protocol: it sets each run's seed and its held-out examples.")
+    for overrides in resolve.tasks.values():
+        for key in ("data.train_path", "data.eval_path"):
+            if key in overrides and not Path(overrides[key]).exists():
+                raise UserError(f"{overrides[key]} does not exist: point --data-dir at the folder that holds it.")
+    run_grid("", resolve_plan(resolve, methods), root, extra)
+
+
+def collect_trials(trial_list: list[Trial], root: Path) -> dict[str, Any]:
+    """Every finished trial's :func:`run_record` with ``correct``, its outcome per held-out example (``1`` or
+    ``0``, in the order of ``examples[task]``, those examples' sources); the base model's scores per task."""
+    runs, base, examples = [], {}, {}
+    for trial in trial_list:
+        directory = root / trial.name
+        if not (directory / "summary.json").exists():
+            continue
+        path = directory / EXAMPLES_FILE
+        if not path.exists():
+            raise UserError(f"{directory} has no {EXAMPLES_FILE} (it ran before runs recorded it): delete it to rerun.")
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        sources = [r["source"] for r in records]
+        if examples.setdefault(trial.task, sources) != sources:
+            raise UserError(f"{path} scores other examples than the task's other runs: they must share the eval set.")
+        if scores := base_record(directory):
+            base[trial.task] = scores
+        correct = "".join("1" if r["correct"] else "0" for r in records)
+        runs.append(dataclasses.asdict(trial) | run_record(directory) | {"correct": correct})
+    return {"protocol": "resolve", "machine": machine(), "base": base, "examples": examples, "runs": runs}
+
+
+def bootstrap_interval(
+    scores: np.ndarray, level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES, rng_seed: int = BOOTSTRAP_SEED
+) -> tuple[float, float, float]:
+    """The mean of ``scores`` (seeds x examples: 1 correct or 0, or the difference of two methods' on the same seed
+    and example) and its ``level`` percentile bootstrap interval.
+
+    Each resample draws the seeds and the examples with replacement, independently (every seed is scored on the
+    same examples): with multinomial counts ``w`` over the S seeds and ``v`` over the N examples, the resampled mean
+    is ``w^T C v / (S N)``. Against the mean's variance ``s2_seed / S + s2_example / N + s2_noise / (S N)`` its
+    own counts the noise up to 3 times (the interval errs wide where noise dominates) and the seeds' spread
+    ``(S - 1) / S`` times (McCullagh 2000); with one seed it is the binomial interval. The draws depend only on the
+    shape and ``rng_seed``, so a difference of two methods is a paired bootstrap, and a cell's interval does not
+    depend on which other cells exist."""
+    C = np.asarray(scores, dtype=float)
+    if C.ndim != 2 or 0 in C.shape:
+        raise UserError(f"bootstrap_interval needs a non-empty seeds x examples array, got shape {C.shape}.")
+    if not 0 < level < 1:
+        raise UserError(f"level={level} must lie strictly between 0 and 1.")
+    S, N = C.shape
+    rng = np.random.default_rng(rng_seed)
+    w = rng.multinomial(S, np.full(S, 1 / S), size=resamples)
+    v = rng.multinomial(N, np.full(N, 1 / N), size=resamples)
+    means = ((w @ C) * v).sum(axis=1) / (S * N)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(C.mean()), float(lo), float(hi)
+
+
+def _outcomes(collected: dict[str, Any]) -> dict[tuple[str, str, str], dict[int, dict[str, Any]]]:
+    """(task, optimizer, method) -> seed -> that run's record, with ``correct`` as an array."""
+    cells: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = {}
+    for run in collected["runs"]:
+        outcome = run | {"correct": np.array([c == "1" for c in run["correct"]], dtype=float)}
+        cells.setdefault((run["task"], run["optimizer"], run["method"]), {})[run["seed"]] = outcome
+    return cells
+
+
+def cell_stats(collected: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per task, optimizer and method: the seeds run, each one's accuracy and held-out loss, and the accuracy over
+    seeds and examples with its 95% interval (:func:`bootstrap_interval`)."""
+    out = []
+    for (task, optimizer, method), by_seed in _outcomes(collected).items():
+        seeds = sorted(by_seed)
+        mean, lo, hi = bootstrap_interval(np.stack([by_seed[s]["correct"] for s in seeds]))
+        out.append(
+            {"task": task, "optimizer": optimizer, "method": method, "lr": by_seed[seeds[0]]["lr"], "seeds": seeds}
+            | {
+                "accuracy": [by_seed[s]["accuracy"] for s in seeds],
+                "eval_loss": [by_seed[s]["eval_loss"] for s in seeds],
+            }
+            | {"mean": mean, "low": lo, "high": hi}
+        )
+    return out
+
+
+def claim_stats(collected: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per claim of :data:`CLAIMS`, task and optimizer with both methods run on a common seed: the accuracy
+    difference A - B on the same seeds and examples with its paired 95% interval, and the verdict: ``agrees``
+    (the interval lies above 0), ``disagrees`` (below 0) or ``not resolved``."""
+    cells, out = _outcomes(collected), []
+    tasks = dict.fromkeys(run["task"] for run in collected["runs"])  # in the protocol's order
+    optimizers = dict.fromkeys(run["optimizer"] for run in collected["runs"])
+    for paper, claim, a, b in CLAIMS:
+        for task in tasks:
+            for optimizer in optimizers:
+                first, second = cells.get((task, optimizer, a), {}), cells.get((task, optimizer, b), {})
+                seeds = sorted(set(first) & set(second))
+                if not seeds:
+                    continue
+                difference = np.stack([first[s]["correct"] - second[s]["correct"] for s in seeds])
+                mean, lo, hi = bootstrap_interval(difference)
+                verdict = "agrees" if lo > 0 else "disagrees" if hi < 0 else "not resolved"
+                out.append(
+                    {"paper": paper, "claim": claim, "a": a, "b": b, "task": task, "optimizer": optimizer}
+                    | {"seeds": seeds, "difference": mean, "low": lo, "high": hi, "verdict": verdict}
+                )
+    return out
+
+
+def _interval(mean: float, lo: float, hi: float, sign: str = "") -> str:
+    return f"{mean:{sign}.3f} [{lo:{sign}.3f}, {hi:{sign}.3f}]"
+
+
+def _cell(cell: dict[str, Any] | None, seeds: int) -> str:
+    """A cell's accuracy and interval, and how many of the protocol's ``seeds`` it has when not all."""
+    if cell is None:
+        return "n/a"
+    done = len(cell["seeds"])
+    return _interval(cell["mean"], cell["low"], cell["high"]) + (f" ({done} of {seeds} seeds)" if done < seeds else "")
+
+
+def resolve_tables(collected: dict[str, Any], resolve: Resolve) -> str:
+    """Markdown: per task, accuracy with its 95% interval per method and optimizer, and each seed's accuracy and
+    held-out loss; then each claim's paired difference and verdict, and a reading of the verdicts."""
+    cells = {(c["task"], c["optimizer"], c["method"]): c for c in collected["cells"]}
+    optimizers = list(resolve.learning_rates)
+    columns = [f"{o}, lr {resolve.learning_rates[o]:.0e}" for o in optimizers]
+    out = [
+        f"Accuracy over {len(resolve.seeds)} seeds and all held-out examples; in brackets its 95% percentile "
+        f"bootstrap interval ({BOOTSTRAP_RESAMPLES:,} resamples of seeds and examples, RNG seed {BOOTSTRAP_SEED}). "
+        "It over-counts seed-by-example noise (wide where that dominates) and counts the seeds' own spread "
+        f"{len(resolve.seeds) - 1}/{len(resolve.seeds)} times.\n"
+    ]
+    for task in resolve.tasks:
+        if task not in collected["examples"]:
+            continue
+        out.append(f"### {TASK_NAMES.get(task, task)} ({len(collected['examples'][task])} held-out examples)\n")
+        if task in collected["base"]:
+            b = collected["base"][task]
+            out.append(f"Base model: accuracy {b['accuracy']:.3f}, held-out loss {b['eval_loss']:.3f}.\n")
+        out += ["| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+        seeds_table = ["| method | seed | " + " | ".join(f"{c}: accuracy, held-out loss" for c in columns) + " |"]
+        seeds_table.append("|---|---|" + "---|" * len(columns))
+        for method, (name, _) in METHODS.items():
+            row = [cells.get((task, o, method)) for o in optimizers]
+            if not any(row):
+                continue
+            out.append(f"| {name} | " + " | ".join(_cell(c, len(resolve.seeds)) for c in row) + " |")
+            for seed in resolve.seeds:
+                values = []
+                for c in row:
+                    i = c["seeds"].index(seed) if c and seed in c["seeds"] else None
+                    values.append("n/a" if i is None else f"{c['accuracy'][i]:.3f}, {c['eval_loss'][i]:.3f}")
+                seeds_table.append(f"| {name} | {seed} | " + " | ".join(values) + " |")
+        out += ["", *seeds_table, ""]
+    out += [
+        "### The papers' claims: accuracy of A minus B on the same seeds and examples\n",
+        "Each interval is a paired bootstrap of one comparison, not adjusted for the others: where there is no "
+        "difference, about one interval in 20 still excludes 0.\n",
+        "| paper | claim (A against B) | task | optimizer | A - B [95%] | seeds | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in collected["claims"]:
+        pair = f"{c['claim']} ({METHODS[c['a']][0]} against {METHODS[c['b']][0]})"
+        out.append(
+            f"| {c['paper']} | {pair} | {TASK_NAMES.get(c['task'], c['task'])} | {c['optimizer']} | "
+            f"{_interval(c['difference'], c['low'], c['high'], '+')} | {len(c['seeds'])} | {c['verdict']} |"
+        )
+    out += ["", "### Reading (generated from the verdicts)\n", *reading(collected["claims"]), ""]
+    return "\n".join(out)
+
+
+def reading(claims: list[dict[str, Any]]) -> list[str]:
+    """One line per claim and optimizer: where the data agree with the paper, where they disagree, where they do
+    not resolve it."""
+    lines = []
+    for paper, claim, _, _ in CLAIMS:
+        for optimizer in dict.fromkeys(c["optimizer"] for c in claims):
+            rows = [c for c in claims if (c["paper"], c["claim"], c["optimizer"]) == (paper, claim, optimizer)]
+            if not rows:
+                continue
+            parts = []
+            for verdict in ("agrees", "disagrees", "not resolved"):
+                tasks = [TASK_NAMES.get(c["task"], c["task"]) for c in rows if c["verdict"] == verdict]
+                if tasks:
+                    parts.append(f"{verdict} on {', '.join(tasks)}")
+            lines.append(f"- {paper}, {claim}, under {optimizer}: {'; '.join(parts)}.")
+    return lines
+
+
+def plot_resolve(collected: dict[str, Any], resolve: Resolve, directory: Path) -> list[Path]:
+    """``accuracy.png`` (per task: each method's accuracy per optimizer, the 95% interval as error bars, each seed
+    as a dot) and ``claims.png`` (each claim's paired difference with its interval)."""
+    from matplotlib.figure import Figure
+
+    cells = {(c["task"], c["optimizer"], c["method"]): c for c in collected["cells"]}
+    tasks = [t for t in resolve.tasks if t in collected["examples"]]
+    optimizers = list(resolve.learning_rates)
+    accuracy = Figure(figsize=(5 * len(tasks), 3.8), layout="constrained")
+    for ax, task in zip(accuracy.subplots(1, len(tasks), squeeze=False)[0], tasks, strict=True):
+        present = [m for m in METHODS if any((task, o, m) in cells for o in optimizers)]
+        for j, method in enumerate(present):
+            color, offset = f"C{list(METHODS).index(method)}", 0.6 * (j + 0.5) / len(present) - 0.3
+            points = [(x, cells[(task, o, method)]) for x, o in enumerate(optimizers) if (task, o, method) in cells]
+            for k, (x, c) in enumerate(points):
+                yerr = [[c["mean"] - c["low"]], [c["high"] - c["mean"]]]
+                label = METHODS[method][0] if k == 0 else None
+                ax.errorbar(x + offset, c["mean"], yerr=yerr, fmt="o", color=color, capsize=3, label=label)
+                seeds_x = [x + offset + 0.03] * len(c["accuracy"])
+                ax.plot(seeds_x, c["accuracy"], ".", color=color, alpha=0.5, ms=4)
+        if task in collected["base"]:
+            ax.axhline(collected["base"][task]["accuracy"], color="gray", ls=":", label="base model")
+        ax.set_xticks(range(len(optimizers)), [f"{o}, lr {resolve.learning_rates[o]:.0e}" for o in optimizers])
+        ax.set(title=TASK_NAMES.get(task, task), ylabel="held-out accuracy", ylim=(-0.02, 1.02))
+        ax.set_xlim(-0.5, len(optimizers) - 0.5)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+    claims = collected["claims"]
+    differences = Figure(figsize=(8, 0.35 * len(claims) + 1.2), layout="constrained")
+    ax = differences.subplots()
+    for y, c in enumerate(claims):
+        color = {"agrees": "C2", "disagrees": "C3"}.get(c["verdict"], "gray")
+        xerr = [[c["difference"] - c["low"]], [c["high"] - c["difference"]]]
+        ax.errorbar(c["difference"], y, xerr=xerr, fmt="o", color=color, capsize=3)
+    ax.set_yticks(
+        range(len(claims)),
+        [f"{c['paper']}: {c['claim']}, {TASK_NAMES.get(c['task'], c['task'])}, {c['optimizer']}" for c in claims],
+        fontsize=7,
+    )
+    ax.axvline(0, color="black", lw=0.8)
+    ax.invert_yaxis()
+    ax.set(xlabel="accuracy of A - B, 95% paired interval (green: agrees, red: disagrees, gray: not resolved)")
+    ax.grid(alpha=0.3, axis="x")
+    written = []
+    for figure, name in ((accuracy, "accuracy.png"), (differences, "claims.png")):
+        figure.savefig(directory / name, dpi=100)
+        written.append(directory / name)
+    return written
+
+
+def collect_resolve(resolve: Resolve, root: Path) -> dict[str, Any]:
+    """The finished trials under ``root`` (:func:`collect_trials`, any method) with their statistics: ``cells``
+    (:func:`cell_stats`) and ``claims`` (:func:`claim_stats`)."""
+    collected = collect_trials(trials(resolve, list(METHODS)), root)
+    bootstrap = {"level": 0.95, "resamples": BOOTSTRAP_RESAMPLES, "rng_seed": BOOTSTRAP_SEED}
+    return collected | {"bootstrap": bootstrap, "cells": cell_stats(collected), "claims": claim_stats(collected)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--protocol", default="cpu", choices=("cpu", "paper"))
+    parser.add_argument("--protocol", default="cpu", choices=("cpu", "paper", "resolve"))
     parser.add_argument("--methods", default=",".join(CORE_METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--model", default="", help="a HF directory or .gguf file; default SmolLM2-135M-Instruct")
-    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data", help="CommonsenseQA's parent")
+    parser.add_argument(
+        "--data-dir", type=Path, default=ROOT.parent / "shared" / "data", help="the parent of commonsenseqa, glue_data"
+    )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every run"
     )
@@ -322,19 +717,32 @@ def main() -> None:
     if bad := [item for item in args.set if "=" not in item]:
         parser.error(f"--set {bad[0]!r} must be KEY=VALUE, e.g. --set train.steps=2.")
     extra = dict(item.split("=", 1) for item in args.set) | ({"model.path": args.model} if args.model else {})
-    protocol = protocols(args.data_dir.resolve())[args.protocol]
     root = (args.output or ROOT / "runs" / "reproduce" / args.protocol).resolve()
-    if not args.collect:
-        run_grid(protocol, grid(protocol, methods), root, extra)
-    collected = collect(args.protocol, grid(protocol, list(METHODS)), root)
+    try:
+        if args.protocol == "resolve":
+            resolve = resolve_protocol(args.data_dir.resolve())
+            if not args.collect:
+                run_resolve(resolve, methods, root, extra)
+            collected = collect_resolve(resolve, root)
+            text, draw = resolve_tables(collected, resolve), functools.partial(plot_resolve, collected, resolve)
+        else:
+            protocol = protocols(args.data_dir.resolve())[args.protocol]
+            if not args.collect:
+                runs = grid(protocol, methods)
+                plan = [(run.name, settings(protocol.overrides, run, first=i == 0)) for i, run in enumerate(runs)]
+                run_grid(protocol.preset, plan, root, extra)
+            collected = collect(args.protocol, grid(protocol, list(METHODS)), root)
+            text, draw = tables(collected, protocol), functools.partial(plot, collected, protocol)
+    except UserError as e:
+        sys.exit(f"error: {e}")
     if not collected["runs"]:
         sys.exit(f"no finished runs under {root}: run without --collect first.")
     out = (args.results or ROOT / "docs" / "results" / args.protocol).resolve()
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomically(out / "results.json", json.dumps(collected, indent=1))
-    write_text_atomically(out / "tables.md", tables(collected, protocol))
-    plot(collected, protocol, out)
-    print(f"\n{tables(collected, protocol)}\nresults, tables and plots in {out}/")
+    write_text_atomically(out / "tables.md", text)
+    draw(out)
+    print(f"\n{text}\nresults, tables and plots in {out}/")
 
 
 if __name__ == "__main__":

@@ -3,19 +3,26 @@
 Prompts are batched by length, longest first, and each batch is left-padded to its longest prompt rounded up to
 ``length_bucket`` (0: to ``prompt_length``), so at most ``prompt_length / length_bucket`` shapes compile. Each
 batch is placed on the trainer's mesh (:meth:`~moelora_jax.trainer.Trainer.put_batch`) and decoded with the KV
-cache (:func:`~moelora_jax.generation.generate`).
+cache (:func:`~moelora_jax.generation.generate`). :func:`task_score` can also record each example's outcome
+(:func:`example_records`) as JSON lines, for statistics paired on the same examples.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from moelora_jax.atomic import write_text_atomically
 from moelora_jax.data import Example, encode_prompt, left_pad, round_up
 from moelora_jax.distributed import to_host
 from moelora_jax.generation import generate
 from moelora_jax.tasks import Task
 from moelora_jax.trainer import Trainer
+
+EXAMPLES_FILE = "eval_examples.jsonl"
+"""The final evaluation's :func:`example_records`, one JSON line per held-out example, in ``output_dir``."""
 
 
 def generate_answers(
@@ -60,8 +67,40 @@ def generate_answers(
     return answers
 
 
+def example_records(task: Task, generated: Sequence[str], examples: Sequence[Example]) -> list[dict[str, Any]]:
+    """Per example, in order: its ``index``, ``source`` (``file:line``), ``label``, the ``generated`` text, the
+    ``answer`` extracted from it (None when it does not follow the format) and ``correct`` (``answer == label``)."""
+    records = []
+    for index, (text, example) in enumerate(zip(generated, examples, strict=True)):
+        answer = task.extract(text)
+        records.append(
+            {
+                "index": index,
+                "source": example.source,
+                "label": example.label,
+                "generated": text,
+                "answer": answer,
+                "correct": answer == example.label,
+            }
+        )
+    return records
+
+
 def task_score(
-    trainer: Trainer, params: Any, adapters: Any, tokenizer: Any, task: Task, examples: Sequence[Example], **kwargs
+    trainer: Trainer,
+    params: Any,
+    adapters: Any,
+    tokenizer: Any,
+    task: Task,
+    examples: Sequence[Example],
+    *,
+    examples_file: Path | None = None,
+    **kwargs: Any,
 ) -> float:
-    """The task's score (accuracy or MCC) of greedy answers; ``kwargs`` as for :func:`generate_answers`."""
-    return task.score(generate_answers(trainer, params, adapters, tokenizer, examples, **kwargs), examples)
+    """The task's score (accuracy or MCC) of greedy answers; with ``examples_file``, also each example's
+    :func:`example_records` written there as JSON lines. ``kwargs`` as for :func:`generate_answers`."""
+    generated = generate_answers(trainer, params, adapters, tokenizer, examples, **kwargs)
+    if examples_file is not None:
+        lines = "".join(json.dumps(record) + "\n" for record in example_records(task, generated, examples))
+        write_text_atomically(examples_file, lines)
+    return task.score(generated, examples)

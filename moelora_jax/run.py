@@ -35,7 +35,7 @@ from moelora_jax.checkpoints import Checkpoints
 from moelora_jax.data import Layout, batch_indices, encode_examples
 from moelora_jax.distributed import check_shared_directory, host_local_batch, initialize, is_primary, to_host
 from moelora_jax.errors import UserError
-from moelora_jax.evaluation import task_score
+from moelora_jax.evaluation import EXAMPLES_FILE, task_score
 from moelora_jax.export import export_adapters, export_merged, export_peft
 from moelora_jax.models.llama import Llama, abstract_variables
 from moelora_jax.mole import export_mole, stack_loras, with_loras
@@ -270,9 +270,8 @@ def run(config: Any, argv: Sequence[str] | None = None) -> dict[str, Any]:
     task, train_examples = load_task(d.task, d.train_path or None, d.train_split)
     _, eval_examples = load_task(d.task, d.eval_file or None, d.eval_split)
     train_examples, encoded = _encoded(tokenizer, _subset(train_examples, d.max_train_examples, t.seed), d, "training")
-    eval_examples, eval_encoded = _encoded(
-        tokenizer, _subset(eval_examples, d.max_eval_examples, t.seed + 1), d, "eval"
-    )
+    eval_seed = t.seed + 1 if d.eval_seed < 0 else d.eval_seed
+    eval_examples, eval_encoded = _encoded(tokenizer, _subset(eval_examples, d.max_eval_examples, eval_seed), d, "eval")
     batch_indices(len(encoded), t.batch_size, seed=t.seed, step=0)  # an empty or too small set fails here
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model_config.eos_token_ids[0]
 
@@ -318,7 +317,7 @@ def run(config: Any, argv: Sequence[str] | None = None) -> dict[str, Any]:
         chunks = [c + [c[-1]] * (t.eval_batch_size - len(c)) for c in chunks]
     eval_batches = [eval_layout(c, pad) for c in chunks]
 
-    def evaluate(adapters: Any, step: int) -> dict[str, float]:
+    def evaluate(adapters: Any, step: int, examples_file: Path | None = None) -> dict[str, float]:
         score = task_score(
             trainer,
             params,
@@ -331,6 +330,7 @@ def run(config: Any, argv: Sequence[str] | None = None) -> dict[str, Any]:
             max_new_tokens=t.max_new_tokens,
             use_chat_template=d.chat_template,
             length_bucket=d.length_bucket,
+            examples_file=examples_file,
         )
         loss = trainer.eval_loss(params, adapters, eval_batches)
         return {"step": step, task.metric: score, "eval_loss": loss}
@@ -389,7 +389,7 @@ def run(config: Any, argv: Sequence[str] | None = None) -> dict[str, Any]:
                 raise PreemptedError(step, guard.signal_name, str(checkpoints.directory))
     checkpoints.close()  # the last step saved above; a run resumed at its end has nothing new to save
     train_seconds = time.perf_counter() - train_start - eval_seconds
-    after = evaluate(state.adapters, t.steps)
+    after = evaluate(state.adapters, t.steps, output_dir / EXAMPLES_FILE if is_primary() else None)
     log.write({"event": "eval", **after})
     log.close()
     exports = _export(
@@ -440,5 +440,6 @@ def _print_summary(summary: dict[str, Any], metric: str, n_eval: int, batch_size
         f"{summary['train_seconds']:.0f} s training"
         + (f" at {speed:.0f} tokens/s" if speed else "")
         + f", {summary['total_seconds']:.0f} s total\nin {output_dir}: metrics.jsonl, tensorboard/, {CURVES_FILE}, "
-        f"{SETTINGS_FILE}, {COMMANDS_FILE}, summary.json, checkpoints/" + (", export/" if summary["exports"] else "")
+        f"{SETTINGS_FILE}, {COMMANDS_FILE}, {EXAMPLES_FILE}, summary.json, checkpoints/"
+        + (", export/" if summary["exports"] else "")
     )

@@ -153,6 +153,7 @@ class DataSettings:
     chat_template: bool
     max_train_examples: int
     max_eval_examples: int
+    eval_seed: int
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -160,6 +161,7 @@ class DataSettings:
         check_at_least("data.max_length", self.max_length, 2)
         check_choice("data.overflow", self.overflow, OVERFLOW_POLICIES)
         check_at_least("data.length_bucket", self.length_bucket, 1)
+        check_at_least("data.eval_seed", self.eval_seed, -1)
         if self.pack_length and self.pack_length < self.max_length:
             raise UserError(
                 f"data.pack_length={self.pack_length} must be 0 (rows as long as the window) or at least "

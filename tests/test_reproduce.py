@@ -1,17 +1,45 @@
-"""``experiments/reproduce.py``: its runs are valid configs, and finished runs become tables and plots."""
+"""``experiments/reproduce.py``: its runs are valid configs, finished runs become tables and plots, the ``resolve``
+protocol's intervals have the known answers, and a resumed protocol skips finished runs and gives the same tables."""
 
 import json
+import math
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from moelora_jax.config_file import load_config, load_module
+from moelora_jax.data import Example
+from moelora_jax.errors import UserError
+from moelora_jax.evaluation import EXAMPLES_FILE, example_records
 from moelora_jax.settings import Settings
+from moelora_jax.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
+CPU_RESULTS = ROOT / "docs" / "results" / "cpu" / "results.json"
 
 
 reproduce = load_module(ROOT / "experiments" / "reproduce.py")
+
+
+def _check_configs(preset: str, plan: list, tmp_path: Path) -> list[Settings]:
+    """Every ``(name, overrides)`` of ``plan`` is a valid config (unknown keys or wrong types raise, bad values too)."""
+    out = []
+    for name, overrides in plan:
+        config = load_config(ROOT / "configs" / "llama_moelora.py", preset)
+        config.update_from_flattened_dict(overrides | {"output_dir": str(tmp_path / name)})
+        out.append(Settings.from_config(config))
+    return out
+
+
+def _check_method(settings: Settings, method: str) -> None:
+    adapter = settings.adapter.config
+    assert (adapter.num_experts > 1) == method.startswith("moe")
+    assert settings.optim.riemann == ("riemann" in method)
+    assert adapter.mixer == ("moslora" in method)
+    if method.startswith("moe"):  # (plain LoRA has no gate, so no gradient strategy)
+        assert (adapter.strategy == "sqrt_gate") == method.endswith("sqrt_gate")
 
 
 @pytest.mark.parametrize("name", ["cpu", "paper"])
@@ -22,22 +50,113 @@ def test_every_run_of_a_protocol_is_a_valid_config(name, tmp_path):
     for optimizer, rates in protocol.learning_rates.items():
         assert max(rates) / min(rates) == pytest.approx(100)  # three learning rates spanning a factor of 100
         assert optimizer in reproduce.GATE_LR_RATIO
-    for index, run in enumerate(runs):
-        config = load_config(ROOT / "configs" / "llama_moelora.py", protocol.preset)
-        config.update_from_flattened_dict(reproduce.settings(protocol, run, tmp_path / run.name, {}, index == 0))
-        settings = Settings.from_config(config)  # unknown keys or wrong types raise above, bad values here
-        adapter = settings.adapter.config
+    plan = [(run.name, reproduce.settings(protocol.overrides, run, i == 0)) for i, run in enumerate(runs)]
+    for run, settings in zip(runs, _check_configs(protocol.preset, plan, tmp_path), strict=True):
         assert (settings.optim.family, settings.optim.lr) == (run.optimizer, run.lr)
-        assert (adapter.num_experts > 1) == run.method.startswith("moe")
-        assert settings.optim.riemann == ("riemann" in run.method)
-        assert adapter.mixer == ("moslora" in run.method)
-        if run.method.startswith("moe"):  # (plain LoRA has no gate, so no gradient strategy)
-            assert (adapter.strategy == "sqrt_gate") == run.method.endswith("sqrt_gate")
-    argv = reproduce.command(protocol, {"optim.lr": 1e-3 * 3e-3, "train.eval_before": False})
+        _check_method(settings, run.method)
+    argv = reproduce.command("", {"optim.lr": 1e-3 * 3e-3, "train.eval_before": False})
     assert argv[-2:] == ["--config.optim.lr=3e-06", "--config.train.eval_before=False"]
 
 
-def _finished_run(root: Path, run, accuracy: float, base: bool) -> None:
+def test_the_cpu_grid_still_runs_the_recorded_commands():
+    protocol = reproduce.protocols(ROOT.parent / "shared" / "data")["cpu"]
+    recorded = {
+        (r["method"], r["optimizer"], r["lr"]): r["command"] for r in json.loads(CPU_RESULTS.read_text())["runs"]
+    }
+    runs = reproduce.grid(protocol, list(reproduce.CORE_METHODS))
+    for index, run in enumerate(runs):
+        overrides = reproduce.settings(protocol.overrides, run, first=index == 0)
+        argv = reproduce.command("", overrides | {"output_dir": f"runs/reproduce/cpu/{run.name}"})
+        assert " ".join(argv) == recorded[(run.method, run.optimizer, run.lr)]
+
+
+def test_the_resolve_protocol_runs_each_optimizer_at_its_best_rate_of_the_cpu_grid(tmp_path):
+    resolve = reproduce.resolve_protocol(tmp_path)
+    accuracy: dict = {}
+    for r in json.loads(CPU_RESULTS.read_text())["runs"]:
+        if r["method"] in reproduce.CORE_METHODS:
+            accuracy.setdefault(r["optimizer"], {}).setdefault(r["lr"], []).append(r["accuracy"])
+    best = {optimizer: max(rates, key=lambda lr: np.mean(rates[lr])) for optimizer, rates in accuracy.items()}
+    assert resolve.learning_rates == best == {"sgd": 1e-2, "adamw": 1e-3}
+
+    trials = reproduce.trials(resolve, list(reproduce.CORE_METHODS))
+    assert len(trials) == 48 and len(resolve.seeds) >= 3 and set(resolve.tasks) == {"bbc_news", "sst2"}
+    assert [t.seed for t in trials[:16]] == [0] * 16  # seed by seed: a protocol stopped part-way has whole seeds
+    plan = reproduce.resolve_plan(resolve, list(reproduce.CORE_METHODS))
+    assert [name for name, _ in plan] == [t.name for t in trials] and len(set(dict(plan))) == 48
+    assert [name for name, overrides in plan if overrides["train.eval_before"]] == [trials[0].name, trials[8].name]
+    for trial, settings in zip(trials, _check_configs("", plan, tmp_path), strict=True):
+        assert (settings.optim.family, settings.optim.lr, settings.data.task) == (trial.optimizer, trial.lr, trial.task)
+        assert settings.train.seed == trial.seed
+        subset = {"bbc_news": (0, -1), "sst2": (500, 0)}[trial.task]  # all 424 test articles; 500 sentences, fixed
+        assert (settings.data.max_eval_examples, settings.data.eval_seed) == subset
+        assert settings.train.steps == {"bbc_news": 20, "sst2": 60}[trial.task]
+        _check_method(settings, trial.method)
+    assert trials[8].task == "sst2" and trials[0].task == "bbc_news"
+    with pytest.raises(UserError, match=r"--set train\.seed would undo the protocol"):
+        reproduce.run_resolve(resolve, ["lora"], tmp_path, {"train.seed": "3"})
+    with pytest.raises(UserError, match=r"SST-2/train\.tsv does not exist: point --data-dir"):
+        reproduce.run_resolve(resolve, ["lora"], tmp_path, {})
+
+
+def test_example_records_say_which_answers_are_right():
+    task = TASKS["sst2"]
+    examples = [Example("p", "", label, f"dev.tsv:{i + 2}") for i, label in enumerate(["positive", "negative"] * 2)]
+    generated = ["The answer is positive.", "The answer is positive.", "no idea", "The answer is negative!"]
+    records = example_records(task, generated, examples)
+    assert [r["correct"] for r in records] == [True, False, False, True]
+    assert [r["answer"] for r in records] == ["positive", "positive", None, "negative"]
+    assert [(r["index"], r["source"], r["label"]) for r in records][1] == (1, "dev.tsv:3", "negative")
+    assert np.mean([r["correct"] for r in records]) == task.score(generated, examples)
+
+
+def _binomial_quantile(n: int, p: float, q: float) -> float:
+    """The q-quantile of Binomial(n, p) / n: the least k / n with P(X <= k) >= q."""
+    cdf = np.cumsum([math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(n + 1)])
+    return int(np.searchsorted(cdf, q)) / n
+
+
+def test_one_seed_bootstraps_to_the_binomial_distribution():
+    # resampling 400 examples of which 300 are right draws Binomial(400, 0.75) / 400 exactly: the percentile
+    # interval must be its quantiles, to within one example
+    scores = np.zeros((1, 400))
+    scores[0, :300] = 1
+    mean, lo, hi = reproduce.bootstrap_interval(scores)
+    assert mean == 0.75
+    assert lo == pytest.approx(_binomial_quantile(400, 0.75, 0.025), abs=1 / 400 + 1e-12)
+    assert hi == pytest.approx(_binomial_quantile(400, 0.75, 0.975), abs=1 / 400 + 1e-12)
+    assert (hi - lo) / 2 == pytest.approx(1.96 * math.sqrt(0.75 * 0.25 / 400), abs=2 / 400)  # the normal one
+
+
+def test_seeds_are_resampled_as_well_as_examples():
+    # seed 0 gets everything right, seed 1 nothing: resampled means are 0, 1/2 or 1 with probabilities 1/4, 1/2, 1/4
+    scores = np.stack([np.ones(50), np.zeros(50)])
+    assert reproduce.bootstrap_interval(scores) == (0.5, 0.0, 1.0)
+    assert reproduce.bootstrap_interval(np.full((3, 20), 0.25)) == (0.25, 0.25, 0.25)
+    with pytest.raises(UserError, match="seeds x examples"):
+        reproduce.bootstrap_interval(np.ones(5))
+
+
+def test_a_paired_difference_resolves_what_separate_intervals_do_not():
+    rng = np.random.default_rng(1)
+    b = (rng.random((3, 400)) < 0.5).astype(float)
+    a = b.copy()
+    for seed in range(3):  # A = B, plus 10 more right answers on each seed
+        a[seed, np.flatnonzero(b[seed] == 0)[:10]] = 1
+    _, a_lo, _ = reproduce.bootstrap_interval(a)
+    _, _, b_hi = reproduce.bootstrap_interval(b)
+    assert a_lo < b_hi  # the two cells' intervals overlap
+    mean, lo, _ = reproduce.bootstrap_interval(a - b)
+    assert mean == pytest.approx(30 / 1200) and lo > 0  # on the same seeds and examples, A is better
+    assert reproduce.bootstrap_interval(b - b) == (0.0, 0.0, 0.0)
+    # the same 30 gained on seed 0 alone: (2/3)^3 = 30% of the resamples leave seed 0 out, so the interval reaches 0
+    one_seed = np.zeros((3, 400))
+    one_seed[0, :30] = 1
+    assert reproduce.bootstrap_interval(one_seed)[1] == 0.0
+
+
+def _finished_run(root: Path, run, accuracy: float, base: bool, correct: str | None = None) -> None:
+    """A run directory as ``train.py`` leaves it (``correct``: per-example outcomes, for ``eval_examples.jsonl``)."""
     directory = root / run.name
     directory.mkdir(parents=True)
     (directory / "command.txt").write_text(f"python train.py {run.name}\n")
@@ -52,6 +171,9 @@ def _finished_run(root: Path, run, accuracy: float, base: bool) -> None:
         "train_seconds": 10.0,
     }
     (directory / "summary.json").write_text(json.dumps(summary))
+    if correct is not None:
+        lines = [{"index": i, "source": f"dev.tsv:{i + 2}", "correct": c == "1"} for i, c in enumerate(correct)]
+        (directory / EXAMPLES_FILE).write_text("".join(json.dumps(r) + "\n" for r in lines))
 
 
 def test_finished_runs_become_tables_and_plots(tmp_path):
@@ -70,3 +192,130 @@ def test_finished_runs_become_tables_and_plots(tmp_path):
     written = reproduce.plot(collected, protocol, tmp_path)
     assert [p.name for p in written] == ["loss_vs_step.png", "accuracy_vs_lr.png"]
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in written)
+
+
+def _tiny_resolve(seeds=(0, 1, 2)):
+    return reproduce.Resolve(overrides={}, tasks={"sst2": {}}, learning_rates={"sgd": 1e-2}, seeds=seeds)
+
+
+def test_finished_trials_become_intervals_verdicts_and_plots(tmp_path):
+    resolve = _tiny_resolve()
+    outcomes = {  # per method, per seed: 4 held-out examples
+        "moe_lora": ["0000", "1000", "0000"],
+        "moe_lora+riemann": ["1111", "1111", "1110"],
+        "moe_lora+riemann+sqrt_gate": ["0000", "0000"],  # seed 2 not finished
+    }
+    for method, per_seed in outcomes.items():
+        for seed, correct in enumerate(per_seed):
+            trial = reproduce.Trial("sst2", method, "sgd", 1e-2, seed)
+            _finished_run(
+                tmp_path, trial, correct.count("1") / 4, base=seed == 0 and method == "moe_lora", correct=correct
+            )
+    collected = reproduce.collect_resolve(resolve, tmp_path)
+    assert collected["base"] == {"sst2": {"accuracy": 0.1, "eval_loss": 3.0}}
+    assert collected["examples"] == {"sst2": ["dev.tsv:2", "dev.tsv:3", "dev.tsv:4", "dev.tsv:5"]}
+    cell = next(c for c in collected["cells"] if c["method"] == "moe_lora+riemann")
+    assert (cell["seeds"], cell["accuracy"], cell["mean"]) == ([0, 1, 2], [1.0, 1.0, 0.75], 11 / 12)
+    verdicts = {(c["a"], c["b"]): (c["seeds"], c["verdict"]) for c in collected["claims"]}
+    assert verdicts == {
+        ("moe_lora+riemann", "moe_lora"): ([0, 1, 2], "agrees"),  # right on 10 more of 12 (seed, example) pairs
+        ("moe_lora+riemann+sqrt_gate", "moe_lora"): ([0, 1], "not resolved"),  # one of 8 pairs differs
+        ("moe_lora+riemann+sqrt_gate", "moe_lora+riemann"): ([0, 1], "disagrees"),  # wrong on all 8 where B is right
+    }
+    lines = reproduce.resolve_tables(collected, resolve).splitlines()
+    assert "### SST-2 (4 held-out examples)" in lines and "Base model: accuracy 0.100, held-out loss 3.000." in lines
+    row = next(line for line in lines if line.startswith("| MoE-LoRA + riemann + sqrt-gate |"))
+    assert row == "| MoE-LoRA + riemann + sqrt-gate | 0.000 [0.000, 0.000] (2 of 3 seeds) |"
+    assert "| MoE-LoRA + riemann | 2 | 0.750, 0.250 |" in lines  # each seed's accuracy and held-out loss
+    assert "- Sun et al. 2025, sqrt-gate adds to riemann, under sgd: disagrees on SST-2." in lines
+    written = reproduce.plot_resolve(collected, resolve, tmp_path)
+    assert [p.name for p in written] == ["accuracy.png", "claims.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in written)
+
+    trial = reproduce.Trial("sst2", "lora", "sgd", 1e-2, 0)
+    _finished_run(tmp_path, trial, 0.0, base=False, correct="000")  # scored on other examples
+    with pytest.raises(UserError, match="other examples than the task's other runs"):
+        reproduce.collect_resolve(resolve, tmp_path)
+    (tmp_path / trial.name / EXAMPLES_FILE).unlink()
+    with pytest.raises(UserError, match=f"has no {EXAMPLES_FILE}"):
+        reproduce.collect_resolve(resolve, tmp_path)
+
+
+def test_a_run_another_process_holds_is_left_to_it(tmp_path, monkeypatch, capsys):
+    launched = []
+    monkeypatch.setattr(reproduce, "train", lambda argv, log: launched.append(argv))
+    with reproduce.claimed(tmp_path / "run") as mine, reproduce.claimed(tmp_path / "run") as other:
+        assert mine and not other
+        reproduce.run_grid("", [("run", {})], tmp_path, {})
+    assert launched == [] and "running in another process, skipped" in capsys.readouterr().out
+    with reproduce.claimed(tmp_path / "run") as mine:  # released with the first holder
+        assert mine
+
+
+def test_a_resumed_protocol_skips_finished_runs_and_reproduces_the_tables(tiny_model_dir, tmp_path, monkeypatch):
+    from train_cli import XLA_CACHE
+
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", XLA_CACHE)
+    lines = ["sentence\tlabel", *(f"what colour is the sky {w} ?\t{i % 2}" for i, w in enumerate(["a", "b", "c"] * 2))]
+    for name in ("train.tsv", "dev.tsv"):
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+    resolve = reproduce.Resolve(
+        overrides={
+            "data.chat_template": False,
+            "data.max_length": 64,
+            "data.max_eval_examples": 4,  # of 6, drawn once: both seeds score the same 4 (collect_resolve checks)
+            "data.eval_seed": 0,
+            "adapter.num_experts": 4,
+            "adapter.top_k": 2,
+            "train.steps": 2,
+            "train.batch_size": 2,
+            "train.eval_batch_size": 4,
+            "train.max_new_tokens": 3,
+            "optim.warmup_steps": 0,
+            "checkpoint.every": 1,
+        },
+        tasks={
+            "sst2": {
+                "data.task": "sst2",
+                "data.train_path": tmp_path / "train.tsv",
+                "data.eval_path": tmp_path / "dev.tsv",
+            }
+        },
+        learning_rates={"adamw": 1e-2},
+        seeds=(0, 1),
+    )
+    methods, root = ["moe_lora", "moe_lora+riemann"], tmp_path / "runs"
+    names = [t.name for t in reproduce.trials(resolve, methods)]
+    launched, train = [], reproduce.train
+    monkeypatch.setattr(
+        reproduce, "train", lambda argv, log: launched.append(str(log.parent.relative_to(root))) or train(argv, log)
+    )
+    extra = {"model.path": str(tiny_model_dir)}
+
+    reproduce.run_resolve(resolve, methods, root, extra)
+    assert launched == names
+    whole = reproduce.collect_resolve(resolve, root)
+    records = [json.loads(line) for line in (root / names[0] / EXAMPLES_FILE).read_text().splitlines()]
+    sources = [r["source"] for r in records]
+    assert len(sources) == 4 and set(sources) < {f"{tmp_path / 'dev.tsv'}:{n}" for n in range(2, 8)}
+    assert whole["examples"] == {"sst2": sources}
+    summary = json.loads((root / names[0] / "summary.json").read_text())
+    assert np.mean([r["correct"] for r in records]) == summary["accuracy_after"]
+    assert summary["accuracy_before"] is not None  # the first run also scores the base model
+
+    # stopped in a second sitting: the third run during its final evaluation, the fourth before it began
+    shutil.rmtree(root / names[3])
+    for name in ("summary.json", EXAMPLES_FILE):
+        (root / names[2] / name).unlink()
+    finished = {n: (root / n / "summary.json").stat().st_mtime_ns for n in names[:2]}
+    launched.clear()
+    reproduce.run_resolve(resolve, methods, root, extra)
+    assert launched == names[2:]
+    assert {n: (root / n / "summary.json").stat().st_mtime_ns for n in names[:2]} == finished
+    assert json.loads((root / names[2] / "summary.json").read_text())["resumed_from_step"] == 2
+    resumed = reproduce.collect_resolve(resolve, root)
+    assert reproduce.resolve_tables(resumed, resolve) == reproduce.resolve_tables(whole, resolve)
+    assert [r["correct"] for r in resumed["runs"]] == [r["correct"] for r in whole["runs"]]
+    launched.clear()
+    reproduce.run_resolve(resolve, methods, root, extra)
+    assert launched == []
