@@ -369,12 +369,14 @@ BEST_LEARNING_RATES = {"sgd": 1e-2, "adamw": 1e-3}
 over the four core methods, SGD 0.484 at 1e-2 and AdamW 0.880 at 1e-3."""
 TASK_NAMES = {"bbc_news": "BBC News", "sst2": "SST-2"}
 CLAIMS = (
+    ("Sun et al. 2025", "a mixture of LoRA experts beats LoRA", "moe_lora", "lora"),
     ("Zhang & Pilanci 2024", "riemann_precond helps", "moe_lora+riemann", "moe_lora"),
     ("Sun et al. 2025", "riemann + sqrt-gate beats MoE-LoRA", "moe_lora+riemann+sqrt_gate", "moe_lora"),
     ("Sun et al. 2025", "sqrt-gate adds to riemann", "moe_lora+riemann+sqrt_gate", "moe_lora+riemann"),
 )
-"""(paper, claim, method A, method B): each paper claims that A scores above B, under SGD and under AdamW. Zhang &
-Pilanci's claim is about LoRA; the four core methods test it on MoE-LoRA, whose experts are preconditioned each."""
+"""(paper, claim, method A, method B): each paper claims that A scores above B, under SGD and under AdamW (Sun et
+al. take the first as their premise, "a visible improvement" of MoE-LoRA over LoRA). Zhang & Pilanci's claim is
+about LoRA; the four core methods test it on MoE-LoRA, whose experts are preconditioned each."""
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 
