@@ -34,6 +34,7 @@ the first run.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import fcntl
@@ -379,6 +380,9 @@ al. take the first as their premise, "a visible improvement" of MoE-LoRA over Lo
 about LoRA; the four core methods test it on MoE-LoRA, whose experts are preconditioned each."""
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
+ONE_ANSWER_SHARE = 0.9
+"""A run that gives one answer (or none the task can read) to this share of the held-out examples has not learned
+the task, whatever its accuracy: the tables flag it, and the reading names the verdicts that rest on such runs."""
 
 
 def resolve_protocol(data_dir: Path) -> Resolve:
@@ -459,10 +463,18 @@ def run_resolve(resolve: Resolve, methods: list[str], root: Path, extra: dict[st
     run_grid("", resolve_plan(resolve, methods), root, extra)
 
 
+def top_answer(records: list[dict[str, Any]]) -> tuple[str | None, float]:
+    """The commonest of a run's answers (:func:`~moelora_jax.evaluation.example_records`; None: unreadable) and the
+    share of examples that got it."""
+    answer, count = collections.Counter(r["answer"] for r in records).most_common(1)[0]
+    return answer, count / len(records)
+
+
 def collect_trials(trial_list: list[Trial], root: Path) -> dict[str, Any]:
     """Every finished trial's :func:`run_record` with ``correct``, its outcome per held-out example (``1`` or
-    ``0``, in the order of ``examples[task]``, those examples' sources); the base model's scores per task."""
-    runs, base, examples = [], {}, {}
+    ``0``, in the order of ``examples[task]``, those examples' sources), and its :func:`top_answer`; per task, the
+    base model's scores and ``majority``, the commonest label and the accuracy of always answering it."""
+    runs, base, examples, majority = [], {}, {}, {}
     for trial in trial_list:
         directory = root / trial.name
         if not (directory / "summary.json").exists():
@@ -476,9 +488,20 @@ def collect_trials(trial_list: list[Trial], root: Path) -> dict[str, Any]:
             raise UserError(f"{path} scores other examples than the task's other runs: they must share the eval set.")
         if scores := base_record(directory):
             base[trial.task] = scores
+        label, count = collections.Counter(r["label"] for r in records).most_common(1)[0]
+        majority[trial.task] = {"label": label, "accuracy": count / len(records)}
         correct = "".join("1" if r["correct"] else "0" for r in records)
-        runs.append(dataclasses.asdict(trial) | run_record(directory) | {"correct": correct})
-    return {"protocol": "resolve", "machine": machine(), "base": base, "examples": examples, "runs": runs}
+        answer, share = top_answer(records)
+        outcome = {"correct": correct, "top_answer": answer, "top_answer_share": share}
+        runs.append(dataclasses.asdict(trial) | run_record(directory) | outcome)
+    return {
+        "protocol": "resolve",
+        "machine": machine(),
+        "base": base,
+        "majority": majority,
+        "examples": examples,
+        "runs": runs,
+    }
 
 
 def bootstrap_interval(
@@ -518,8 +541,8 @@ def _outcomes(collected: dict[str, Any]) -> dict[tuple[str, str, str], dict[int,
 
 
 def cell_stats(collected: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per task, optimizer and method: the seeds run, each one's accuracy and held-out loss, and the accuracy over
-    seeds and examples with its 95% interval (:func:`bootstrap_interval`)."""
+    """Per task, optimizer and method: the seeds run, each one's accuracy, held-out loss and :func:`top_answer`,
+    and the accuracy over seeds and examples with its 95% interval (:func:`bootstrap_interval`)."""
     out = []
     for (task, optimizer, method), by_seed in _outcomes(collected).items():
         seeds = sorted(by_seed)
@@ -529,6 +552,8 @@ def cell_stats(collected: dict[str, Any]) -> list[dict[str, Any]]:
             | {
                 "accuracy": [by_seed[s]["accuracy"] for s in seeds],
                 "eval_loss": [by_seed[s]["eval_loss"] for s in seeds],
+                "top_answer": [by_seed[s]["top_answer"] for s in seeds],
+                "top_answer_share": [by_seed[s]["top_answer_share"] for s in seeds],
             }
             | {"mean": mean, "low": lo, "high": hi}
         )
@@ -537,8 +562,9 @@ def cell_stats(collected: dict[str, Any]) -> list[dict[str, Any]]:
 
 def claim_stats(collected: dict[str, Any]) -> list[dict[str, Any]]:
     """Per claim of :data:`CLAIMS`, task and optimizer with both methods run on a common seed: the accuracy
-    difference A - B on the same seeds and examples with its paired 95% interval, and the verdict: ``agrees``
-    (the interval lies above 0), ``disagrees`` (below 0) or ``not resolved``."""
+    difference A - B on the same seeds and examples with its paired 95% interval, the verdict: ``agrees``
+    (the interval lies above 0), ``disagrees`` (below 0) or ``not resolved``; and ``one_answer``, which of A and B
+    have a run among those seeds that gives one answer to :data:`ONE_ANSWER_SHARE` of the examples."""
     cells, out = _outcomes(collected), []
     tasks = dict.fromkeys(run["task"] for run in collected["runs"])  # in the protocol's order
     optimizers = dict.fromkeys(run["optimizer"] for run in collected["runs"])
@@ -552,9 +578,15 @@ def claim_stats(collected: dict[str, Any]) -> list[dict[str, Any]]:
                 difference = np.stack([first[s]["correct"] - second[s]["correct"] for s in seeds])
                 mean, lo, hi = bootstrap_interval(difference)
                 verdict = "agrees" if lo > 0 else "disagrees" if hi < 0 else "not resolved"
+                one_answer = [
+                    side
+                    for side, runs in (("A", first), ("B", second))
+                    if any(runs[s]["top_answer_share"] >= ONE_ANSWER_SHARE for s in seeds)
+                ]
                 out.append(
                     {"paper": paper, "claim": claim, "a": a, "b": b, "task": task, "optimizer": optimizer}
                     | {"seeds": seeds, "difference": mean, "low": lo, "high": hi, "verdict": verdict}
+                    | {"one_answer": one_answer}
                 )
     return out
 
@@ -573,7 +605,8 @@ def _cell(cell: dict[str, Any] | None, seeds: int) -> str:
 
 def resolve_tables(collected: dict[str, Any], resolve: Resolve) -> str:
     """Markdown: per task, accuracy with its 95% interval per method and optimizer, and each seed's accuracy and
-    held-out loss; then each claim's paired difference and verdict, and a reading of the verdicts."""
+    held-out loss (and its one answer, where it gives one to :data:`ONE_ANSWER_SHARE` of the examples); then each
+    claim's paired difference and verdict, and a reading of the verdicts."""
     cells = {(c["task"], c["optimizer"], c["method"]): c for c in collected["cells"]}
     optimizers = list(resolve.learning_rates)
     columns = [f"{o}, lr {resolve.learning_rates[o]:.0e}" for o in optimizers]
@@ -590,6 +623,8 @@ def resolve_tables(collected: dict[str, Any], resolve: Resolve) -> str:
         if task in collected["base"]:
             b = collected["base"][task]
             out.append(f"Base model: accuracy {b['accuracy']:.3f}, held-out loss {b['eval_loss']:.3f}.\n")
+        m = collected["majority"][task]
+        out.append(f"Always answering the commonest label ({m['label']}) scores {m['accuracy']:.3f}.\n")
         out += ["| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
         seeds_table = ["| method | seed | " + " | ".join(f"{c}: accuracy, held-out loss" for c in columns) + " |"]
         seeds_table.append("|---|---|" + "---|" * len(columns))
@@ -602,29 +637,42 @@ def resolve_tables(collected: dict[str, Any], resolve: Resolve) -> str:
                 values = []
                 for c in row:
                     i = c["seeds"].index(seed) if c and seed in c["seeds"] else None
-                    values.append("n/a" if i is None else f"{c['accuracy'][i]:.3f}, {c['eval_loss'][i]:.3f}")
+                    values.append("n/a" if i is None else _seed_cell(c, i))
                 seeds_table.append(f"| {name} | {seed} | " + " | ".join(values) + " |")
         out += ["", *seeds_table, ""]
     out += [
         "### The papers' claims: accuracy of A minus B on the same seeds and examples\n",
         "Each interval is a paired bootstrap of one comparison, not adjusted for the others: where there is no "
         "difference, about one interval in 20 still excludes 0.\n",
-        "| paper | claim (A against B) | task | optimizer | A - B [95%] | seeds | verdict |",
-        "|---|---|---|---|---|---|---|",
+        f"The last column names the methods with a run that gives one answer to at least {ONE_ANSWER_SHARE:.0%} of "
+        "the examples, a method that has not learned the task: where both are named, the verdict compares answer "
+        "biases.\n",
+        "| paper | claim (A against B) | task | optimizer | A - B [95%] | seeds | verdict | one answer |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in collected["claims"]:
         pair = f"{c['claim']} ({METHODS[c['a']][0]} against {METHODS[c['b']][0]})"
         out.append(
             f"| {c['paper']} | {pair} | {TASK_NAMES.get(c['task'], c['task'])} | {c['optimizer']} | "
-            f"{_interval(c['difference'], c['low'], c['high'], '+')} | {len(c['seeds'])} | {c['verdict']} |"
+            f"{_interval(c['difference'], c['low'], c['high'], '+')} | {len(c['seeds'])} | {c['verdict']} | "
+            f"{', '.join(c['one_answer']) or '-'} |"
         )
     out += ["", "### Reading (generated from the verdicts)\n", *reading(collected["claims"]), ""]
     return "\n".join(out)
 
 
+def _seed_cell(cell: dict[str, Any], i: int) -> str:
+    """One seed's accuracy and held-out loss, and its one answer where it gives it to most examples."""
+    text = f"{cell['accuracy'][i]:.3f}, {cell['eval_loss'][i]:.3f}"
+    if (share := cell["top_answer_share"][i]) >= ONE_ANSWER_SHARE:
+        answer = cell["top_answer"][i]
+        text += f" ({'no readable answer' if answer is None else repr(answer)} to {share:.0%})"
+    return text
+
+
 def reading(claims: list[dict[str, Any]]) -> list[str]:
     """One line per claim and optimizer: where the data agree with the paper, where they disagree, where they do
-    not resolve it."""
+    not resolve it, and where both methods give one answer (:data:`ONE_ANSWER_SHARE`)."""
     lines = []
     for paper, claim, _, _ in CLAIMS:
         for optimizer in dict.fromkeys(c["optimizer"] for c in claims):
@@ -636,7 +684,9 @@ def reading(claims: list[dict[str, Any]]) -> list[str]:
                 tasks = [TASK_NAMES.get(c["task"], c["task"]) for c in rows if c["verdict"] == verdict]
                 if tasks:
                     parts.append(f"{verdict} on {', '.join(tasks)}")
-            lines.append(f"- {paper}, {claim}, under {optimizer}: {'; '.join(parts)}.")
+            biased = [TASK_NAMES.get(c["task"], c["task"]) for c in rows if len(c["one_answer"]) == 2]
+            caveat = f" On {', '.join(biased)} both methods give one answer: it compares biases." if biased else ""
+            lines.append(f"- {paper}, {claim}, under {optimizer}: {'; '.join(parts)}.{caveat}")
     return lines
 
 

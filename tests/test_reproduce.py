@@ -155,8 +155,17 @@ def test_a_paired_difference_resolves_what_separate_intervals_do_not():
     assert reproduce.bootstrap_interval(one_seed)[1] == 0.0
 
 
-def _finished_run(root: Path, run, accuracy: float, base: bool, correct: str | None = None) -> None:
-    """A run directory as ``train.py`` leaves it (``correct``: per-example outcomes, for ``eval_examples.jsonl``)."""
+def _finished_run(
+    root: Path,
+    run,
+    accuracy: float,
+    base: bool,
+    correct: str | None = None,
+    answers: list | None = None,
+    labels: list | None = None,
+) -> None:
+    """A run directory as ``train.py`` leaves it; with ``eval_examples.jsonl`` from ``correct`` (per-example
+    outcomes: labels alternate, a wrong answer is the other label) or from ``answers`` to ``labels``."""
     directory = root / run.name
     directory.mkdir(parents=True)
     (directory / "command.txt").write_text(f"python train.py {run.name}\n")
@@ -172,7 +181,16 @@ def _finished_run(root: Path, run, accuracy: float, base: bool, correct: str | N
     }
     (directory / "summary.json").write_text(json.dumps(summary))
     if correct is not None:
-        lines = [{"index": i, "source": f"dev.tsv:{i + 2}", "correct": c == "1"} for i, c in enumerate(correct)]
+        labels = [("negative", "positive")[i % 2] for i in range(len(correct))]
+        answers = [
+            label if c == "1" else ({"negative", "positive"} - {label}).pop()
+            for c, label in zip(correct, labels, strict=True)
+        ]
+    if answers is not None:
+        lines = [
+            {"index": i, "source": f"dev.tsv:{i + 2}", "label": label, "answer": answer, "correct": answer == label}
+            for i, (label, answer) in enumerate(zip(labels, answers, strict=True))
+        ]
         (directory / EXAMPLES_FILE).write_text("".join(json.dumps(r) + "\n" for r in lines))
 
 
@@ -239,6 +257,44 @@ def test_finished_trials_become_intervals_verdicts_and_plots(tmp_path):
     (tmp_path / trial.name / EXAMPLES_FILE).unlink()
     with pytest.raises(UserError, match=f"has no {EXAMPLES_FILE}"):
         reproduce.collect_resolve(resolve, tmp_path)
+
+
+def test_runs_that_give_one_answer_are_flagged(tmp_path):
+    labels = ["negative", "positive"] * 4 + ["negative"] * 2  # 6 of 10 negative
+    runs = {
+        "moe_lora": ["negative"] * 10,  # 0.6 from the label bias alone
+        "moe_lora+riemann": ["negative"] * 9 + ["positive"],  # 90%: still one answer
+        "moe_lora+riemann+sqrt_gate": labels,  # right on all: its commonest answer has 60%
+    }
+    for method, answers in runs.items():
+        accuracy = np.mean([a == label for a, label in zip(answers, labels, strict=True)])
+        trial = reproduce.Trial("sst2", method, "sgd", 1e-2, 0)
+        _finished_run(tmp_path, trial, accuracy, base=False, answers=answers, labels=labels)
+    resolve = _tiny_resolve(seeds=(0,))
+    collected = reproduce.collect_resolve(resolve, tmp_path)
+    assert collected["majority"] == {"sst2": {"label": "negative", "accuracy": 0.6}}
+    shares = {r["method"]: (r["top_answer"], r["top_answer_share"]) for r in collected["runs"]}
+    assert shares == {
+        "moe_lora": ("negative", 1.0),
+        "moe_lora+riemann": ("negative", 0.9),
+        "moe_lora+riemann+sqrt_gate": ("negative", 0.6),
+    }
+    flags = {(c["a"], c["b"]): c["one_answer"] for c in collected["claims"]}
+    assert flags[("moe_lora+riemann", "moe_lora")] == ["A", "B"]
+    assert flags[("moe_lora+riemann+sqrt_gate", "moe_lora+riemann")] == ["B"]
+    lines = reproduce.resolve_tables(collected, resolve).splitlines()
+    assert "Always answering the commonest label (negative) scores 0.600." in lines
+    assert "| MoE-LoRA | 0 | 0.600, 0.400 ('negative' to 100%) |" in lines
+    assert "| MoE-LoRA + riemann + sqrt-gate | 0 | 1.000, 0.000 |" in lines
+    riemann, sqrt_gate = (
+        next(x for x in lines if x.startswith(f"- {paper}, {claim},"))
+        for paper, claim in [
+            ("Zhang & Pilanci 2024", "riemann_precond helps"),
+            ("Sun et al. 2025", "sqrt-gate adds to riemann"),
+        ]
+    )
+    assert riemann.endswith("On SST-2 both methods give one answer: it compares biases.")
+    assert sqrt_gate == "- Sun et al. 2025, sqrt-gate adds to riemann, under sgd: agrees on SST-2."
 
 
 def test_a_run_another_process_holds_is_left_to_it(tmp_path, monkeypatch, capsys):
