@@ -692,7 +692,8 @@ def reading(claims: list[dict[str, Any]]) -> list[str]:
 
 def plot_resolve(collected: dict[str, Any], resolve: Resolve, directory: Path) -> list[Path]:
     """``accuracy.png`` (per task: each method's accuracy per optimizer, the 95% interval as error bars, each seed
-    as a dot) and ``claims.png`` (each claim's paired difference with its interval)."""
+    as a dot; the base model's and the commonest label's accuracy as lines) and ``claims.png`` (each claim's
+    paired difference with its interval, hollow where both methods give one answer)."""
     from matplotlib.figure import Figure
 
     cells = {(c["task"], c["optimizer"], c["method"]): c for c in collected["cells"]}
@@ -712,6 +713,7 @@ def plot_resolve(collected: dict[str, Any], resolve: Resolve, directory: Path) -
                 ax.plot(seeds_x, c["accuracy"], ".", color=color, alpha=0.5, ms=4)
         if task in collected["base"]:
             ax.axhline(collected["base"][task]["accuracy"], color="gray", ls=":", label="base model")
+        ax.axhline(collected["majority"][task]["accuracy"], color="gray", ls="--", lw=0.8, label="commonest label")
         ax.set_xticks(range(len(optimizers)), [f"{o}, lr {resolve.learning_rates[o]:.0e}" for o in optimizers])
         ax.set(title=TASK_NAMES.get(task, task), ylabel="held-out accuracy", ylim=(-0.02, 1.02))
         ax.set_xlim(-0.5, len(optimizers) - 0.5)
@@ -723,7 +725,8 @@ def plot_resolve(collected: dict[str, Any], resolve: Resolve, directory: Path) -
     for y, c in enumerate(claims):
         color = {"agrees": "C2", "disagrees": "C3"}.get(c["verdict"], "gray")
         xerr = [[c["difference"] - c["low"]], [c["high"] - c["difference"]]]
-        ax.errorbar(c["difference"], y, xerr=xerr, fmt="o", color=color, capsize=3)
+        face = "white" if len(c["one_answer"]) == 2 else color  # hollow: both methods give one answer
+        ax.errorbar(c["difference"], y, xerr=xerr, fmt="o", color=color, mfc=face, capsize=3)
     ax.set_yticks(
         range(len(claims)),
         [f"{c['paper']}: {c['claim']}, {TASK_NAMES.get(c['task'], c['task'])}, {c['optimizer']}" for c in claims],
@@ -731,7 +734,8 @@ def plot_resolve(collected: dict[str, Any], resolve: Resolve, directory: Path) -
     )
     ax.axvline(0, color="black", lw=0.8)
     ax.invert_yaxis()
-    ax.set(xlabel="accuracy of A - B, 95% paired interval (green: agrees, red: disagrees, gray: not resolved)")
+    differences.suptitle("green: agrees, red: disagrees, gray: not resolved; hollow: both give one answer", fontsize=9)
+    ax.set(xlabel="accuracy of A - B, with its 95% paired interval")
     ax.grid(alpha=0.3, axis="x")
     written = []
     for figure, name in ((accuracy, "accuracy.png"), (differences, "claims.png")):
