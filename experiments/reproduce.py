@@ -424,8 +424,13 @@ class Trial:
     seed: int
 
     @property
+    def run(self) -> Run:
+        """The grid run this trial repeats, on its task and seed."""
+        return Run(self.method, self.optimizer, self.lr)
+
+    @property
     def name(self) -> str:
-        return f"{self.task}/{Run(self.method, self.optimizer, self.lr).name}-seed{self.seed}"
+        return f"{self.task}/{self.run.name}-seed{self.seed}"
 
 
 def trials(resolve: Resolve, methods: list[str]) -> list[Trial]:
@@ -446,8 +451,7 @@ def resolve_plan(resolve: Resolve, methods: list[str]) -> list[tuple[str, dict[s
     plan, first = [], {}
     for trial in trials(resolve, methods):
         overrides = resolve.overrides | resolve.tasks[trial.task] | {"train.seed": trial.seed}
-        run = Run(trial.method, trial.optimizer, trial.lr)
-        plan.append((trial.name, settings(overrides, run, first=first.setdefault(trial.task, trial) == trial)))
+        plan.append((trial.name, settings(overrides, trial.run, first=first.setdefault(trial.task, trial) == trial)))
     return plan
 
 
