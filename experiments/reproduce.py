@@ -676,7 +676,7 @@ def _seed_cell(cell: dict[str, Any], i: int) -> str:
 
 def reading(claims: list[dict[str, Any]]) -> list[str]:
     """One line per claim and optimizer: where the data agree with the paper, where they disagree, where they do
-    not resolve it, and where both methods give one answer (:data:`ONE_ANSWER_SHARE`)."""
+    not resolve it, and where both methods give one answer (:data:`ONE_ANSWER_SHARE`) in some seed."""
     lines = []
     for paper, claim, _, _ in CLAIMS:
         for optimizer in dict.fromkeys(c["optimizer"] for c in claims):
@@ -689,7 +689,11 @@ def reading(claims: list[dict[str, Any]]) -> list[str]:
                 if tasks:
                     parts.append(f"{verdict} on {', '.join(tasks)}")
             biased = [TASK_NAMES.get(c["task"], c["task"]) for c in rows if len(c["one_answer"]) == 2]
-            caveat = f" On {', '.join(biased)} both methods give one answer: it compares biases." if biased else ""
+            caveat = (
+                f" On {', '.join(biased)} each method gives one answer in some seed: there it partly compares biases."
+                if biased
+                else ""
+            )
             lines.append(f"- {paper}, {claim}, under {optimizer}: {'; '.join(parts)}.{caveat}")
     return lines
 
@@ -697,7 +701,7 @@ def reading(claims: list[dict[str, Any]]) -> list[str]:
 def plot_resolve(collected: dict[str, Any], resolve: Resolve, directory: Path) -> list[Path]:
     """``accuracy.png`` (per task: each method's accuracy per optimizer, the 95% interval as error bars, each seed
     as a dot; the base model's and the commonest label's accuracy as lines) and ``claims.png`` (each claim's
-    paired difference with its interval, hollow where both methods give one answer)."""
+    paired difference with its interval, hollow where both methods give one answer in some seed)."""
     from matplotlib.figure import Figure
 
     cells = {(c["task"], c["optimizer"], c["method"]): c for c in collected["cells"]}
@@ -729,7 +733,7 @@ def plot_resolve(collected: dict[str, Any], resolve: Resolve, directory: Path) -
     for y, c in enumerate(claims):
         color = {"agrees": "C2", "disagrees": "C3"}.get(c["verdict"], "gray")
         xerr = [[c["difference"] - c["low"]], [c["high"] - c["difference"]]]
-        face = "white" if len(c["one_answer"]) == 2 else color  # hollow: both methods give one answer
+        face = "white" if len(c["one_answer"]) == 2 else color  # hollow: both methods give one answer in some seed
         ax.errorbar(c["difference"], y, xerr=xerr, fmt="o", color=color, mfc=face, capsize=3)
     ax.set_yticks(
         range(len(claims)),
@@ -738,7 +742,9 @@ def plot_resolve(collected: dict[str, Any], resolve: Resolve, directory: Path) -
     )
     ax.axvline(0, color="black", lw=0.8)
     ax.invert_yaxis()
-    differences.suptitle("green: agrees, red: disagrees, gray: not resolved; hollow: both give one answer", fontsize=9)
+    differences.suptitle(
+        "green: agrees, red: disagrees, gray: not resolved; hollow: both give one answer in some seed", fontsize=9
+    )
     ax.set(xlabel="accuracy of A - B, with its 95% paired interval")
     ax.grid(alpha=0.3, axis="x")
     written = []

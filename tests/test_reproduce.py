@@ -293,7 +293,7 @@ def test_runs_that_give_one_answer_are_flagged(tmp_path):
             ("Sun et al. 2025", "sqrt-gate adds to riemann"),
         ]
     )
-    assert riemann.endswith("On SST-2 both methods give one answer: it compares biases.")
+    assert riemann.endswith("On SST-2 each method gives one answer in some seed: there it partly compares biases.")
     assert sqrt_gate == "- Sun et al. 2025, sqrt-gate adds to riemann, under sgd: agrees on SST-2."
 
 
