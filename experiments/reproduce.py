@@ -1,7 +1,7 @@
 """Reproduce the papers' claims: four adapters x {SGD, AdamW} x three learning rates, then tables and plots.
 
     python experiments/reproduce.py                          # the CPU protocol: SmolLM2-135M, BBC News, ~75 min
-    python experiments/reproduce.py --protocol resolve       # 2 tasks x 4 methods x 2 optimizers x 3 seeds: ~7 h
+    python experiments/reproduce.py --protocol resolve       # 2 tasks x 4 methods x 2 optimizers x 3 seeds: ~4 h
     python experiments/reproduce.py --protocol paper         # CommonsenseQA, 2000 steps of 80 (a GPU or TPU)
     python experiments/reproduce.py --protocol paper --model /models/Llama-3.2-3B
     python experiments/reproduce.py --methods moslora,moslora+riemann,moe_moslora+riemann+sqrt_gate   # MoSLoRA rows
