@@ -467,16 +467,17 @@ def run_resolve(resolve: Resolve, methods: list[str], root: Path, extra: dict[st
     run_grid("", resolve_plan(resolve, methods), root, extra)
 
 
-def top_answer(records: list[dict[str, Any]]) -> tuple[str | None, float]:
-    """The commonest of a run's answers (:func:`~moelora_jax.evaluation.example_records`; None: unreadable) and the
-    share of examples that got it."""
-    answer, count = collections.Counter(r["answer"] for r in records).most_common(1)[0]
-    return answer, count / len(records)
+def commonest(records: list[dict[str, Any]], field: str) -> tuple[str | None, float]:
+    """The commonest value of ``field`` over a run's held-out examples
+    (:func:`~moelora_jax.evaluation.example_records`: ``"answer"``, None where unreadable, or ``"label"``) and the
+    share of examples that have it."""
+    value, count = collections.Counter(r[field] for r in records).most_common(1)[0]
+    return value, count / len(records)
 
 
 def collect_trials(trial_list: list[Trial], root: Path) -> dict[str, Any]:
     """Every finished trial's :func:`run_record` with ``correct``, its outcome per held-out example (``1`` or
-    ``0``, in the order of ``examples[task]``, those examples' sources), and its :func:`top_answer`; per task, the
+    ``0``, in the order of ``examples[task]``, those examples' sources), and its :func:`commonest` answer; per task, the
     base model's scores and ``majority``, the commonest label and the accuracy of always answering it."""
     runs, base, examples, majority = [], {}, {}, {}
     for trial in trial_list:
@@ -492,10 +493,10 @@ def collect_trials(trial_list: list[Trial], root: Path) -> dict[str, Any]:
             raise UserError(f"{path} scores other examples than the task's other runs: they must share the eval set.")
         if scores := base_record(directory):
             base[trial.task] = scores
-        label, count = collections.Counter(r["label"] for r in records).most_common(1)[0]
-        majority[trial.task] = {"label": label, "accuracy": count / len(records)}
+        label, accuracy = commonest(records, "label")
+        majority[trial.task] = {"label": label, "accuracy": accuracy}
         correct = "".join("1" if r["correct"] else "0" for r in records)
-        answer, share = top_answer(records)
+        answer, share = commonest(records, "answer")
         outcome = {"correct": correct, "top_answer": answer, "top_answer_share": share}
         runs.append(dataclasses.asdict(trial) | run_record(directory) | outcome)
     return {
@@ -545,7 +546,7 @@ def _outcomes(collected: dict[str, Any]) -> dict[tuple[str, str, str], dict[int,
 
 
 def cell_stats(collected: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per task, optimizer and method: the seeds run, each one's accuracy, held-out loss and :func:`top_answer`,
+    """Per task, optimizer and method: the seeds run, each one's accuracy, held-out loss and :func:`commonest` answer,
     and the accuracy over seeds and examples with its 95% interval (:func:`bootstrap_interval`)."""
     out = []
     for (task, optimizer, method), by_seed in _outcomes(collected).items():
