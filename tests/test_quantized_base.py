@@ -68,7 +68,10 @@ def test_a_step_on_a_quantized_base_equals_the_step_on_its_dequantized_kernels(q
     ours = _steps(Llama(CONFIG, adapter=adapter, quant=quant), quantized, optim, devices)
     oracle = _steps(Llama(CONFIG, adapter=adapter), dequantized, optim, devices)
     np.testing.assert_allclose(ours[0], oracle[0], rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), ours[1], oracle[1])
+    # The two paths round differently, and Adam turns a gradient's last bits into a share of a step of size lr; the
+    # adapters must agree to 1e-4 of one step (they differed by 3.6e-7 on an AVX-512 CPU), far below any defect.
+    atol = 1e-4 * optim.lr
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol), ours[1], oracle[1])
 
 
 @pytest.mark.parametrize("quant", [NF4, NF4_DOUBLE, INT8])
