@@ -94,6 +94,13 @@ def to_host(tree: Any) -> Any:
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def fetch(tree: Any) -> Any:
+    """Numpy copies of a tree of arrays that every process holds whole (replicated results: a step's metrics, loss
+    sums); waits for the computations that produce them. Not a collective. The training loop and evaluation read
+    results from the devices through this one function."""
+    return jax.device_get(tree)
+
+
 def any_process(flag: bool) -> bool:
     """True on every process when ``flag`` is true on any (a collective with several processes)."""
     if jax.process_count() == 1:

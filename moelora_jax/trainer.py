@@ -9,7 +9,8 @@ The output head runs only at the batch's ``targets`` (:mod:`moelora_jax.loss`); 
 tree. With a gate, the step also reports expert load and the routing losses of :mod:`moelora_jax.routing` (over
 real tokens), and with ``router_losses`` it trains on ``L + c_balance * L_balance + c_z * L_z + c_mole * L_mole``
 (each averaged over micro-batches). An update whose loss or gradients are not finite is skipped (state unchanged)
-and counted. Evaluation by generation is :mod:`moelora_jax.evaluation`'s.
+and counted; the count is also among the step's metrics (``skipped``), so a loop reads it without touching the
+donated state. Evaluation by generation is :mod:`moelora_jax.evaluation`'s.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from moelora_jax.adapters import ROUTER_COLLECTION
-from moelora_jax.distributed import host_local_batch
+from moelora_jax.distributed import fetch, host_local_batch
 from moelora_jax.loss import head_loss
 from moelora_jax.models.llama import Llama, abstract_variables, init_variables, output_head
 from moelora_jax.routing import RouterLosses, router_stats, sown_routing
@@ -81,6 +82,10 @@ def _optimizer_state_shardings(
     )
 
 
+def _with_sharding(shape: jax.ShapeDtypeStruct, sharding: jax.sharding.Sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
+
+
 def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
@@ -132,23 +137,35 @@ class Trainer:
         """Frozen weights placed by the rules (a no-op for weights already loaded that way)."""
         return jax.device_put(params, self.shardings["params"])
 
+    def _fresh(self, key_data: jax.Array) -> TrainState:
+        init_rng, rng = jax.random.split(jax.random.wrap_key_data(key_data))
+        adapters = init_variables(self.model, init_rng, ("adapters",))["adapters"]
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(zero, adapters, self.optimizer.init(adapters), rng, zero)
+
     def init(self, rng: jax.Array) -> TrainState:
         """Fresh adapters (B = 0, so the model starts as the base) and optimizer state, placed on the mesh."""
         key_data = jax.device_put(np.asarray(jax.random.key_data(rng)), self._replicated)  # works multi-process
-
-        def fresh(key_data):
-            init_rng, rng = jax.random.split(jax.random.wrap_key_data(key_data))
-            adapters = init_variables(self.model, init_rng, ("adapters",))["adapters"]
-            zero = jnp.zeros((), jnp.int32)
-            return TrainState(zero, adapters, self.optimizer.init(adapters), rng, zero)
-
         with self.context():
-            return jax.jit(fresh, out_shardings=self.state_shardings)(key_data)
+            return jax.jit(self._fresh, out_shardings=self.state_shardings)(key_data)
+
+    def abstract_state(self) -> TrainState:
+        """The shapes, dtypes and shardings of :meth:`init`'s state, computed without running it."""
+        key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+        with self.context():
+            shapes = jax.eval_shape(self._fresh, key_data)
+        return jax.tree.map(_with_sharding, shapes, self.state_shardings)
+
+    def abstract_params(self) -> Any:
+        """The shapes, dtypes and shardings of the frozen weights, as the rules place them."""
+        shapes = nn.unbox(abstract_variables(self.model))["params"]
+        return jax.tree.map(_with_sharding, shapes, self.shardings["params"])
 
     def put_batch(self, batch: dict[str, Any], leading: int = 0) -> dict[str, jax.Array]:
         """A numpy batch (the same on every process) as global arrays sharded on axis ``leading`` over
-        ``data x fsdp``; each process transfers only its own rows. Arrays already on devices pass through."""
-        if all(isinstance(v, jax.Array) for v in batch.values()):
+        ``data x fsdp``; each process transfers only its own rows. Arrays already on devices, and abstract ones
+        (``jax.ShapeDtypeStruct``, for compiling), pass through."""
+        if all(isinstance(v, jax.Array | jax.ShapeDtypeStruct) for v in batch.values()):
             return batch
         shape = batch["tokens"].shape[: leading + 1]
         flat = {k: np.asarray(v).reshape(-1, *np.shape(v)[leading + 1 :]) for k, v in batch.items()}
@@ -210,7 +227,7 @@ class Trainer:
             state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
         )
         metrics = {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads), "finite": finite} | routing
-        return new_state, metrics
+        return new_state, metrics | {"skipped": new_state.skipped}
 
     def _step_program(self):
         if self._train_step is None:
@@ -230,7 +247,9 @@ class Trainer:
             return self._step_program()(state, params, batch)
 
     def compile_train_step(self, state: TrainState, params: Any, batch: dict[str, Any]) -> jax.stages.Compiled:
-        """The train step compiled for this batch's shapes, for its ``memory_analysis()`` and ``cost_analysis()``."""
+        """The train step compiled for these arguments' shapes (arrays, or the ``jax.ShapeDtypeStruct`` trees of
+        :meth:`abstract_state`, :meth:`abstract_params` and a batch), for its ``memory_analysis()`` and
+        ``cost_analysis()``."""
         batch = self.put_batch(batch, leading=1)
         with self.context():
             return self._step_program().lower(state, params, batch).compile()
@@ -239,10 +258,11 @@ class Trainer:
         return batch_loss(self.model, {"params": params, "adapters": adapters}, batch)[:2]
 
     def eval_loss(self, params: Any, adapters: Any, batches: Sequence[dict[str, np.ndarray]]) -> float:
-        """Mean response-token loss over ``(B, T)`` batches."""
-        total = count = 0.0
+        """Mean response-token loss over ``(B, T)`` batches: every batch is dispatched, then their loss sums and
+        target counts are fetched at once and summed on the host (in float64)."""
         with self.context():
-            for batch in batches:
-                s, n = self._eval_loss(params, adapters, self.put_batch(batch))
-                total, count = total + float(s), count + float(n)
+            sums = [self._eval_loss(params, adapters, self.put_batch(batch)) for batch in batches]
+        total = count = 0.0
+        for s, n in fetch(sums):
+            total, count = total + float(s), count + float(n)
         return total / max(count, 1.0)
