@@ -91,6 +91,8 @@ def get_config(preset: str = "") -> ConfigDict:
     config.train.max_new_tokens = 8
     config.train.log_every = 1
     config.train.max_skipped_fraction = 0.5  # stop with an error when more updates than this are non-finite
+    # several processes agree on a stop (SIGTERM/SIGINT on any of them) every this many steps and at checkpoints
+    config.train.stop_check_every = 10
 
     config.checkpoint = ConfigDict()
     config.checkpoint.every = 25  # steps between checkpoints; 0: only at the end (and when stopped by a signal)

@@ -3,8 +3,11 @@
 Preemptible TPU VMs and cluster schedulers send SIGTERM some time before they kill a job; Ctrl-C sends SIGINT.
 Inside :class:`PreemptionGuard` either signal only sets a flag; the training loop asks :meth:`~PreemptionGuard.
 should_stop` after each step, writes a checkpoint and raises :class:`PreemptedError`, which ``train.py`` turns into exit
-code :data:`EXIT_PREEMPTED`. A second SIGINT interrupts at once (``KeyboardInterrupt``), for a user who will not
-wait; checkpoints are written atomically, so even that cannot corrupt the last one.
+code :data:`EXIT_PREEMPTED`. One process reads its own flag at every step. Several processes must stop at the same
+step, which takes a collective (an all-gather of the flags, waiting for the step to finish), so they agree only every
+``check_every`` steps and at checkpoints: a notice must come at least that many steps before the machine goes. A
+second SIGINT interrupts at once (``KeyboardInterrupt``), for a user who will not wait; checkpoints are written
+atomically, so even that cannot corrupt the last one.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import signal
 import threading
 from types import FrameType, TracebackType
+
+import jax
 
 from moelora_jax.distributed import any_process
 
@@ -38,7 +43,10 @@ class PreemptionGuard:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self) -> None:
+    def __init__(self, check_every: int = 1) -> None:
+        if check_every < 1:
+            raise ValueError(f"check_every={check_every} must be at least 1.")
+        self.check_every = check_every
         self.received: signal.Signals | None = None
         self._previous: dict[int, object] = {}
 
@@ -60,9 +68,12 @@ class PreemptionGuard:
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def should_stop(self) -> bool:
-        """Whether any process received a signal. With several processes this is a collective (all agree on the
-        step at which to stop), so every process must call it at the same step."""
+    def should_stop(self, step: int, *, checkpointed: bool = False) -> bool:
+        """Whether to stop after ``step``. One process: whether it received a signal (read locally, at every step).
+        Several: at every ``check_every``-th step and after a checkpoint (``checkpointed``) whether any process
+        received one, a collective all of them take at the same steps; False at the other steps."""
+        if jax.process_count() > 1 and step % self.check_every and not checkpointed:
+            return False
         return any_process(self.received is not None)
 
     @property

@@ -181,7 +181,8 @@ class DataSettings:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-    """``train.*``: steps, batches, evaluation, logging, and how many non-finite (skipped) updates a run may have."""
+    """``train.*``: steps, batches, evaluation, logging, how many non-finite (skipped) updates a run may have, and how
+    often the processes of a multi-process run agree on whether to stop (``stop_check_every`` steps)."""
 
     steps: int
     batch_size: int
@@ -193,9 +194,11 @@ class TrainSettings:
     max_new_tokens: int
     log_every: int
     max_skipped_fraction: float
+    stop_check_every: int
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "micro_batches", "eval_batch_size", "max_new_tokens", "log_every"):
+        names = ("steps", "batch_size", "micro_batches", "eval_batch_size", "max_new_tokens", "log_every")
+        for name in (*names, "stop_check_every"):
             check_at_least(f"train.{name}", getattr(self, name), 1)
         check_at_least("train.eval_every", self.eval_every, 0)
         if self.batch_size % self.micro_batches:

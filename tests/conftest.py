@@ -21,6 +21,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
 
 import pytest  # noqa: E402
+import tiny_models  # noqa: E402
 
 TINY_LLAMA = {
     "vocab_size": 96,
@@ -58,51 +59,18 @@ def tiny_llama(tmp_path):
     return make
 
 
-TEST_WORDS = ["the", "answer", "is", "a", "b", "c", "yes", "no", "question", ":", "what", "colour", "sky", "blue"]
-TEST_WORDS += ["why", "?", ".", "passage", "title"]
-
-
 @pytest.fixture(scope="session")
 def word_tokenizer():
-    """A word-level tokenizer (pad 0, bos 1, eos 2, ``<user>`` 4, ``<bot>`` 5; 25 tokens) that adds BOS like
-    LLaMA's, with a tiny chat template: fully predictable ids for data and CLI tests."""
-    tokenizers = pytest.importorskip("tokenizers")
-    transformers = pytest.importorskip("transformers")
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<user>": 4, "<bot>": 5}
-    vocab |= {w: i + len(vocab) for i, w in enumerate(TEST_WORDS)}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    backend.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<user>", "<bot>"]})
-    tokenizer.chat_template = "{% for m in messages %}<user> {{ m['content'] }} {% endfor %}<bot>"
-    return tokenizer
+    """The word-level test tokenizer (:func:`tiny_models.word_tokenizer`): fully predictable ids."""
+    pytest.importorskip("transformers")
+    return tiny_models.word_tokenizer()
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, word_tokenizer):
     """A tiny random LLaMA with the word-level test tokenizer and its chat template, saved as a HF directory."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    directory = tmp_path_factory.mktemp("tiny-model")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=32,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    transformers.LlamaForCausalLM(config).save_pretrained(directory)
-    word_tokenizer.save_pretrained(directory)
-    return directory
+    pytest.importorskip("torch")
+    return tiny_models.save_tiny_llama(tmp_path_factory.mktemp("tiny-model"), word_tokenizer)
 
 
 @pytest.fixture(scope="session")

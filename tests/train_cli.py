@@ -40,6 +40,17 @@ def tiny_job(model_dir: Path, data_path: Path) -> list[str]:
     ]
 
 
+def apply_overrides(config, overrides: list[str]):
+    """``config`` (a ``ConfigDict``) with ``--config.section.key=value`` overrides applied, each value converted to
+    the type of the key's default, as ``train.py`` does for these simple values."""
+    for flag in overrides:
+        key, value = flag.removeprefix("--config.").split("=", 1)
+        section, name = key.split(".")
+        default = config[section][name]
+        config[section][name] = (value == "True") if isinstance(default, bool) else type(default)(value)
+    return config
+
+
 def command(
     output_dir: Path | str, *overrides: str, preset: str = "smoke", config: str = "llama_moelora.py"
 ) -> list[str]:

@@ -1,0 +1,66 @@
+"""Published architectures by name, for work that needs a model's shapes but not its weights: the compile check,
+benchmarks on random weights, memory estimates. Each entry is the architecture part of the model's public
+``config.json`` (token ids play no part in shapes)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from moelora_jax.errors import UserError
+from moelora_jax.models.llama import Llama3RopeScaling, LlamaConfig
+
+_LLAMA_3_2_1B = LlamaConfig(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_layers=16,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=64,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    rope_scaling=Llama3RopeScaling(
+        factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+    ),
+    tie_word_embeddings=True,
+    max_position_embeddings=131072,
+)
+_LLAMA_3_1_8B = dataclasses.replace(
+    _LLAMA_3_2_1B,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    head_dim=128,
+    rope_scaling=dataclasses.replace(_LLAMA_3_2_1B.rope_scaling, factor=8.0),
+    tie_word_embeddings=False,
+)
+
+SHAPES: dict[str, LlamaConfig] = {
+    "smollm2-135m": LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+    ),
+    "llama-3.2-1b": _LLAMA_3_2_1B,
+    "llama-3.2-3b": dataclasses.replace(_LLAMA_3_2_1B, hidden_size=3072, num_layers=28, num_heads=24, head_dim=128),
+    "llama-3.1-8b": _LLAMA_3_1_8B,
+    "llama-3.1-70b": dataclasses.replace(
+        _LLAMA_3_1_8B, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64
+    ),
+}
+"""Name -> architecture: SmolLM2-135M, Llama-3.2-1B and 3B, Llama-3.1-8B and 70B."""
+
+
+def published_shape(name: str) -> LlamaConfig:
+    """The architecture published as ``name`` (a key of :data:`SHAPES`)."""
+    if name not in SHAPES:
+        raise UserError(f"no published shape named {name!r}: choose one of {', '.join(SHAPES)}.")
+    return SHAPES[name]
