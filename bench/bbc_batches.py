@@ -7,17 +7,19 @@ from pathlib import Path
 from typing import Any
 
 from moelora_jax.config_file import load_config as load_config_file
-from moelora_jax.data import Encoded, batch_indices, encode_examples
+from moelora_jax.data import Encoded, Layout, batch_indices
+from moelora_jax.job import batch_layout, build_trainer, job_mesh, load_data
 from moelora_jax.pretrained import load_config, load_tokenizer, resolve_model_dir
 from moelora_jax.settings import Settings
-from moelora_jax.tasks import load_task
+from moelora_jax.trainer import Trainer
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "llama_moelora.py"
 
 
 @dataclasses.dataclass(frozen=True)
 class Command1:
-    """``configs/llama_moelora.py`` as command 1 runs it: its config, settings, model and encoded BBC examples."""
+    """``configs/llama_moelora.py`` as command 1 runs it: its config, settings, model and encoded BBC examples, read
+    by the job's own setup pieces (:mod:`moelora_jax.job`)."""
 
     config: Any
     settings: Settings
@@ -29,11 +31,21 @@ class Command1:
     @classmethod
     def load(cls) -> Command1:
         config = load_config_file(CONFIG)
+        settings = Settings.from_config(config)
         directory = resolve_model_dir(None)
         tokenizer = load_tokenizer(directory)
-        _, examples = load_task(config.data.task, None, config.data.train_split)
-        encoded, _ = encode_examples(tokenizer, examples, config.data.max_length)
-        return cls(config, Settings.from_config(config), directory, load_config(directory), tokenizer, encoded)
+        encoded = load_data(settings, tokenizer).train
+        return cls(config, settings, directory, load_config(directory), tokenizer, encoded)
+
+    def trainer(self, **model: Any) -> Trainer:
+        """The job's trainer on all devices, with ``model.*`` settings replaced by ``model`` (e.g. ``remat="full"``,
+        ``quantize="nf4"``)."""
+        settings = dataclasses.replace(self.settings, model=dataclasses.replace(self.settings.model, **model))
+        return build_trainer(settings, self.model_config, job_mesh(settings))
+
+    def layout(self) -> Layout:
+        """The job's training batch layout (one device: rows unrounded)."""
+        return batch_layout(self.settings.data, self.encoded, 1)
 
     def step_examples(self, batch_size: int, steps: int) -> list[list[Encoded]]:
         """The examples of training steps ``0 .. steps - 1`` (seed 0), as the trainer draws them."""

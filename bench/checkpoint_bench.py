@@ -3,8 +3,9 @@
     python bench/checkpoint_bench.py --shape llama-3.2-3b          # the paper's setting (a minute on 2 CPU cores)
 
 The state is what the trainer saves: adapters (E=20, r=4, top-k 10 on q, k, v, o by default) plus AdamW moments
-and the riemann_precond-wrapped optimizer's counters, built on the shapes of a published architecture (no base
-weights are needed: only the adapters are initialised) and filled with random values, as after training.
+and the riemann_precond-wrapped optimizer's counters, of ``configs/llama_moelora.py``'s job set up on the shapes of a
+published architecture (``setup_shapes``: no base weights are needed, only the adapters are initialised) and filled
+with random values, as after training.
 Reports the state's size and its size on disk, the time a save blocks the training loop (copying off the
 devices) against the time until it is complete on disk, their ratio, and the restore time; medians over
 ``--rounds`` saves, each of a new step.
@@ -19,17 +20,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from model_bench import SHAPES
+from bbc_batches import CONFIG
 
-from moelora_jax import AdapterConfig
 from moelora_jax.checkpoints import Checkpoints
-from moelora_jax.models.llama import Llama, abstract_variables
-from moelora_jax.optim import OptimConfig, build_optimizer
-from moelora_jax.sharding import make_mesh
-from moelora_jax.trainer import Trainer, TrainState
+from moelora_jax.config_file import load_config
+from moelora_jax.job import setup_shapes
+from moelora_jax.models.shapes import SHAPES
+from moelora_jax.settings import Settings
+from moelora_jax.trainer import TrainState
 
 
 def _as_if_trained(state: TrainState) -> TrainState:
@@ -58,11 +58,11 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
 
-    adapter = AdapterConfig(num_experts=args.experts, rank=args.rank, top_k=min(10, args.experts))
-    model = Llama(SHAPES[args.shape], adapter=adapter, adapter_targets=tuple(args.targets.split(",")))
-    adapter_shapes = nn.unbox(abstract_variables(model))["adapters"]
-    optimizer = build_optimizer(OptimConfig(family="adamw", riemann=True), adapter_shapes)
-    state = _as_if_trained(Trainer(model, optimizer, make_mesh()).init(jax.random.key(0)))
+    config = load_config(CONFIG)
+    config.adapter.num_experts, config.adapter.rank = args.experts, args.rank
+    config.adapter.top_k, config.adapter.targets = min(10, args.experts), args.targets
+    shapes = setup_shapes(Settings.from_config(config), args.shape)  # the job's trainer on published shapes
+    state = _as_if_trained(shapes.trainer.init(jax.random.key(0)))
     jax.block_until_ready(state)
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
 

@@ -4,9 +4,10 @@
     python bench/commits_bench.py --base 9a01afc --steps 8
 
 ``--base`` is checked out into a temporary git worktree. One worker process per tree imports that tree's
-``moelora_jax`` (``PYTHONPATH``), loads command 1's model and job (``configs/llama_moelora.py`` of its own tree),
-builds the batches of steps ``0..steps-1`` as that tree's trainer would (its default batch layout), and compiles
-every shape. Then the workers take turns: each round, step ``i`` in the base tree, then in the new one. Reported:
+``moelora_jax`` (``PYTHONPATH``), loads command 1's model and job (``configs/llama_moelora.py`` of its own tree;
+through the tree's ``job.setup`` where it has one, else wired as that tree's run did), builds the batches of steps
+``0..steps-1`` as that tree's trainer would (its default batch layout), and compiles every shape. Then the workers
+take turns: each round, step ``i`` in the base tree, then in the new one. Reported:
 examples per second of each, their ratio, and both first-step losses (equal: the same model at init on the same
 examples). Workers reached through pipes; both on this machine's CPU.
 """
@@ -28,12 +29,46 @@ def worker(steps: int, batch_size: int) -> None:
     """Runs in a tree: prepares, prints ``ready <first loss>``, then times one step per ``step`` line on stdin."""
     import time
 
-    import flax.linen as nn
     import jax
 
     import moelora_jax
-    from moelora_jax import data
     from moelora_jax.config_file import load_config as load_config_file
+
+    config = load_config_file(Path.cwd() / "configs" / "llama_moelora.py")
+    config.train.batch_size = batch_size
+    with tempfile.TemporaryDirectory() as output_dir:
+        try:  # a tree whose job is built once by its setup
+            from moelora_jax.job import setup
+        except ImportError:
+            trainer, params, batches = _by_hand(config, steps, batch_size)
+        else:
+            from moelora_jax.settings import Settings
+
+            config.output_dir, config.compilation_cache = output_dir, ""
+            job = setup(Settings.from_config(config))
+            trainer, params = job.trainer, job.params
+            batches = [job.batches(s + 1).arrays for s in range(steps)]
+        state, first, seen = trainer.init(jax.random.key(0)), None, set()
+        for batch in batches:  # compile every shape
+            if batch["tokens"].shape not in seen:
+                seen.add(batch["tokens"].shape)
+                state, metrics = trainer.train_step(state, params, batch)
+                first = float(metrics["loss"]) if first is None else first
+        print(f"ready {first} {moelora_jax.__file__}", flush=True)
+        for s in range(steps):
+            sys.stdin.readline()
+            start = time.perf_counter()
+            state, metrics = trainer.train_step(state, params, batches[s])
+            jax.block_until_ready(metrics)
+            print(time.perf_counter() - start, flush=True)
+
+
+def _by_hand(config, steps: int, batch_size: int) -> tuple:
+    """The trainer, weights and step batches of a tree from before the job setup, wired as its run did."""
+    import flax.linen as nn
+    import jax
+
+    from moelora_jax import data
     from moelora_jax.models.llama import Llama, abstract_variables
     from moelora_jax.optim import build_optimizer
     from moelora_jax.pretrained import load_config, load_params, load_tokenizer, resolve_model_dir
@@ -41,7 +76,6 @@ def worker(steps: int, batch_size: int) -> None:
     from moelora_jax.tasks import load_task
     from moelora_jax.trainer import Trainer
 
-    config = load_config_file(Path.cwd() / "configs" / "llama_moelora.py")
     try:  # a tree with validated settings sections
         from moelora_jax.settings import Settings
 
@@ -74,19 +108,7 @@ def worker(steps: int, batch_size: int) -> None:
     for s in range(steps):
         rows = [encoded[i] for i in data.batch_indices(len(encoded), batch_size, seed=0, step=s)]
         batches.append(trainer.put_batch(jax.tree.map(lambda x: x[None], layout(rows, tokenizer.pad_token_id)), 1))
-    state, first, seen = trainer.init(jax.random.key(0)), None, set()
-    for batch in batches:  # compile every shape
-        if batch["tokens"].shape not in seen:
-            seen.add(batch["tokens"].shape)
-            state, metrics = trainer.train_step(state, params, batch)
-            first = float(metrics["loss"]) if first is None else first
-    print(f"ready {first} {moelora_jax.__file__}", flush=True)
-    for s in range(steps):
-        sys.stdin.readline()
-        start = time.perf_counter()
-        state, metrics = trainer.train_step(state, params, batches[s])
-        jax.block_until_ready(metrics)
-        print(time.perf_counter() - start, flush=True)
+    return trainer, params, batches
 
 
 def run(base: str, steps: int, batch_size: int) -> dict:

@@ -25,16 +25,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 from bbc_batches import Command1
 
-from moelora_jax.models.llama import Llama, abstract_variables, init_variables
-from moelora_jax.optim import build_optimizer
+from moelora_jax.models.llama import init_variables
 from moelora_jax.pretrained import load_params
-from moelora_jax.run import batch_layout
-from moelora_jax.sharding import make_mesh
-from moelora_jax.trainer import Trainer, batch_loss
+from moelora_jax.trainer import batch_loss
 
 REPEATS = 3
 KINDS = ("eval_logits", "eval_loss", "train")
@@ -51,15 +47,11 @@ def _status_bytes(field: str) -> int:
 def probe(kind: str, batch_size: int, remat: str) -> dict[str, int]:
     """XLA's temporary bytes and the peak RSS growth of one ``kind`` call, measured in this process."""
     job = Command1.load()
-    model = Llama(
-        job.model_config, adapter=job.settings.adapter.config, adapter_targets=job.settings.adapter.targets, remat=remat
-    )
-    trainer = Trainer(
-        model, build_optimizer(job.settings.optim, nn.unbox(abstract_variables(model))["adapters"]), make_mesh()
-    )
+    trainer = job.trainer(remat=remat)
+    model = trainer.model
     params = load_params(job.directory, job.model_config, shardings=trainer.shardings["params"])
     examples = job.step_examples(batch_size, 1)[0]
-    batch = batch_layout(job.settings.data, job.encoded, 1)(examples, job.tokenizer.pad_token_id)
+    batch = job.layout()(examples, job.tokenizer.pad_token_id)
     if kind == "train":
         holder = {"state": trainer.init(jax.random.key(0))}
         micro = trainer.put_batch(jax.tree.map(lambda x: x[None], batch), leading=1)

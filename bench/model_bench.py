@@ -26,7 +26,6 @@ the device's peak bytes in use over the whole run where the backend reports it (
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import resource
 import time
@@ -39,46 +38,12 @@ import optax
 from timing import add_run_arguments, interleaved_medians
 
 from moelora_jax import AdapterConfig, riemann_precond
-from moelora_jax.models.llama import Llama, Llama3RopeScaling, LlamaConfig, init_variables
+from moelora_jax.models.llama import Llama, LlamaConfig, init_variables
+from moelora_jax.models.shapes import SHAPES
 from moelora_jax.pretrained import load_config, load_params, resolve_model_dir
 
 MOE = AdapterConfig(num_experts=20, rank=4, top_k=10, alpha=16.0)
 LORA = AdapterConfig(num_experts=1, rank=4, alpha=16.0)
-
-_LLAMA_3_2_1B = LlamaConfig(
-    vocab_size=128256,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_layers=16,
-    num_heads=32,
-    num_kv_heads=8,
-    head_dim=64,
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
-    rope_scaling=Llama3RopeScaling(
-        factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
-    ),
-    tie_word_embeddings=True,
-    max_position_embeddings=131072,
-)
-# Architecture fields of each model's public config.json (token ids play no part here).
-SHAPES: dict[str, LlamaConfig] = {
-    "smollm2-135m": LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_layers=30,
-        num_heads=9,
-        num_kv_heads=3,
-        head_dim=64,
-        rms_norm_eps=1e-5,
-        rope_theta=100000.0,
-        tie_word_embeddings=True,
-        max_position_embeddings=8192,
-    ),
-    "llama-3.2-1b": _LLAMA_3_2_1B,
-    "llama-3.2-3b": dataclasses.replace(_LLAMA_3_2_1B, hidden_size=3072, num_layers=28, num_heads=24, head_dim=128),
-}
 
 
 def _peak_rss_bytes() -> int:

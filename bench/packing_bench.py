@@ -26,17 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import numpy as np
 from bbc_batches import Command1
 
 from moelora_jax.data import Layout
-from moelora_jax.models.llama import Llama, abstract_variables
-from moelora_jax.optim import build_optimizer
 from moelora_jax.pretrained import load_params
-from moelora_jax.sharding import make_mesh
-from moelora_jax.trainer import Trainer
 
 
 def layouts(encoded: list, max_length: int, pack_lengths: list[int], remat: str) -> dict[str, tuple[Layout, str]]:
@@ -51,16 +46,7 @@ def layouts(encoded: list, max_length: int, pack_lengths: list[int], remat: str)
 
 def run(batch_size: int, steps: int, pack_lengths: list[int], remat: str) -> dict[str, Any]:
     job = Command1.load()
-    trainers = {}
-    for policy in ("none", remat):
-        model = Llama(
-            job.model_config,
-            adapter=job.settings.adapter.config,
-            adapter_targets=job.settings.adapter.targets,
-            remat=policy,
-        )
-        optimizer = build_optimizer(job.settings.optim, nn.unbox(abstract_variables(model))["adapters"])
-        trainers[policy] = Trainer(model, optimizer, make_mesh())
+    trainers = {policy: job.trainer(remat=policy) for policy in ("none", remat)}
     params = load_params(job.directory, job.model_config, shardings=trainers["none"].shardings["params"])
     pad, max_length = job.tokenizer.pad_token_id, job.config.data.max_length
 

@@ -35,7 +35,6 @@ from moelora_jax import AdapterConfig
 from moelora_jax.data import Layout
 from moelora_jax.optim import OptimConfig
 from moelora_jax.pretrained import load_config, load_params, resolve_model_dir
-from moelora_jax.run import batch_layout
 
 RANK, ALPHA, LR, REG, DROPOUT = 4, 16.0, 1e-4, 1e-6, 0.05
 TARGETS = ("q", "k", "v", "o")
@@ -101,7 +100,7 @@ def run(data: str, batch: int, length: int, steps: int) -> dict[str, Any]:
         examples = job.step_examples(batch, steps)
         pad = job.tokenizer.pad_token_id
         dense = [Layout(job.config.data.max_length)(e, pad) for e in examples]  # PEFT's rows come from these
-        ours = [batch_layout(job.settings.data, job.encoded, 1)(e, pad) for e in examples]
+        ours = [job.layout()(e, pad) for e in examples]
     else:
         directory = resolve_model_dir(None)
         config = load_config(directory)

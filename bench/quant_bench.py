@@ -23,22 +23,17 @@ import sys
 import time
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from bbc_batches import Command1
-from model_bench import SHAPES
 
 from moelora_jax.data import encode_prompt, left_pad
-from moelora_jax.models.llama import Llama, LlamaConfig, abstract_variables
-from moelora_jax.optim import build_optimizer
+from moelora_jax.models.llama import Llama, LlamaConfig
+from moelora_jax.models.shapes import SHAPES
 from moelora_jax.pretrained import load_config, load_params, resolve_model_dir
 from moelora_jax.quantize import QuantConfig, kernel_leaves
-from moelora_jax.run import batch_layout
-from moelora_jax.sharding import make_mesh
 from moelora_jax.tasks import load_task
-from moelora_jax.trainer import Trainer
 
 MODES = {
     "int8": QuantConfig("int8"),
@@ -127,18 +122,12 @@ def agreement_section(job: Command1, prompts: int) -> None:
 def step_section(job: Command1, steps: int) -> None:
     variants = {"float32": None, "nf4": MODES["nf4"], "int8": MODES["int8"]}
     examples = job.step_examples(job.config.train.batch_size, steps)
-    layout = batch_layout(job.settings.data, job.encoded, 1)
+    layout = job.layout()
     batches = [jax.tree.map(lambda x: x[None], layout(e, job.tokenizer.pad_token_id)) for e in examples]
     runners = {}
     for name, quant in variants.items():
-        model = Llama(
-            job.model_config,
-            adapter=job.settings.adapter.config,
-            adapter_targets=job.settings.adapter.targets,
-            quant=quant,
-        )
-        optimizer = build_optimizer(job.settings.optim, nn.unbox(abstract_variables(model))["adapters"])
-        trainer = Trainer(model, optimizer, make_mesh())
+        quantize = {} if quant is None else {"quantize": quant.mode, "double_quant": quant.double_quant}
+        trainer = job.trainer(**quantize)
         params = load_params(job.directory, job.model_config, shardings=trainer.shardings["params"], quant=quant)
         state = trainer.init(jax.random.key(0))
         for batch in batches:  # compile every shape

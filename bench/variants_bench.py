@@ -29,13 +29,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from model_bench import SHAPES, frozen_fwd_bwd
+from model_bench import frozen_fwd_bwd
 from timing import add_run_arguments, interleaved_medians
 from trainer_step import trainer_step
 
 from moelora_jax import AdapterConfig
 from moelora_jax.adapters import ROUTER_COLLECTION
 from moelora_jax.models.llama import Llama, LlamaConfig, init_variables
+from moelora_jax.models.shapes import SHAPES
 from moelora_jax.optim import OptimConfig
 from moelora_jax.pretrained import load_config, load_params, resolve_model_dir
 from moelora_jax.routing import RouterLosses, router_stats, sown_routing
