@@ -15,6 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from moelora_jax.cli import parse_flags
 from moelora_jax.errors import UserError
 from moelora_jax.preemption import EXIT_PREEMPTED, PreemptedError
 from moelora_jax.run import run
@@ -24,21 +25,6 @@ std_logging.getLogger("transformers").addFilter(lambda r: not r.getMessage().sta
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file, optionally with ':preset'")
 flags.mark_flag_as_required("config")
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing with every bad ``--config`` override (unknown key, wrong type) as one line and exit 2."""
-    try:
-        return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        message = str(e)
-        if "Traceback" in message:  # an exception inside the config file: keep its last line
-            message = message.strip().splitlines()[-1]
-        if isinstance(e, AttributeError | KeyError):
-            key = message.strip("\"'")
-            message = f"unknown config key {key!r} in a --config override; the config file lists the valid keys"
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def main(argv: list[str]) -> None:

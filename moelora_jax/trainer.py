@@ -254,6 +254,12 @@ class Trainer:
         with self.context():
             return self._step_program().lower(state, params, batch).compile()
 
+    def compile_eval_loss(self, params: Any, adapters: Any, batch: dict[str, Any]) -> jax.stages.Compiled:
+        """The held-out loss program compiled for a ``(B, T)`` batch of these shapes (arrays or
+        ``jax.ShapeDtypeStruct``)."""
+        with self.context():
+            return self._eval_loss.lower(params, adapters, self.put_batch(batch)).compile()
+
     def _eval_loss_fn(self, params, adapters, batch):
         return batch_loss(self.model, {"params": params, "adapters": adapters}, batch)[:2]
 

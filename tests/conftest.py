@@ -3,6 +3,9 @@
 - 8 fake CPU devices for the sharding tests (which place their meshes on CPU devices explicitly).
 - Full float32 matmul precision, so that oracle tolerances mean the same on CPU and on GPU/TPU, where the default
   lets float32 matmuls run in TF32/bfloat16 passes.
+- JAX on the CPU only (``JAX_PLATFORMS=cpu``, inherited by the ``train.py`` subprocesses): the tests never need an
+  accelerator, and with the ``tpu`` extra installed JAX would otherwise probe for a TPU (and its metadata server)
+  in every process. The compile check still compiles for TPU topologies through libtpu.
 - Single-threaded Eigen on the CPU: XLA's multi-threaded Eigen pool has been seen to wedge forever on small
   (2-core) machines; the tests' tensors are small, so this costs them nothing measurable and keeps CI from hanging.
 """
@@ -14,6 +17,8 @@ import subprocess
 os.environ["XLA_FLAGS"] = " ".join(
     flag for flag in (os.environ.get("XLA_FLAGS", ""), "--xla_cpu_multi_thread_eigen=false") if flag
 )
+
+os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax
 

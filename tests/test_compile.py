@@ -1,0 +1,97 @@
+"""``python -m moelora_jax.compile``: the tiny model's programs compiled for a TPU slice without a TPU (libtpu, the
+``tpu`` extra), figures checked against the shapes compiled; a job too large for the chip refused in one line."""
+
+import json
+import math
+import subprocess
+import sys
+from importlib.util import find_spec
+from pathlib import Path
+
+import jax
+import pytest
+
+from moelora_jax.accelerators import TOPOLOGIES
+from moelora_jax.config_file import load_config
+from moelora_jax.job import setup_shapes
+from moelora_jax.settings import Settings
+
+needs_libtpu = pytest.mark.skipif(find_spec("libtpu") is None, reason="needs libtpu: pip install 'moelora_jax[tpu]'")
+needs_cuda_plugin = pytest.mark.skipif(
+    find_spec("jax_cuda12_plugin") is None, reason="needs JAX's CUDA plugin: pip install 'moelora_jax[cuda]'"
+)
+ROOT = Path(__file__).resolve().parents[1]
+# 32 tokens, not fewer: XLA 0.10.2's GPU compiler fails an internal check (Triton GEMM tiling) on 24
+TINY_JOB = ["--config.data.max_length=32", "--config.adapter.num_experts=4", "--config.adapter.top_k=2"]
+
+
+def compile_check(model_dir: Path, *flags: str, topology: str = "v5e-4") -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "moelora_jax.compile", f"--config={ROOT}/configs/llama_moelora.py:smoke"]
+    command += [f"--topology={topology}", f"--config.model.path={model_dir}", *TINY_JOB, *flags]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def _per_chip_bytes(tree) -> int:
+    """Bytes one chip holds of a tree of sharded ``jax.ShapeDtypeStruct``s."""
+    leaves = jax.tree.leaves(tree)
+    return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize for leaf in leaves)
+
+
+@needs_libtpu
+@pytest.mark.timeout(900)
+def test_the_tiny_job_compiles_for_a_v5e_slice_and_its_figures_match_its_shapes(tiny_model_dir, tmp_path):
+    done = compile_check(tiny_model_dir, "--config.train.eval_batch_size=4", f"--json={tmp_path / 'report.json'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["topology"] == "v5e-4" and report["chips"] == 4 and report["fits"] is True
+    assert report["hbm_capacity_bytes"] == 16 * 2**30 and set(report["programs"]) == {
+        "train_step",
+        "eval_loss",
+        "generate",
+    }
+    train = report["programs"]["train_step"]
+    assert report["hbm_bytes_per_chip"] == train["total_bytes"] > 0
+
+    # the same job's shapes, on CPU devices standing in for the 4 chips (the mesh and shardings are the same)
+    config = load_config(ROOT / "configs" / "llama_moelora.py", "smoke")
+    config.model.path, config.train.eval_batch_size = str(tiny_model_dir), 4
+    config.data.max_length, config.adapter.num_experts, config.adapter.top_k = 32, 4, 2
+    shapes = setup_shapes(Settings.from_config(config), devices=jax.devices("cpu")[:4])
+    resident = _per_chip_bytes(shapes.params) + _per_chip_bytes(shapes.state) + _per_chip_bytes(shapes.train_batch)
+    assert train["argument_bytes"] >= resident
+    assert report["train_batch_shape"] == list(shapes.train_batch["tokens"].shape)
+    # no remat, so the step computes about the model's FLOPs (plus the optimizer's, which weigh on a tiny model)
+    assert 1.0 <= report["flops_ratio"] < 2.0 and 0 < report["roofline_mfu"] <= 1
+    # data parallel over 4 chips: the adapters' gradients (float32, replicated) are all-reduced once per step
+    adapter_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes.state.adapters))
+    assert train["collectives"]["all-reduce"]["bytes"] >= adapter_bytes
+    assert "v5e-4" in done.stdout and "train_step" in done.stdout
+
+
+@needs_libtpu
+@pytest.mark.timeout(900)
+def test_a_job_too_large_for_the_chip_exits_2_with_one_line_naming_what_to_change(tiny_model_dir):
+    done = compile_check(tiny_model_dir, "--config.train.batch_size=65536", "--config.data.max_length=256")
+    assert done.returncode == 2, done.stderr[-3000:]
+    # libtpu checks a program against the chip's HBM while compiling, and refuses this one outright
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: XLA refuses the train_step for v5e-4's chips: ") and "exceeds available HBM" in line
+    assert "mesh.fsdp" in line and "model.remat=full" in line and "train.micro_batches" in line
+    assert "Traceback" not in done.stderr
+
+
+@needs_cuda_plugin
+@pytest.mark.timeout(900)
+def test_the_tiny_job_compiles_for_an_h100_and_its_matmul_flops_are_counted(tiny_model_dir, tmp_path):
+    done = compile_check(tiny_model_dir, f"--json={tmp_path / 'report.json'}", topology="h100-1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["chip"] == "NVIDIA H100 SXM 80GB" and report["fits"] is True
+    assert 1.0 <= report["flops_ratio"] < 2.0  # XLA's GPU cost analysis has no FLOPs: these are counted from the HLO
+
+
+def test_every_topology_names_its_chips():
+    for name, slice_ in TOPOLOGIES.items():
+        generation, count = name.split("-")
+        per_count = 2 if generation in ("v4", "v5p") else 1  # Cloud counts TensorCores for these, chips for the rest
+        assert slice_.chips * per_count == int(count), name
