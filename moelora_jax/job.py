@@ -129,6 +129,12 @@ def build_trainer(settings: Settings, model_config: LlamaConfig, mesh: Mesh) -> 
     """The model the settings describe (adapter, targets, dtypes, remat, attention, quantized base) and its
     trainer: the optimizer of ``optim.*`` over the adapters' shapes, the routing losses of ``adapter.*``."""
     m, a = settings.model, settings.adapter
+    platform = mesh.devices.flat[0].platform
+    if m.attention == "splash" and platform not in ("tpu", "cpu"):
+        raise UserError(
+            f"model.attention=splash is a TPU kernel and these devices are {platform}: use model.attention=cudnn "
+            "(or xla) on GPUs"
+        )
     model = Llama(
         model_config,
         adapter=a.config,

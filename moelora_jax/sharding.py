@@ -101,14 +101,20 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: LogicalRules = DEFAULT
     return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
-def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
-    """``with_sharding_constraint`` by logical names under the active rules (``nn.logical_axis_rules``) and mesh
-    (``jax.set_mesh``); a no-op when either is missing."""
+def logical_spec(names: tuple[str | None, ...], shape: Sequence[int]) -> PartitionSpec | None:
+    """The ``PartitionSpec`` of an array of ``shape`` whose axes have these logical names, under the active rules
+    (``nn.logical_axis_rules``) and mesh (``jax.set_mesh``); None when either is missing."""
     rules = nn.get_logical_axis_rules()
     mesh = jax.sharding.get_abstract_mesh()
     if not rules or mesh.empty:
-        return x
-    return jax.lax.with_sharding_constraint(x, _mesh_axes_for(x.shape, names, dict(mesh.shape), rules))
+        return None
+    return _mesh_axes_for(shape, names, dict(mesh.shape), rules)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """``with_sharding_constraint`` by logical names (:func:`logical_spec`); a no-op without rules and a mesh."""
+    spec = logical_spec(names, x.shape)
+    return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
 
 def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:

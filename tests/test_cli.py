@@ -51,7 +51,7 @@ def test_a_tiny_job_runs_end_to_end(tiny_model_dir, tmp_path):
         (["--config.data.pack_length=100"], "data.pack_length=100 must be 0 (rows as long as the window) or at least"),
         (["--config.data.length_bucket=0"], "data.length_bucket=0 must be >= 1"),
         (["--config.data.eval_seed=-2"], "data.eval_seed=-2 must be >= -1"),
-        (["--config.model.attention=flash"], "model.attention='flash' must be one of ('xla', 'cudnn')"),
+        (["--config.model.attention=flash"], "model.attention='flash' must be one of ('xla', 'cudnn', 'splash')"),
         (["--config.model.path=/no/such/model"], "model path /no/such/model does not exist"),
         (["--config.model.quantize=nf8"], "model.quantize='nf8' must be one of ('none', 'int8', 'nf4')"),
         (["--config.model.double_quant=True"], "model.double_quant=True compresses NF4's scales: it needs"),

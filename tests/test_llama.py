@@ -1,5 +1,7 @@
 """The Flax LLaMA against transformers' PyTorch LlamaForCausalLM, and its adapters, remat, cache and sharding."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from moelora_jax import AdapterConfig, riemann_precond
 from moelora_jax.models.llama import (
+    REMAT_CHOICES,
     KVCache,
     Llama,
     Llama3RopeScaling,
@@ -137,7 +140,7 @@ def test_adapter_tree_is_separate_and_preconditionable():
     )
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("remat", [r for r in REMAT_CHOICES if r != "none"])
 def test_remat_changes_neither_values_nor_gradients(remat):
     config = LlamaConfig(96, 32, 64, 2, 4, 2, 8)
     adapter = AdapterConfig(num_experts=4, rank=2, top_k=2, strategy="sqrt_gate")
@@ -153,6 +156,30 @@ def test_remat_changes_neither_values_nor_gradients(remat):
     got_loss, got = jax.jit(jax.value_and_grad(loss(rematted)))(adapters)
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want)
+
+
+@pytest.mark.parametrize(
+    "remat, per_layer",
+    [
+        ("full", ["f32[32]"]),  # the layer's input only
+        ("save_qkv", ["f32[16]", "f32[16]", "f32[32]", "f32[32]"]),  # + q (4 heads x 8), k and v (2 heads x 8)
+        ("save_attention", ["f32[32]", "f32[32]", "f32[32]"]),  # + the attention output and the MLP input
+        ("offload_attention", ["f32<host>[32]", "f32<host>[32]", "f32[32]"]),  # the same two, in host memory
+    ],
+)
+def test_named_remat_policies_keep_the_activations_they_name(remat, per_layer, capsys):
+    """The residuals the backward pass keeps per layer of the scan, as ``jax.ad_checkpoint.print_saved_residuals``
+    lists them: stacked ``(layers, B, T, features)``, here 2 layers of 3 rows of 12 tokens."""
+    config = LlamaConfig(96, 32, 64, 2, 4, 2, 8)
+    model = Llama(config, adapter=AdapterConfig(num_experts=4, rank=2, top_k=2), remat=remat)
+    variables = init_variables(model, jax.random.key(0))
+    tokens, mask = _batch(length=12)
+    jax.ad_checkpoint.print_saved_residuals(
+        lambda ad: jnp.mean(model.apply({"params": variables["params"], "adapters": ad}, tokens, mask)),
+        variables["adapters"],
+    )
+    stacked = re.findall(r"(\w+(?:<host>)?)\[2,3,12,(\d+)\] output of scan", capsys.readouterr().out)
+    assert sorted(f"{dtype}[{features}]" for dtype, features in stacked) == sorted(per_layer)
 
 
 def test_kv_cache_decoding_equals_the_full_forward():

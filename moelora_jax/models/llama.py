@@ -9,7 +9,8 @@ Per layer, with RMSNorm ``n(x) = x / sqrt(mean(x^2) + eps) * w`` (statistics in 
 loss that applies the head only where it is needed (:mod:`moelora_jax.loss`). Rotary embeddings rotate the two
 halves of each head (``x * cos + rotate_half(x) * sin``), with plain or ``llama3`` frequency scaling, as
 transformers does. Attention is ``jax.nn.dot_product_attention`` (XLA, or cuDNN's fused kernel on GPU) under a
-causal mask restricted to real tokens and, for packed rows, to each token's own segment (block-diagonal).
+causal mask restricted to real tokens and, for packed rows, to each token's own segment (block-diagonal), or TPU's
+splash kernel (:mod:`moelora_jax.models.splash`), which takes segment ids instead of the dense mask.
 Layers are one ``nn.scan`` (compile time independent of depth; every layer leaf has a leading ``layers`` axis),
 optionally rematerialised. Each projection is an ``AdaptedDense``: frozen kernels live in ``"params"``,
 the adapters of the configured target projections in ``"adapters"``.
@@ -25,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from moelora_jax.adapters import (
     ADAPTER_COLLECTION,
@@ -35,18 +37,32 @@ from moelora_jax.adapters import (
     MoleGate,
 )
 from moelora_jax.errors import UserError, check_choice
+from moelora_jax.models.splash import splash_attention
 from moelora_jax.quantize import QuantConfig
 from moelora_jax.sharding import constrain
 
 TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
-Remat = Literal["none", "full", "dots"]
-AttentionImpl = Literal["xla", "cudnn"]
-ATTENTION_IMPLS: tuple[str, ...] = ("xla", "cudnn")
+Remat = Literal["none", "full", "dots", "save_qkv", "save_attention", "offload_attention"]
+AttentionImpl = Literal["xla", "cudnn", "splash"]
+ATTENTION_IMPLS: tuple[str, ...] = ("xla", "cudnn", "splash")
 Output = Literal["logits", "last_logits", "hidden"]
-REMAT_CHOICES: tuple[str, ...] = ("none", "full", "dots")
+REMAT_CHOICES: tuple[str, ...] = ("none", "full", "dots", "save_qkv", "save_attention", "offload_attention")
+QKV_NAMES = ("query", "key", "value")
+"""The adapted q/k/v projections' outputs, before the rotary embedding: ``(B, T, heads * head_dim)`` each."""
+ATTENTION_NAMES = ("attention_out", "mlp_in")
+"""The attention's output before the ``o`` projection ``(B, T, heads * head_dim)``, and the MLP's normalised input
+``(B, T, d)``."""
 _REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv": jax.checkpoint_policies.save_only_these_names(*QKV_NAMES),
+    "save_attention": jax.checkpoint_policies.save_only_these_names(*ATTENTION_NAMES),
+    "offload_attention": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=list(ATTENTION_NAMES),
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
 }
 
 
@@ -279,14 +295,16 @@ class Attention(_LayerPart):
         """``x: (B, T, d)``, ``mask: (B, T, S)`` bool -> ``(B, T, d)`` and the layer's updated ``(k, v)`` cache.
 
         Without a cache the keys are the ``T`` new tokens (``S == T``); with one, ``(B, S, kv, hd)`` slots of which
-        the new tokens fill ``[cache_index, cache_index + T)``. ``mole_logits``: a MoLE block gate's, for every
-        adapted projection.
+        the new tokens fill ``[cache_index, cache_index + T)``. With ``attention_impl="splash"`` and no cache,
+        ``mask`` is instead the ``(B, T)`` segment ids :func:`moelora_jax.models.splash.splash_attention` takes.
+        ``mole_logits``: a MoLE block gate's, for every adapted projection.
         """
         c = self.config
         batch, length, _ = x.shape
         q = self.proj("q", c.num_heads * c.head_dim, ("embed", "heads"))(x, mole_logits=mole_logits)
         k = self.proj("k", c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))(x, mole_logits=mole_logits)
         v = self.proj("v", c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))(x, mole_logits=mole_logits)
+        q, k, v = (checkpoint_name(y, name) for y, name in zip((q, k, v), QKV_NAMES, strict=True))
         q = constrain(q.reshape(batch, length, c.num_heads, c.head_dim), ("batch", "length", "act_heads", "head_dim"))
         kv_names = ("batch", "length", "act_kv_heads", "head_dim")
         k = constrain(k.reshape(batch, length, c.num_kv_heads, c.head_dim), kv_names)
@@ -297,10 +315,14 @@ class Attention(_LayerPart):
             k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_index, 0, 0))
             layer_cache = (k, v)
-        out = jax.nn.dot_product_attention(
-            q, k.astype(self.dtype), v.astype(self.dtype), mask=mask[:, None], implementation=self.attention_impl
-        ).reshape(batch, length, -1)
-        out = constrain(out, ("batch", "length", "act_heads"))
+        k, v = k.astype(self.dtype), v.astype(self.dtype)
+        if self.attention_impl == "splash" and layer_cache is None:
+            out = splash_attention(q, k, v, mask)
+        else:
+            impl = "xla" if self.attention_impl == "splash" else self.attention_impl
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)
+        out = out.reshape(batch, length, -1)
+        out = checkpoint_name(constrain(out, ("batch", "length", "act_heads")), "attention_out")
         return self.proj("o", c.hidden_size, ("heads", "embed"))(out, mole_logits=mole_logits), layer_cache
 
 
@@ -366,7 +388,8 @@ class DecoderLayer(_LayerPart):
             normed, cos, sin, mask, cache_index, layer_cache, mole_logits
         )
         h = x + attn_out
-        y = h + MLP(**fields, name="mlp")(RMSNorm(**norm, name="mlp_norm")(h), mole_logits)
+        mlp_in = checkpoint_name(RMSNorm(**norm, name="mlp_norm")(h), "mlp_in")
+        y = h + MLP(**fields, name="mlp")(mlp_in, mole_logits)
         return constrain(y, ("batch", "length", "act_embed")), layer_cache
 
 
@@ -390,10 +413,14 @@ class Llama(nn.Module):
 
     ``dtype`` is the compute dtype (activations, matmul inputs); ``param_dtype`` the frozen weights' dtype;
     adapters are always float32 and logits always float32. ``remat``: ``"none"``, ``"full"`` (recompute each layer
-    in the backward pass) or ``"dots"`` (keep only matmul outputs without batch dimensions). ``attention_impl``:
-    ``jax.nn.dot_product_attention``'s ``"xla"`` or ``"cudnn"`` (GPU, float16/bfloat16; the flash kernel).
-    ``quant``: the q/k/v/o and MLP kernels stored int8 or NF4 (:mod:`moelora_jax.quantize`) and dequantized inside
-    each projection's matmul; the embedding, the norms and the LM head stay in ``param_dtype``.
+    in the backward pass from its input), ``"dots"`` (keep only matmul outputs without batch dimensions),
+    ``"save_qkv"`` (keep the :data:`QKV_NAMES` activations), ``"save_attention"`` (keep the :data:`ATTENTION_NAMES`
+    ones) or ``"offload_attention"`` (those kept in host memory until the backward pass: on a TPU or GPU they leave
+    the HBM; on a CPU host memory is the same memory). Every policy computes the same values and gradients.
+    ``attention_impl``: ``jax.nn.dot_product_attention``'s ``"xla"`` or ``"cudnn"`` (GPU, float16/bfloat16; the
+    flash kernel), or ``"splash"`` (TPU's kernel, :mod:`moelora_jax.models.splash`; decoding with a cache stays on
+    XLA's). ``quant``: the q/k/v/o and MLP kernels stored int8 or NF4 (:mod:`moelora_jax.quantize`) and
+    dequantized inside each projection's matmul; the embedding, the norms and the LM head stay in ``param_dtype``.
     """
 
     config: LlamaConfig
@@ -458,10 +485,14 @@ class Llama(nn.Module):
             positions = segment_positions(segment_ids)
         elif positions is None:
             positions = jnp.maximum(prior[:, None] + jnp.cumsum(token_mask, axis=1, dtype=jnp.int32) - 1, 0)
-        query_slot = cache_index + jnp.arange(length)
-        mask = valid[:, None, :] & (jnp.arange(slots)[None, None, :] <= query_slot[None, :, None])
-        if segment_ids is not None:
-            mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+        if self.attention_impl == "splash" and cache is None:  # the kernel masks by segment ids, 0 for padding
+            segments = token_mask.astype(jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+            mask = jnp.where(token_mask, segments, 0)
+        else:
+            query_slot = cache_index + jnp.arange(length)
+            mask = valid[:, None, :] & (jnp.arange(slots)[None, None, :] <= query_slot[None, :, None])
+            if segment_ids is not None:
+                mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
         cos, sin = rope_cos_sin(positions, rope_inv_freq(c))
 
         embedding = self.param(
