@@ -106,6 +106,8 @@ def compile_devices(slice_: Topology) -> list[jax.Device]:
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", slice_.name.replace("v5e", "v5litepod"))
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        # no TPU is opened, so several compile checks may run at once (libtpu otherwise takes a lock file)
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         desc = topologies.get_topology_desc(slice_.topology, "tpu", chip_config_name=slice_.chip_config)
         return list(desc.devices)
     if importlib.util.find_spec("jax_cuda12_plugin") is None:

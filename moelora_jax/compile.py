@@ -1,7 +1,8 @@
 """Compile a job for the TPU or GPU slice it will run on, without the hardware, and say whether it fits.
 
     python -m moelora_jax.compile --config configs/llama_moelora.py:paper --topology v5e-8 \\
-        --model_shape llama-3.2-3b [--config.KEY=VALUE ...] [--json report.json] [--find_batch]
+        --model_shape llama-3.2-3b [--config.KEY=VALUE ...] [--json report.json] [--find_batch] \\
+        [--programs train_step]
 
 The job is built from shapes alone (:func:`moelora_jax.job.setup_shapes`: a published shape or ``model.path``'s
 ``config.json``, the worst-case batch the settings allow) on compile-only devices of the slice
@@ -11,19 +12,21 @@ program needs resident), the matmul FLOPs of one call with every loop counted (:
 collectives and the compile time. For the train step it adds the model's own FLOPs (:func:`model_flops`, so the ratio
 shows what remat recomputes) and a roofline bound: a step takes at least ``max(FLOPs / peak, bytes / bandwidth)``,
 where the bytes are the arguments read and the outputs written once (a lower bound on HBM traffic), so
-``roofline_mfu`` is an upper bound on the MFU the step can reach.
+``roofline_mfu`` is an upper bound on the MFU the step can reach. Pallas kernels (``model.attention=splash``) hide
+their FLOPs from the HLO: then the ratio is not reported and the bound takes at least the model's FLOPs.
 
 A train step fits when its total stays within ``1 - HEADROOM`` of the chip's HBM (XLA's estimate does not see the
 runtime's own buffers or fragmentation); one that does not, or that the TPU compiler refuses outright
 (``RESOURCE_EXHAUSTED``: it checks the program against the chip's memory while compiling), exits 2 with a line
 naming what to change.
-``--find_batch`` bisects, for each remat policy, the largest per-chip batch (examples per chip in one micro-batch)
-whose train step fits; every probe is one compile.
+``--find_batch`` searches, for each remat policy, the largest per-chip batch (examples per chip in one micro-batch)
+whose train step fits; every probe is one compile (:func:`find_batch`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -40,7 +43,7 @@ from moelora_jax.accelerators import TOPOLOGIES, Topology, compile_devices, topo
 from moelora_jax.cli import parse_flags
 from moelora_jax.errors import UserError
 from moelora_jax.generation import generate
-from moelora_jax.hlo_stats import collectives, matmul_flops
+from moelora_jax.hlo_stats import collectives, kernel_calls, matmul_flops
 from moelora_jax.job import JobShapes, data_shards, setup_shapes
 from moelora_jax.models.llama import REMAT_CHOICES
 from moelora_jax.models.shapes import SHAPES
@@ -64,6 +67,7 @@ class ProgramReport:
     code_bytes: int
     flops: float
     loops_without_trip_count: int
+    kernel_calls: int
     collectives: dict[str, dict[str, float]]
 
     @property
@@ -93,6 +97,7 @@ def program_report(compiled: jax.stages.Compiled, seconds: float) -> ProgramRepo
         code_bytes=memory.generated_code_size_in_bytes,
         flops=flops,
         loops_without_trip_count=unknown,
+        kernel_calls=kernel_calls(text),
         collectives=collectives(text),
     )
 
@@ -142,8 +147,11 @@ def compile_train_step(shapes: JobShapes) -> ProgramReport:
     )
 
 
-def compile_programs(shapes: JobShapes) -> dict[str, ProgramReport]:
-    """The train step, the held-out loss and greedy generation of ``shapes``' job, compiled."""
+PROGRAMS = ("train_step", "eval_loss", "generate")
+
+
+def compile_programs(shapes: JobShapes, names: tuple[str, ...] = PROGRAMS) -> dict[str, ProgramReport]:
+    """The train step and those of the held-out loss and greedy generation in ``names``, compiled."""
     trainer, t, d, c = shapes.trainer, shapes.settings.train, shapes.settings.data, shapes.model_config
     prompt = jax.ShapeDtypeStruct((t.eval_batch_size, d.max_length), "int32", sharding=batch_sharding(shapes.mesh))
     variables = {"params": shapes.params, "adapters": shapes.state.adapters}
@@ -155,13 +163,14 @@ def compile_programs(shapes: JobShapes) -> dict[str, ProgramReport]:
                 trainer.model, variables, prompt, prompt, max_new_tokens=t.max_new_tokens, eos_ids=eos
             ).compile()
 
-    return {
-        "train_step": compile_train_step(shapes),
-        "eval_loss": _report(
+    programs = {"train_step": compile_train_step(shapes)}
+    if "eval_loss" in names:
+        programs["eval_loss"] = _report(
             "eval_loss", lambda: trainer.compile_eval_loss(shapes.params, shapes.state.adapters, shapes.eval_batch)
-        ),
-        "generate": _report("generate", generation),
-    }
+        )
+    if "generate" in names:
+        programs["generate"] = _report("generate", generation)
+    return programs
 
 
 def with_batch(settings: Settings, per_chip: int, remat: str, shards: int) -> Settings:
@@ -170,41 +179,73 @@ def with_batch(settings: Settings, per_chip: int, remat: str, shards: int) -> Se
     return dataclasses.replace(settings, train=train, model=dataclasses.replace(settings.model, remat=remat))
 
 
+def largest_fitting(needs: Callable[[int], float], budget: float, limit: int) -> int:
+    """The largest ``b`` in ``1..limit`` with ``needs(b) <= budget`` (0: none), for ``needs`` that only grows in
+    ``b``. Memory grows about linearly in the batch, so ``needs(1)`` and ``needs(2)`` give a first guess
+    ``1 + (budget - needs(1)) / (needs(2) - needs(1))``; from there the search gallops to a ``b`` that fits and one
+    that does not, and bisects between them: typically four calls, and never a wrong answer when the guess is off.
+    """
+    needs = functools.cache(needs)
+    if needs(1) > budget:
+        return 0
+    if limit == 1:
+        return 1
+    slope = needs(2) - needs(1)
+    guess = limit if slope <= 0 else min(max(1 + int((budget - needs(1)) // slope), 1), limit)
+    step = 1
+    if needs(guess) <= budget:  # gallop up from a batch that fits
+        low = guess
+        while low + step <= limit and needs(low + step) <= budget:
+            low, step = low + step, 2 * step
+        high = min(low + step, limit + 1)  # limit + 1: past the search
+    else:  # gallop down to one that fits
+        high = guess
+        while high - step > 1 and needs(high - step) > budget:
+            high, step = high - step, 2 * step
+        low = max(high - step, 1)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if needs(middle) <= budget else (low, middle)
+    return low
+
+
 def find_batch(
     settings: Settings, devices: list[jax.Device], model: str | None, capacity: int, limit: int = 4096
 ) -> dict[str, int]:
-    """Per remat policy, the largest per-chip batch (up to ``limit``) whose train step fits (0: not even one)."""
+    """Per remat policy, the largest per-chip batch (up to ``limit``) whose train step fits (0: not even one);
+    every probe of :func:`largest_fitting` is one compile."""
     shards = data_shards(setup_shapes(settings, model, devices).mesh)
 
-    def fits(per_chip: int, remat: str) -> bool:
-        shapes = setup_shapes(with_batch(settings, per_chip, remat, shards), model, devices)
-        try:
-            return compile_train_step(shapes).total_bytes <= (1 - HEADROOM) * capacity
-        except OutOfMemoryError:
-            return False
+    def needs(remat: str) -> Callable[[int], float]:
+        def compiled_bytes(per_chip: int) -> float:
+            shapes = setup_shapes(with_batch(settings, per_chip, remat, shards), model, devices)
+            try:
+                needed = compile_train_step(shapes).total_bytes
+            except OutOfMemoryError:
+                needed = math.inf
+            print(f"  remat={remat}, {per_chip} per chip: {needed / GiB:.2f} GiB", file=sys.stderr, flush=True)
+            return needed
 
-    largest = {}
-    for remat in REMAT_CHOICES:
-        low, high = 0, 1  # low fits (or is 0), high is the next to try
-        while high <= limit and fits(high, remat):
-            low, high = high, 2 * high
-        high = min(high, limit + 1)
-        while high - low > 1:
-            middle = (low + high) // 2
-            low, high = (middle, high) if fits(middle, remat) else (low, middle)
-        largest[remat] = low
-    return largest
+        return compiled_bytes
+
+    return {remat: largest_fitting(needs(remat), (1 - HEADROOM) * capacity, limit) for remat in REMAT_CHOICES}
 
 
 def check_report(
-    settings: Settings, slice_: Topology, model: str | None, devices: list[jax.Device]
+    settings: Settings,
+    slice_: Topology,
+    model: str | None,
+    devices: list[jax.Device],
+    names: tuple[str, ...] = PROGRAMS,
 ) -> tuple[dict[str, Any], dict[str, ProgramReport]]:
-    """The compile check of ``settings`` on ``slice_``: the JSON report and each program's figures."""
+    """The compile check of ``settings`` on ``slice_``: the JSON report and the figures of the programs named."""
     shapes = setup_shapes(settings, model, devices)
-    programs = compile_programs(shapes)
+    programs = compile_programs(shapes, names)
     train, chip = programs["train_step"], slice_.chip
     flops_model = model_flops(shapes)
-    bound = max(train.flops / chip.bf16_flops, (train.argument_bytes + train.output_bytes) / chip.hbm_bandwidth)
+    # Pallas kernels hide their FLOPs from the HLO: then the step computes at least the model's
+    flops = train.flops if not train.kernel_calls else max(train.flops, flops_model / slice_.chips)
+    bound = max(flops / chip.bf16_flops, (train.argument_bytes + train.output_bytes) / chip.hbm_bandwidth)
     mesh = dict(shapes.mesh.shape)
     report = {
         "topology": slice_.name,
@@ -220,7 +261,7 @@ def check_report(
         "hbm_capacity_bytes": chip.hbm_bytes,
         "flops_per_step": train.flops * slice_.chips,
         "model_flops_per_step": flops_model,
-        "flops_ratio": train.flops * slice_.chips / flops_model,
+        "flops_ratio": None if train.kernel_calls else train.flops * slice_.chips / flops_model,
         "roofline_step_seconds": bound,
         "roofline_mfu": flops_model / slice_.chips / chip.bf16_flops / bound,
         "programs": {name: dataclasses.asdict(p) | {"total_bytes": p.total_bytes} for name, p in programs.items()},
@@ -247,8 +288,11 @@ def print_report(report: dict[str, Any], programs: dict[str, ProgramReport]) -> 
             print(f"{'':<12}{kind}: {c['count']:.0f} per call, {c['bytes'] / GiB:.3f} GiB")
         if p.loops_without_trip_count:
             print(f"{'':<12}{p.loops_without_trip_count} loop(s) without a known trip count, counted once")
+        if p.kernel_calls:
+            print(f"{'':<12}{p.kernel_calls} Pallas kernel call(s) (splash attention), their FLOPs not counted")
+    ratio = "(Pallas kernels: no ratio)" if report["flops_ratio"] is None else f"{report['flops_ratio']:.2f}x"
     print(
-        f"(memory in GiB per chip, TFLOP per chip per call) train step: {report['flops_ratio']:.2f}x the model's "
+        f"(memory in GiB per chip, TFLOP per chip per call) train step: {ratio} the model's "
         f"{report['model_flops_per_step'] / 1e12:.1f} TFLOP per step; roofline >= "
         f"{report['roofline_step_seconds'] * 1e3:.1f} ms per step, MFU <= {report['roofline_mfu']:.0%}; "
         f"{'fits' if report['fits'] else 'does NOT fit'} ({report['hbm_bytes_per_chip'] / GiB:.2f} of "
@@ -260,6 +304,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file, 
 _TOPOLOGY = flags.DEFINE_enum("topology", None, list(TOPOLOGIES), "the slice to compile for")
 _MODEL_SHAPE = flags.DEFINE_enum("model_shape", None, list(SHAPES), "a published shape (default: model.path's)")
 _JSON = flags.DEFINE_string("json", None, "also write the report to this JSON file")
+_PROGRAMS = flags.DEFINE_multi_enum(
+    "programs", list(PROGRAMS), list(PROGRAMS), "which programs to compile (the train step always)"
+)
 _FIND_BATCH = flags.DEFINE_bool("find_batch", False, "find the largest per-chip batch that fits, per remat policy")
 flags.mark_flags_as_required(["config", "topology"])
 
@@ -280,7 +327,7 @@ def main(argv: list[str]) -> None:
         slice_ = topology(_TOPOLOGY.value)
         devices = compile_devices(slice_)
         try:
-            report, programs = check_report(settings, slice_, _MODEL_SHAPE.value, devices)
+            report, programs = check_report(settings, slice_, _MODEL_SHAPE.value, devices, tuple(_PROGRAMS.value))
             print_report(report, programs)
             problem = (
                 f"the train step needs {report['hbm_bytes_per_chip'] / GiB:.1f} GiB per chip, more than "

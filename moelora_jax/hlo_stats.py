@@ -9,6 +9,8 @@ the bound its condition compares against), and a conditional's largest branch.
 - :func:`matmul_flops`: ``2 * prod(output) * prod(contracted dims)`` for every ``dot`` and every GEMM custom call
   (cuBLAS), and ``2 * prod(output) * input features * window positions`` for every ``convolution``. Elementwise work is
   left out: it is a rounding error beside the matmuls of a transformer.
+- :func:`kernel_calls`: the Pallas kernels compiled by Mosaic (TPU custom calls, e.g. splash attention), whose
+  work the HLO does not show: their FLOPs are not in :func:`matmul_flops`.
 - :func:`collectives`: each collective's kind, how many run per call of the program, and the bytes of their results
   (every array of a combined collective's tuple).
 """
@@ -238,3 +240,8 @@ def collectives(text: str) -> dict[str, dict[str, float]]:
     """Per collective kind: ``count`` per call of the program and ``bytes`` (their results', per device)."""
     program = HloProgram(text)
     return {k: {"count": c, "bytes": b} for k, (c, b) in sorted(program.collectives(program.entry).items())}
+
+
+def kernel_calls(text: str) -> int:
+    """How many Mosaic kernel calls (``tpu_custom_call``) the HLO text holds, each counted once."""
+    return text.count('custom_call_target="tpu_custom_call"')

@@ -9,9 +9,11 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 from moelora_jax.accelerators import TOPOLOGIES
+from moelora_jax.compile import largest_fitting
 from moelora_jax.config_file import load_config
 from moelora_jax.job import setup_shapes
 from moelora_jax.settings import Settings
@@ -80,6 +82,20 @@ def test_a_job_too_large_for_the_chip_exits_2_with_one_line_naming_what_to_chang
     assert "Traceback" not in done.stderr
 
 
+@needs_libtpu
+@pytest.mark.timeout(900)
+def test_splash_attention_compiles_to_mosaic_kernels_for_the_train_step_and_eval_loss_only(tiny_model_dir, tmp_path):
+    done = compile_check(tiny_model_dir, "--config.model.attention=splash", f"--json={tmp_path / 'report.json'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    programs = report["programs"]
+    # the kernels' FLOPs are not in the HLO: no ratio, and a bound from the model's FLOPs
+    assert report["flops_ratio"] is None and 0 < report["roofline_mfu"] <= 1
+    assert programs["train_step"]["kernel_calls"] > 0 and programs["eval_loss"]["kernel_calls"] > 0
+    assert programs["generate"]["kernel_calls"] == 0  # decoding with a cache keeps XLA's attention
+    assert "Pallas kernel call(s)" in done.stdout
+
+
 @needs_cuda_plugin
 @pytest.mark.timeout(900)
 def test_the_tiny_job_compiles_for_an_h100_and_its_matmul_flops_are_counted(tiny_model_dir, tmp_path):
@@ -95,3 +111,27 @@ def test_every_topology_names_its_chips():
         generation, count = name.split("-")
         per_count = 2 if generation in ("v4", "v5p") else 1  # Cloud counts TensorCores for these, chips for the rest
         assert slice_.chips * per_count == int(count), name
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_the_batch_search_finds_the_largest_batch_that_fits_as_a_scan_of_every_batch_does(seed):
+    """Against the answer of trying every batch, for growing memory curves the linear guess gets right or wrong:
+    linear, with a jump, convex, flat, out of memory from some batch on."""
+    rng = np.random.default_rng(seed)
+    base, slope, limit = rng.uniform(0, 50), rng.uniform(0.01, 20), int(rng.integers(1, 300))
+    jump_at, jump = int(rng.integers(1, 300)), rng.uniform(0, 500)
+    curve = rng.choice(["linear", "convex", "flat", "oom"])
+
+    def needs(b: int) -> float:
+        grow = {"linear": slope * b, "convex": slope * b**1.5, "flat": 0.0, "oom": slope * b}[curve]
+        if curve == "oom" and b >= jump_at:
+            return math.inf
+        return base + grow + (jump if b >= jump_at else 0.0)
+
+    budget = rng.uniform(0, 1000)
+    scan = max((b for b in range(1, limit + 1) if needs(b) <= budget), default=0)
+    calls = []
+    assert largest_fitting(lambda b: calls.append(b) or needs(b), budget, limit) == scan
+    assert all(1 <= b <= limit for b in calls)
+    if curve == "linear" and jump_at > limit:  # the guess is right: 1, 2, the guess and the one after it
+        assert len(set(calls)) <= 4
