@@ -79,6 +79,8 @@ ROWS = (
     Row("llama-3.1-70b", 2048, "v6e-8"),
     Row("llama-3.1-70b", 2048, "v5p-128"),
     Row("llama-3.1-70b", 2048, "h100-8"),
+    # the paper's job data-parallel (the preset's mesh: weights replicated, only the adapters' gradients reduced)
+    Row("llama-3.2-3b", 256, "v5e-8", remat="none", per_chip=None, fsdp=1),
 )
 
 
