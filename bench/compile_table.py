@@ -46,6 +46,11 @@ class Row:
     def chips(self) -> int:
         return TOPOLOGIES[self.topology].chips
 
+    @property
+    def mesh_fsdp(self) -> int:
+        """How many chips the weights are sharded over: ``fsdp``, or every chip of the slice."""
+        return self.fsdp or self.chips
+
     def flags(self) -> list[str]:
         flags = [
             f"--config={ROOT / 'configs' / 'llama_moelora.py'}:paper",
@@ -54,7 +59,7 @@ class Row:
             f"--config.data.max_length={self.tokens}",
             f"--config.model.remat={self.remat}",
             f"--config.adapter.targets={self.targets}",
-            f"--config.mesh.fsdp={self.fsdp or self.chips}",
+            f"--config.mesh.fsdp={self.mesh_fsdp}",
             f"--config.train.eval_batch_size={self.chips}",
             "--programs=train_step",
         ]
@@ -118,7 +123,7 @@ def table(results: list[dict[str, Any]]) -> str:
         else:  # refused by the compiler for the chip's memory
             hbm, figures = f"> {r['hbm_capacity_bytes'] / GiB:.0f}", "- | -"
         lines.append(
-            f"| {row.shape} | {row.tokens} | {adapted} | {row.topology} | {row.fsdp or row.chips} | {batch} "
+            f"| {row.shape} | {row.tokens} | {adapted} | {row.topology} | {row.mesh_fsdp} | {batch} "
             f"| {row.remat} | {'yes' if r['fits'] else '**no**'} | {hbm} | {figures} | {largest} |"
         )
     return "\n".join(lines)

@@ -231,6 +231,12 @@ def find_batch(
     return {remat: largest_fitting(needs(remat), (1 - HEADROOM) * capacity, limit) for remat in REMAT_CHOICES}
 
 
+def slice_fields(slice_: Topology) -> dict[str, Any]:
+    """What every report says of the slice compiled for."""
+    chip = slice_.chip
+    return {"topology": slice_.name, "chip": chip.name, "chips": slice_.chips, "hbm_capacity_bytes": chip.hbm_bytes}
+
+
 def check_report(
     settings: Settings,
     slice_: Topology,
@@ -247,10 +253,7 @@ def check_report(
     flops = train.flops if not train.kernel_calls else max(train.flops, flops_model / slice_.chips)
     bound = max(flops / chip.bf16_flops, (train.argument_bytes + train.output_bytes) / chip.hbm_bandwidth)
     mesh = dict(shapes.mesh.shape)
-    report = {
-        "topology": slice_.name,
-        "chip": chip.name,
-        "chips": slice_.chips,
+    report = slice_fields(slice_) | {
         "model": model or settings.model.path or "model.path",
         "mesh": mesh,
         "train_batch_shape": list(shapes.train_batch["tokens"].shape),
@@ -258,7 +261,6 @@ def check_report(
         "fits": train.total_bytes <= (1 - HEADROOM) * chip.hbm_bytes,
         "headroom": HEADROOM,
         "hbm_bytes_per_chip": train.total_bytes,
-        "hbm_capacity_bytes": chip.hbm_bytes,
         "flops_per_step": train.flops * slice_.chips,
         "model_flops_per_step": flops_model,
         "flops_ratio": None if train.kernel_calls else train.flops * slice_.chips / flops_model,
@@ -334,8 +336,7 @@ def main(argv: list[str]) -> None:
                 f"{1 - HEADROOM:.0%} of {slice_.name}'s {slice_.chip.hbm_bytes / GiB:.0f} GiB"
             )
         except OutOfMemoryError as e:
-            report = {"topology": slice_.name, "chip": slice_.chip.name, "chips": slice_.chips, "fits": False}
-            report |= {"hbm_capacity_bytes": slice_.chip.hbm_bytes, "refused": {e.program: e.reason}}
+            report = slice_fields(slice_) | {"fits": False, "refused": {e.program: e.reason}}
             problem = f"XLA refuses the {e.program} for {slice_.name}'s chips: {e.reason}"
         if _FIND_BATCH.value:
             report["largest_per_chip_batch"] = find_batch(settings, devices, _MODEL_SHAPE.value, slice_.chip.hbm_bytes)

@@ -33,6 +33,15 @@ def compile_check(model_dir: Path, *flags: str, topology: str = "v5e-4") -> subp
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
+def compiled_report(
+    model_dir: Path, tmp_path: Path, *flags: str, topology: str = "v5e-4"
+) -> tuple[subprocess.CompletedProcess, dict]:
+    """A compile check that must succeed, and its ``--json`` report."""
+    done = compile_check(model_dir, *flags, f"--json={tmp_path / 'report.json'}", topology=topology)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done, json.loads((tmp_path / "report.json").read_text())
+
+
 def _per_chip_bytes(tree) -> int:
     """Bytes one chip holds of a tree of sharded ``jax.ShapeDtypeStruct``s."""
     leaves = jax.tree.leaves(tree)
@@ -42,9 +51,7 @@ def _per_chip_bytes(tree) -> int:
 @needs_libtpu
 @pytest.mark.timeout(900)
 def test_the_tiny_job_compiles_for_a_v5e_slice_and_its_figures_match_its_shapes(tiny_model_dir, tmp_path):
-    done = compile_check(tiny_model_dir, "--config.train.eval_batch_size=4", f"--json={tmp_path / 'report.json'}")
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads((tmp_path / "report.json").read_text())
+    done, report = compiled_report(tiny_model_dir, tmp_path, "--config.train.eval_batch_size=4")
     assert report["topology"] == "v5e-4" and report["chips"] == 4 and report["fits"] is True
     assert report["hbm_capacity_bytes"] == 16 * 2**30 and set(report["programs"]) == {
         "train_step",
@@ -85,9 +92,7 @@ def test_a_job_too_large_for_the_chip_exits_2_with_one_line_naming_what_to_chang
 @needs_libtpu
 @pytest.mark.timeout(900)
 def test_splash_attention_compiles_to_mosaic_kernels_for_the_train_step_and_eval_loss_only(tiny_model_dir, tmp_path):
-    done = compile_check(tiny_model_dir, "--config.model.attention=splash", f"--json={tmp_path / 'report.json'}")
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads((tmp_path / "report.json").read_text())
+    done, report = compiled_report(tiny_model_dir, tmp_path, "--config.model.attention=splash")
     programs = report["programs"]
     # the kernels' FLOPs are not in the HLO: no ratio, and a bound from the model's FLOPs
     assert report["flops_ratio"] is None and 0 < report["roofline_mfu"] <= 1
@@ -99,9 +104,7 @@ def test_splash_attention_compiles_to_mosaic_kernels_for_the_train_step_and_eval
 @needs_cuda_plugin
 @pytest.mark.timeout(900)
 def test_the_tiny_job_compiles_for_an_h100_and_its_matmul_flops_are_counted(tiny_model_dir, tmp_path):
-    done = compile_check(tiny_model_dir, f"--json={tmp_path / 'report.json'}", topology="h100-1")
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads((tmp_path / "report.json").read_text())
+    _, report = compiled_report(tiny_model_dir, tmp_path, topology="h100-1")
     assert report["chip"] == "NVIDIA H100 SXM 80GB" and report["fits"] is True
     assert 1.0 <= report["flops_ratio"] < 2.0  # XLA's GPU cost analysis has no FLOPs: these are counted from the HLO
 
