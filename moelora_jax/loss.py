@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from moelora_jax.data import round_up
 from moelora_jax.models.llama import lm_head
+from moelora_jax.sharding import constrain
 
 MAX_CHUNK_LOGITS = 2**23  # float32 logits materialised per chunk (32 MiB)
 
@@ -120,5 +121,8 @@ def head_loss(
     position = jnp.clip(targets, 0, length - 2)
     labels = jnp.take_along_axis(tokens, position + 1, axis=1)
     weights = ((targets >= 0) & jnp.take_along_axis(loss_mask.astype(bool), position + 1, axis=1)).astype(jnp.float32)
-    gathered = jnp.take_along_axis(hidden, position[..., None], axis=1)
+    gathered = constrain(jnp.take_along_axis(hidden, position[..., None], axis=1), ("batch", "length", "act_embed"))
+    # the head whole on each chip (vocabulary split only by tensor parallelism) before the chunk loop: left to the
+    # partitioner, it is gathered in every chunk, or each chunk's logits are
+    head = constrain(head, ("act_embed", "act_vocab"))
     return _fused_nll(gathered, head, labels, weights, chunk), jnp.sum(weights)

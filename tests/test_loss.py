@@ -3,6 +3,7 @@
 import functools
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +12,10 @@ from absl.testing import parameterized
 
 from moelora_jax import AdapterConfig
 from moelora_jax.data import target_positions
+from moelora_jax.hlo_stats import collectives
 from moelora_jax.loss import chunk_size, head_loss
 from moelora_jax.models.llama import Llama, LlamaConfig, init_variables, output_head
+from moelora_jax.sharding import DEFAULT_RULES, logical_shardings, make_mesh
 from moelora_jax.trainer import batch_loss
 
 
@@ -75,6 +78,30 @@ class HeadLossTest(chex.TestCase):
         for args, message in bad:
             with self.assertRaisesRegex(AssertionError, message):
                 loss(*args)
+
+
+def test_under_fsdp_the_head_is_gathered_once_not_per_chunk_and_the_loss_is_unchanged():
+    """8 chips, the head's embedding axis sharded over all of them (fsdp) and the batch too: the loss and its
+    gradient equal the unsharded ones, and the step all-gathers the head once, not once per chunk (32 here)."""
+    hidden, head, tokens, loss_mask = _problem(batch=8, length=33, dim=16, vocab=4096)
+    max_logits = 8 * 1 * 4096  # one position per row per chunk: 32 chunks
+
+    def loss(h, w):
+        return head_loss(h, w, tokens, loss_mask, max_logits=max_logits)[0]
+
+    step = jax.jit(jax.value_and_grad(loss))
+    want, want_grad = step(hidden, head)
+    mesh = make_mesh(1, 8, 1, devices=jax.devices("cpu")[:8])
+    boxed = nn.LogicallyPartitioned(head, ("embed", "vocab"))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        sharded_head = jax.device_put(head, logical_shardings(boxed, mesh))
+        sharded_hidden = jax.device_put(hidden, jax.sharding.NamedSharding(mesh, jax.P("fsdp")))
+        got, got_grad = step(sharded_hidden, sharded_head)
+        text = step.lower(sharded_hidden, sharded_head).compile().as_text()
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-6)
+    head_bytes = head.size * head.dtype.itemsize
+    assert 0 < collectives(text)["all-gather"]["bytes"] < 2 * head_bytes
 
 
 def test_uniform_logits_cost_log_vocab_per_target_only():
