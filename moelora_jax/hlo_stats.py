@@ -36,6 +36,7 @@ _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
 _ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8\w*|c64|c128)\[([\d,]*)\]")
 _CALLED = re.compile(r"\b(?:calls|body|to_apply)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
+_INSTRUCTION_START = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s+=\s")
 _COMMENT = re.compile(r"/\*.*?\*/")  # e.g. /*index=5*/ before every fifth operand
 # TPU's async collective fusions: a collective begun in one fusion (flag_start -1) and carried on in others, each
 # of which repeats the whole collective instruction
@@ -104,19 +105,28 @@ def _split_top(text: str) -> list[str]:
 def parse_module(text: str) -> tuple[dict[str, list[Instruction]], str]:
     """The computations of an HLO module's text (name -> instructions) and the entry computation's name."""
     computations: dict[str, list[Instruction]] = {}
-    entry, current = "", None
+    entry, current, lines = "", None, []  # lines: the instruction being read (a backend config may span lines)
+
+    def finish() -> None:
+        instruction = _parse_instruction(" ".join(lines)) if lines else None
+        if instruction is not None:
+            current.append(instruction)
+        lines.clear()
+
     for line in text.splitlines():
         if current is None:
             match = _HEADER.match(line)
             if match:
                 current = computations.setdefault(match.group(1), [])
                 entry = match.group(1) if line.startswith("ENTRY") else entry
-        elif line.startswith("}"):
+        elif line.rstrip() == "}":
+            finish()
             current = None
+        elif _INSTRUCTION_START.match(line):
+            finish()
+            lines.append(line)
         else:
-            instruction = _parse_instruction(line)
-            if instruction is not None:
-                current.append(instruction)
+            lines.append(line)
     if not entry:
         raise ValueError("no ENTRY computation in this HLO text")
     return computations, entry
