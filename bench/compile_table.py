@@ -40,7 +40,7 @@ class Row:
     per_chip: int | None = 1
     fsdp: int | None = None
     targets: str = "q,k,v,o"
-    find_batch: bool = False
+    find_batch: tuple[str, ...] = ()  # the remat policies to find the largest per-chip batch for
 
     @property
     def chips(self) -> int:
@@ -65,12 +65,14 @@ class Row:
         ]
         if self.per_chip is not None:
             flags += [f"--config.train.batch_size={self.per_chip * self.chips}", "--config.train.micro_batches=1"]
-        return flags + (["--find_batch"] if self.find_batch else [])
+        if self.find_batch:
+            flags += ["--find_batch", *(f"--find_batch_remat={remat}" for remat in self.find_batch)]
+        return flags
 
 
 ROWS = (
     # the paper's job as the :paper preset runs it (256 tokens, 80 examples in 10 micro-batches)
-    Row("llama-3.2-3b", 256, "v5e-8", remat="none", per_chip=None, find_batch=True),
+    Row("llama-3.2-3b", 256, "v5e-8", remat="none", per_chip=None),
     Row("llama-3.2-3b", 256, "h100-8", remat="none", per_chip=None),
     # 2,048 tokens, one example per chip: every remat policy on the 3B, then the larger models
     *(Row("llama-3.2-3b", 2048, "v5e-8", remat=remat) for remat in REMAT_CHOICES),
@@ -85,7 +87,7 @@ ROWS = (
     Row("llama-3.1-70b", 2048, "v5p-128"),
     Row("llama-3.1-70b", 2048, "h100-8"),
     # the paper's job data-parallel (the preset's mesh: weights replicated, only the adapters' gradients reduced)
-    Row("llama-3.2-3b", 256, "v5e-8", remat="none", per_chip=None, fsdp=1),
+    Row("llama-3.2-3b", 256, "v5e-8", remat="none", per_chip=None, fsdp=1, find_batch=("none", "full")),
 )
 
 

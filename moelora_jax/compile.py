@@ -19,8 +19,8 @@ A train step fits when its total stays within ``1 - HEADROOM`` of the chip's HBM
 runtime's own buffers or fragmentation); one that does not, or that the TPU compiler refuses outright
 (``RESOURCE_EXHAUSTED``: it checks the program against the chip's memory while compiling), exits 2 with a line
 naming what to change.
-``--find_batch`` searches, for each remat policy, the largest per-chip batch (examples per chip in one micro-batch)
-whose train step fits; every probe is one compile (:func:`find_batch`).
+``--find_batch`` searches, for each remat policy (or those of ``--find_batch_remat``), the largest per-chip batch
+(examples per chip in one micro-batch) whose train step fits; every probe is one compile (:func:`find_batch`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -210,10 +210,15 @@ def largest_fitting(needs: Callable[[int], float], budget: float, limit: int) ->
 
 
 def find_batch(
-    settings: Settings, devices: list[jax.Device], model: str | None, capacity: int, limit: int = 4096
+    settings: Settings,
+    devices: list[jax.Device],
+    model: str | None,
+    capacity: int,
+    policies: Sequence[str] = REMAT_CHOICES,
+    limit: int = 4096,
 ) -> dict[str, int]:
-    """Per remat policy, the largest per-chip batch (up to ``limit``) whose train step fits (0: not even one);
-    every probe of :func:`largest_fitting` is one compile."""
+    """Per remat policy of ``policies``, the largest per-chip batch (up to ``limit``) whose train step fits (0: not
+    even one); every probe of :func:`largest_fitting` is one compile."""
     shards = data_shards(setup_shapes(settings, model, devices).mesh)
 
     def needs(remat: str) -> Callable[[int], float]:
@@ -228,7 +233,7 @@ def find_batch(
 
         return compiled_bytes
 
-    return {remat: largest_fitting(needs(remat), (1 - HEADROOM) * capacity, limit) for remat in REMAT_CHOICES}
+    return {remat: largest_fitting(needs(remat), (1 - HEADROOM) * capacity, limit) for remat in policies}
 
 
 def slice_fields(slice_: Topology) -> dict[str, Any]:
@@ -310,6 +315,9 @@ _PROGRAMS = flags.DEFINE_multi_enum(
     "programs", list(PROGRAMS), list(PROGRAMS), "which programs to compile (the train step always)"
 )
 _FIND_BATCH = flags.DEFINE_bool("find_batch", False, "find the largest per-chip batch that fits, per remat policy")
+_FIND_BATCH_REMAT = flags.DEFINE_multi_enum(
+    "find_batch_remat", list(REMAT_CHOICES), list(REMAT_CHOICES), "the remat policies --find_batch tries"
+)
 flags.mark_flags_as_required(["config", "topology"])
 
 
@@ -339,7 +347,9 @@ def main(argv: list[str]) -> None:
             report = slice_fields(slice_) | {"fits": False, "refused": {e.program: e.reason}}
             problem = f"XLA refuses the {e.program} for {slice_.name}'s chips: {e.reason}"
         if _FIND_BATCH.value:
-            report["largest_per_chip_batch"] = find_batch(settings, devices, _MODEL_SHAPE.value, slice_.chip.hbm_bytes)
+            report["largest_per_chip_batch"] = find_batch(
+                settings, devices, _MODEL_SHAPE.value, slice_.chip.hbm_bytes, _FIND_BATCH_REMAT.value
+            )
             print("largest per-chip batch that fits, per remat policy:", report["largest_per_chip_batch"])
         if _JSON.value:
             Path(_JSON.value).write_text(json.dumps(report, indent=2))
