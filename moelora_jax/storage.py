@@ -43,7 +43,7 @@ def _key(path: epath.Path) -> Path:
     return Path(scheme, *[part for part in rest.split("/") if part])
 
 
-def _files(root: epath.Path, skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, epath.Path]]:
+def files_under(root: epath.Path, skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, epath.Path]]:
     """``(relative posix path, path)`` of every file under the directory ``root``, leaving out the top-level entries
     named in ``skip``; none when ``root`` does not exist (an object store has no empty directories)."""
     pending = [(root, "")] if root.is_dir() else []
@@ -113,7 +113,7 @@ def local_copy(source: str | os.PathLike, cache: Path | None = None) -> Path:
         if not remote.exists():
             raise UserError(f"{source} does not exist: check the bucket and the path.")
         if remote.is_dir():
-            _refresh(dict(_files(remote)), local, local / MANIFEST, delete=True)
+            _refresh(dict(files_under(remote)), local, local / MANIFEST, delete=True)
         else:
             _refresh({local.name: remote}, local.parent, local.parent / f".{local.name}{MANIFEST}", delete=False)
     except OSError as e:
@@ -175,7 +175,7 @@ class OutputDirectory:
             return
         shutil.rmtree(self.local, ignore_errors=True)
         self.local.mkdir(parents=True)
-        for relative, path in _files(self.root, self.REMOTE_ONLY | self.PUSHED_ONLY):
+        for relative, path in files_under(self.root, self.REMOTE_ONLY | self.PUSHED_ONLY):
             if not Path(relative).name.startswith("."):
                 _fetch(path, self.local / relative)
         self._pushed = self._local_versions()
@@ -188,7 +188,7 @@ class OutputDirectory:
         for relative, version in versions.items():
             if self._pushed.get(relative) != version:
                 epath.Path(self.local / relative).copy(self.root / relative, overwrite=True)
-        for relative, path in _files(self.root, self.REMOTE_ONLY):
+        for relative, path in files_under(self.root, self.REMOTE_ONLY):
             parts = relative.split("/")
             mirrored = parts[0] not in self.PUSHED_ONLY or (self.local / "/".join(parts[:2])).exists()
             if relative not in versions and mirrored and not parts[-1].startswith("."):

@@ -1,6 +1,7 @@
 """Orbax checkpoints of the train state: exact resume, refusal of other configs, damaged and interrupted saves."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from moelora_jax import AdapterConfig
-from moelora_jax.checkpoints import Checkpoints, fingerprint_differences
+from moelora_jax.checkpoints import DIGEST_FILE, ITEMS, Checkpoints, fingerprint_differences
 from moelora_jax.errors import UserError
 from moelora_jax.models.llama import Llama, LlamaConfig, init_variables
 from moelora_jax.optim import OptimConfig, build_optimizer
@@ -108,23 +109,86 @@ def test_another_configuration_is_refused_with_what_differs(tmp_path):
     assert fingerprint_differences({"a": {"b": 1}}, {"a": {"b": 1, "c": 2}}) == ["a.c: '<absent>' -> 2"]
 
 
-def test_a_truncated_checkpoint_fails_in_one_line_and_the_earlier_one_still_loads(tmp_path):
+def _three_checkpoints(directory):
+    """Checkpoints 0, 1 and 2 of a training run in ``directory``, and the states saved."""
     trainer, params = _trainer()
-    state = trainer.init(jax.random.key(0))
-    checkpoints = Checkpoints(tmp_path, {})
-    checkpoints.save(state)
-    state, _ = trainer.train_step(state, params, _batch(0))
-    checkpoints.save(state, step=1)
+    state, saved = trainer.init(jax.random.key(0)), {}
+    checkpoints = Checkpoints(directory, {})
+    for step in range(3):
+        if step:
+            state, _ = trainer.train_step(state, params, _batch(step))
+        checkpoints.save(state, step=step)
+        saved[step] = _host(state)
     checkpoints.close()
-    data_files = [p for p in (tmp_path / "1" / "state").rglob("*") if p.is_file() and p.stat().st_size > 64]
-    for path in data_files:
-        with open(path, "r+b") as f:
-            f.truncate(path.stat().st_size // 2)
+    return trainer, saved
+
+
+def _damage(path, how):
+    data = path.read_bytes()
+    if how == "flip":  # 16 bytes in the middle, the size and the structure kept: bit rot
+        middle = len(data) // 2
+        path.write_bytes(data[:middle] + bytes(b ^ 0x5A for b in data[middle : middle + 16]) + data[middle + 16 :])
+    elif how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.unlink()
+
+
+def _contents(directory):
+    return {p: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_checkpoint_whose_files_changed_is_refused_naming_the_newest_that_verifies(tmp_path):
+    """Each file of the latest checkpoint's items in turn, with 16 bytes flipped (bit rot), cut short or deleted:
+    restoring is refused in one line naming that file and the checkpoint to resume from, before orbax reads
+    anything, and the directory is left as it was; that checkpoint restores exactly. With the earlier ones damaged
+    too, the line says none verifies."""
+    trainer, saved = _three_checkpoints(tmp_path)
+    files = sorted(p for item in ITEMS for p in (tmp_path / "2" / item).rglob("*") if p.is_file())
+    files = [p for p in files if p.name != "commit_success.txt"]
+    assert len(files) > 5
+    checkpoints, like = Checkpoints(tmp_path, {}), trainer.init(jax.random.key(5))
+    for how in ("flip", "truncate", "delete"):
+        for path in files:
+            intact = path.read_bytes()
+            _damage(path, how)
+            before = _contents(tmp_path)
+            message = (
+                rf"checkpoint \S*/2 is damaged: {re.escape(path.relative_to(tmp_path / '2').as_posix())} differ "
+                r"from the digest written when it was saved: resume from step 1, the newest checkpoint that verifies "
+                r"\(checkpoint\.resume=1\), or move the damaged one aside\.$"
+            )
+            with pytest.raises(UserError, match=message):
+                checkpoints.restore(like)
+            assert _contents(tmp_path) == before, how
+            path.write_bytes(intact)
+    _damage(files[-1], "flip")
+    jax.tree.map(np.testing.assert_array_equal, _host(checkpoints.restore(like, 1)), saved[1])
+    for step in (0, 1):
+        _damage(tmp_path / str(step) / files[-1].relative_to(tmp_path / "2"), "flip")
+    with pytest.raises(UserError, match="no earlier checkpoint verifies: move the checkpoints aside to start afresh"):
+        checkpoints.restore(like)
+    checkpoints.close()
+
+
+def test_a_checkpoint_without_a_digest_restores_with_a_warning_and_unreadable_fails_in_one_line(tmp_path, capsys):
+    """Checkpoints written before digests: restored unverified, saying so; one whose files are cut short fails in
+    one line naming the earlier step (orbax's and tensorstore's errors caught, not a traceback)."""
+    trainer, saved = _three_checkpoints(tmp_path)
+    for step in range(3):
+        (tmp_path / str(step) / DIGEST_FILE).unlink()
     checkpoints = Checkpoints(tmp_path, {})
-    with pytest.raises(ValueError, match=r"checkpoint .*/1 cannot be read \(.*\): move it aside to resume from step 0"):
-        checkpoints.restore(state)
-    restored = checkpoints.restore(trainer.init(jax.random.key(5)), step=0)
-    _assert_equal(restored, trainer.init(jax.random.key(0)))
+    jax.tree.map(np.testing.assert_array_equal, _host(checkpoints.restore(trainer.init(jax.random.key(5)))), saved[2])
+    assert capsys.readouterr().err == (
+        f"warning: checkpoint {tmp_path / '2'} has no digest (written before checkpoints were verified): restoring it "
+        "unverified.\n"
+    )
+    for path in (tmp_path / "2" / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 64:
+            _damage(path, "truncate")
+    with pytest.raises(UserError, match=r"checkpoint .*/2 cannot be read \(.*\): move it aside to resume from step 1"):
+        checkpoints.restore(trainer.init(jax.random.key(0)))
+    checkpoints.close()
 
 
 _SAVER = textwrap.dedent(
