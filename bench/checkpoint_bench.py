@@ -8,7 +8,12 @@ published architecture (``setup_shapes``: no base weights are needed, only the a
 with random values, as after training.
 Reports the state's size and its size on disk, the time a save blocks the training loop (copying off the
 devices) against the time until it is complete on disk, their ratio, and the restore time; medians over
-``--rounds`` saves, each of a new step.
+``--rounds`` saves, each of a new step. Also what verification costs: hashing a checkpoint's files
+(``file_digests``, which a complete save includes, in the background) against the save's time, and checking them
+(``damaged_files``, which a restore does first) against the restore's.
+
+    python bench/checkpoint_bench.py --shape smollm2-135m   # command 1's checkpoints
+    python bench/checkpoint_bench.py --shape llama-3.1-8b   # a published 8B shape's adapter state (about 1 GiB)
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from bbc_batches import CONFIG
 
-from moelora_jax.checkpoints import Checkpoints
+from moelora_jax.checkpoints import Checkpoints, damaged_files, file_digests
 from moelora_jax.config_file import load_config
 from moelora_jax.job import setup_shapes
 from moelora_jax.models.shapes import SHAPES
@@ -68,7 +73,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
         checkpoints = Checkpoints(directory, {"bench": args.shape}, keep=args.rounds + 1)
-        blocking, complete, restore = [], [], []
+        blocking, complete, restore, digest, verify = [], [], [], [], []
         for step in range(1, args.rounds + 1):
             start = time.perf_counter()
             checkpoints.save(state, step=step)
@@ -78,6 +83,12 @@ def main() -> None:
             start = time.perf_counter()
             jax.block_until_ready(checkpoints.restore(state, step=step))
             restore.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            file_digests(checkpoints.directory / str(step))
+            digest.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            assert damaged_files(checkpoints.directory / str(step)) == []
+            verify.append(time.perf_counter() - start)
         disk_bytes = _directory_bytes(Path(directory) / str(args.rounds))
         checkpoints.close()
 
@@ -93,12 +104,17 @@ def main() -> None:
         "blocking_over_complete": block / done,
         "write_mib_per_s": state_bytes / 2**20 / done,
         "restore_s": statistics.median(restore),
+        "digest_s": statistics.median(digest),
+        "verify_s": statistics.median(verify),
     }
     print(
         f"{results['device']}: {args.shape}, E={args.experts} r={args.rank} on {args.targets}, {args.rounds} rounds\n"
         f"train state {results['state_mib']:.0f} MiB, {results['disk_mib']:.0f} MiB on disk\n"
         f"save blocks the loop {block:.2f} s of {done:.2f} s to complete ({block / done:.2f}), "
-        f"{results['write_mib_per_s']:.0f} MiB/s; restore {results['restore_s']:.2f} s"
+        f"{results['write_mib_per_s']:.0f} MiB/s; restore {results['restore_s']:.2f} s\n"
+        f"digest at save {results['digest_s']:.3f} s ({results['digest_s'] / done:.1%} of the complete save), "
+        f"verification at restore {results['verify_s']:.3f} s ({results['verify_s'] / results['restore_s']:.1%} of "
+        "the restore)"
     )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
