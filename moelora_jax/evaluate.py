@@ -169,6 +169,12 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     try:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if not tasks:
+            raise UserError(f"--tasks={args.tasks!r} names no task: give lm-eval task names, comma-separated.")
+        if args.output and Path(args.output).is_dir():
+            raise UserError(
+                f"--output {args.output} is a directory: give a file, e.g. {Path(args.output) / 'results.json'}."
+            )
         manager = task_manager(tasks, args.data_dir)  # unknown tasks fail before the model loads
         lm = MoeloraLM(
             model=args.model,

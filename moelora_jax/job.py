@@ -46,7 +46,7 @@ from moelora_jax.models.shapes import SHAPES, published_shape
 from moelora_jax.mole import stack_loras, with_loras
 from moelora_jax.optim import build_optimizer, lr_schedule
 from moelora_jax.pretrained import check_vocabulary, load_config, load_params, load_tokenizer, resolve_model_dir
-from moelora_jax.run_log import RunLog, open_wandb, record_command
+from moelora_jax.run_log import RunLog, check_wandb_login, open_wandb, record_command
 from moelora_jax.settings import DataSettings, Settings
 from moelora_jax.sharding import batch_sharding, make_mesh
 from moelora_jax.storage import OutputDirectory, is_remote, local_copy
@@ -83,6 +83,11 @@ def _encoded(tokenizer: Any, examples: list, data: DataSettings, which: str) -> 
     encoded, counts = encode_examples(
         tokenizer, examples, data.max_length, use_chat_template=data.chat_template, overflow=data.overflow
     )
+    if examples and counts.dropped == len(examples):
+        raise UserError(
+            f"all {len(examples)} {which} examples are longer than data.max_length={data.max_length} and "
+            f"data.overflow={data.overflow} dropped them: raise data.max_length or set data.overflow=truncate."
+        )
     if (counts.truncated or counts.dropped) and is_primary():
         print(
             f"data: of {len(examples)} {which} examples longer than data.max_length={data.max_length}, "
@@ -134,6 +139,11 @@ def build_trainer(settings: Settings, model_config: LlamaConfig, mesh: Mesh) -> 
         raise UserError(
             f"model.attention=splash is a TPU kernel and these devices are {platform}: use model.attention=cudnn "
             "(or xla) on GPUs"
+        )
+    if m.attention == "cudnn" and platform != "gpu":
+        others = "model.attention=splash (or xla)" if platform == "tpu" else "model.attention=xla"
+        raise UserError(
+            f"model.attention=cudnn is a kernel for NVIDIA GPUs and these devices are {platform}: use {others}"
         )
     model = Llama(
         model_config,
@@ -336,6 +346,8 @@ def setup(settings: Settings, argv: Sequence[str] | None = None) -> Job:
     initialize(dist.initialize, dist.coordinator_address, dist.num_processes, dist.process_id)
     output.prepare()
     check_shared_directory(output.root)
+    if settings.log.wandb and is_primary():
+        check_wandb_login()
 
     t, m, a = settings.train, settings.model, settings.adapter
     model_dir = resolve_model_dir(m.path or None)

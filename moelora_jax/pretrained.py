@@ -217,9 +217,18 @@ def load_tokenizer(directory: str | os.PathLike) -> Any:
     import transformers
 
     directory = Path(directory)
-    if not any((directory / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        raise UserError(f"{directory} has no tokenizer files (tokenizer.json / tokenizer_config.json).")
-    return transformers.AutoTokenizer.from_pretrained(directory)
+    if not any((directory / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+        raise UserError(
+            f"{directory} has no tokenizer (tokenizer.json, or a sentencepiece tokenizer.model): copy the tokenizer "
+            "files saved with the model into it."
+        )
+    try:
+        return transformers.AutoTokenizer.from_pretrained(directory)
+    except (ValueError, OSError, ImportError) as e:  # a file cut short or malformed; sentencepiece missing
+        message = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"the tokenizer in {directory} cannot be loaded ({message}): use the tokenizer files saved with the model."
+        ) from e
 
 
 def check_vocabulary(tokenizer: Any, config: LlamaConfig, directory: str | os.PathLike) -> None:

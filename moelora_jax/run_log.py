@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from moelora_jax.atomic import write_text_atomically
+from moelora_jax.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -51,6 +52,22 @@ def record_values(metrics: dict[str, Any]) -> dict[str, float | list[float]]:
         array = np.asarray(value, np.float64)
         values[key] = float(array) if array.ndim == 0 else [round(float(x), 5) for x in array.ravel()]
     return values
+
+
+def check_wandb_login() -> None:
+    """Refuse a W&B run that could not start, before anything is recorded: one that needs a login (W&B's offline
+    and disabled modes need none) when there is no API key and no terminal to ask for one."""
+    import wandb
+
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return
+    try:
+        wandb.login(verify=False)
+    except wandb.errors.UsageError as e:
+        raise UserError(
+            f"log.wandb=True but W&B has no login ({e}): run `wandb login`, set WANDB_API_KEY, or set "
+            "WANDB_MODE=offline to keep the run on disk"
+        ) from e
 
 
 def open_wandb(directory: str | os.PathLike, *, project: str, name: str, config: dict, resume_step: int) -> Any:

@@ -23,6 +23,7 @@ from moelora_jax.mole import describe_lora
 from moelora_jax.optim import OptimConfig
 from moelora_jax.quantize import QUANT_MODES, QuantConfig
 from moelora_jax.routing import RouterLosses
+from moelora_jax.storage import is_remote
 from moelora_jax.tasks import TASKS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -122,6 +123,11 @@ def _mole(mole: Any) -> tuple[MoleConfig, tuple[str, ...], tuple[str, ...]]:
     sources = tuple(s.strip() for s in mole.loras.split(",") if s.strip())
     if len(sources) < 2:
         raise UserError(f"mole.loras={mole.loras!r} must list at least 2 LoRA directories, comma-separated.")
+    remote = [s for s in sources if is_remote(s)]
+    if remote:
+        raise UserError(
+            f"mole.loras: {remote[0]} is in an object store; MoLE's LoRA sources must be local: copy them down."
+        )
     try:
         described = [describe_lora(s) for s in sources]
     except UserError as e:

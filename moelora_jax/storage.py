@@ -33,8 +33,14 @@ def is_remote(path: str | os.PathLike) -> bool:
 
 
 def as_path(path: str | os.PathLike) -> epath.Path:
-    """``path`` as an :class:`epath.Path`: a remote one as given, a local one with ``~`` expanded, made absolute."""
-    return epath.Path(os.fspath(path) if is_remote(path) else Path(path).expanduser().absolute())
+    """``path`` as an :class:`epath.Path`: a remote one as given (it must name a bucket), a local one with ``~``
+    expanded, made absolute."""
+    if not is_remote(path):
+        return epath.Path(Path(path).expanduser().absolute())
+    scheme, rest = os.fspath(path).split("://", 1)
+    if not rest.split("/")[0]:
+        raise UserError(f"{os.fspath(path)} names no bucket: write {scheme}://<bucket>/<path>.")
+    return epath.Path(os.fspath(path))
 
 
 def _key(path: epath.Path) -> Path:

@@ -238,12 +238,29 @@ def read_records(path: Path, split: str) -> list[tuple[str, dict]]:
 
     if path.suffix in _TABULAR_BUILDERS:
         builder, files = _TABULAR_BUILDERS[path.suffix], str(require_file(path))
-        rows = datasets.load_dataset(builder, data_files=files, split="train")
+        try:
+            rows = datasets.load_dataset(builder, data_files=files, split="train")
+        except (ValueError, datasets.exceptions.DatasetGenerationError) as e:  # pyarrow's errors are ValueErrors
+            raise UserError(f"{path} cannot be read as {builder} ({_root_cause(e)}): check or rewrite the file.") from e
     elif not path.exists() and path.suffix == "" and "/" in str(path):
-        rows = datasets.load_dataset(str(path), split=split)
+        try:
+            rows = datasets.load_dataset(str(path), split=split)
+        except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
+            raise UserError(
+                f"{path}: the datasets hub name cannot be loaded ({_root_cause(e)}): go online, or download the "
+                "dataset and give its local file."
+            ) from e
     else:
         raise UserError(f"{path}: expected a .jsonl, .json, .csv or .parquet file, or a datasets hub name.")
     return [(f"{path}: row {number}", row) for number, row in enumerate(rows, start=1)]
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first line of the innermost error ``error`` was raised from (``datasets`` wraps the reader's)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def _text(record: dict, field: str, where: str, *, required: bool = True) -> str:

@@ -318,11 +318,14 @@ def test_the_command_evaluates_offline_and_writes_json(tmp_path, model_dir, adap
         (["--tasks=no_such_task"], "error: unknown task(s) no_such_task: the local tasks are commonsenseqa_local,"),
         (["--data-dir=/no/such/data"], "error: CommonsenseQA file /no/such/data/commonsenseqa/dev_rand_split.jsonl"),
         (["--adapters=/no/such/export"], "error: /no/such/export is not an adapter export"),
+        (["--tasks=,"], "error: --tasks=',' names no task: give lm-eval task names, comma-separated."),
+        (["--output={tmp}"], "error: --output {tmp} is a directory: give a file, e.g. {tmp}/results.json."),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(model_dir, capsys, arguments, message):
+def test_bad_input_is_one_line_and_exit_2(model_dir, capsys, tmp_path, arguments, message):
+    arguments = [a.format(tmp=tmp_path) for a in arguments]
     with pytest.raises(SystemExit) as exit_info:
         main([f"--model={model_dir}", "--limit=1", *arguments])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(message), err
+    assert err[-1].startswith(message.format(tmp=tmp_path)), err

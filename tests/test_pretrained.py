@@ -82,7 +82,7 @@ def test_bad_checkpoints_fail_with_one_clear_error(tiny_llama, tmp_path):
         load_config(tmp_path)
     with pytest.raises(UserError, match=r"no model\.safetensors"):
         load_params(tmp_path, config)
-    with pytest.raises(UserError, match="no tokenizer files"):
+    with pytest.raises(UserError, match=r"has no tokenizer \(tokenizer\.json, or a sentencepiece tokenizer\.model\)"):
         load_pretrained(directory)
 
     _edit_config(directory, intermediate_size=80)
