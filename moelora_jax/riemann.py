@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
 import jax
@@ -14,31 +16,70 @@ from moelora_jax.adapter_leaves import FACTOR_LEAVES, leaf_name
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
+class Factor(NamedTuple):
+    """What a gradient leaf is to ``riemann_precond``: one factor of one adapter.
+
+    ``adapter`` is any hashable key the factors of one adapter share; ``role`` is ``"lora_a"``
+    ``(*stacked, *contracted, r)``, ``"lora_b"`` ``(*stacked, r, *remaining)`` or ``"mixer"`` ``(*stacked, r, r)``;
+    ``stacked`` counts the leading axes that index separate adapters (layers, experts): None for every axis before
+    the last two (one contracted and one remaining axis). An adapter's contracted and remaining axes are flattened:
+    its step is that of the matrices ``A: (prod(contracted), r)`` and ``B: (r, prod(remaining))``.
+    """
+
+    adapter: Hashable
+    role: str
+    stacked: int | None = None
+
+
+_QWIX_SUFFIXES = (("_lora_a", "lora_a"), ("_lora_b", "lora_b"))
+
+
+def lora_factors(path: jax.tree_util.KeyPath) -> Factor | None:
+    """The factor at ``path``, by the naming of this library and Flax NNX's ``nnx.LoRA`` (sibling leaves ``lora_a``,
+    ``lora_b`` and the optional MoSLoRA ``mixer``, every leading axis stacking adapters) or of qwix's
+    ``LoraProvider`` (Tunix's LoRA: ``<weight>_lora_a`` and ``<weight>_lora_b`` beside their weight, stacking
+    nothing: a dense kernel's are ``(d_in, r)`` / ``(r, d_out)``, an einsum weight's ``(*contracted, r)`` /
+    ``(r, *remaining)``); None for any other leaf. ``riemann_precond``'s default ``factors``."""
+    name = leaf_name(path)
+    if name in FACTOR_LEAVES:
+        return Factor(path[:-1], name)
+    for suffix, role in _QWIX_SUFFIXES:
+        if name is not None and name.endswith(suffix) and len(name) > len(suffix):
+            return Factor((path[:-1], name.removesuffix(suffix)), role, stacked=0)
+    return None
+
+
 class _AdapterGroup(NamedTuple):
-    """Flat indices of one adapter's gradient leaves (``mixer`` is None when the adapter has none)."""
+    """Flat indices of one adapter's gradient leaves (``mixer`` is None when the adapter has none), and how many
+    leading axes stack adapters (None: all but the last two)."""
 
     lora_a: int
     lora_b: int
     mixer: int | None
+    stacked: int | None
 
 
 def _is_masked(leaf: Any) -> bool:
     return isinstance(leaf, optax.MaskedNode)
 
 
-def _find_adapter_groups(paths: list[tuple], leaves: list[Any]) -> list[_AdapterGroup]:
-    """Pairs every ``lora_a`` gradient with the ``lora_b`` (and ``mixer``) beside it, or raises ValueError."""
-    siblings: dict[tuple, dict[str, int]] = {}
+def _find_adapter_groups(
+    paths: list[tuple], leaves: list[Any], factors: Callable[[jax.tree_util.KeyPath], Factor | None]
+) -> list[_AdapterGroup]:
+    """Pairs every ``lora_a`` gradient with the ``lora_b`` (and ``mixer``) of its adapter, or raises ValueError."""
+    siblings: dict[Hashable, dict[str, int]] = {}
+    stacking: dict[Hashable, int | None] = {}
     for index, path in enumerate(paths):
-        name = leaf_name(path)
-        if name in FACTOR_LEAVES:
-            siblings.setdefault(path[:-1], {})[name] = index
+        factor = factors(path)
+        if factor is not None:
+            siblings.setdefault(factor.adapter, {})[factor.role] = index
+            stacking[factor.adapter] = factor.stacked
     groups = []
-    for parent, members in siblings.items():
+    for adapter, members in siblings.items():
         present = {name for name, index in members.items() if not _is_masked(leaves[index])}
         if not present or not members.keys() & {"lora_a", "lora_b"}:
             continue  # masked out of this group, or a leaf that merely shares a name but has no factors
-        where = jax.tree_util.keystr(parent) or "<root>"
+        where = jax.tree_util.keystr(paths[next(iter(members.values()))][:-1]) or "<root>"
         missing = [name for name in ("lora_a", "lora_b") if name not in present]
         if missing:
             raise ValueError(
@@ -50,8 +91,21 @@ def _find_adapter_groups(paths: list[tuple], leaves: list[Any]) -> list[_Adapter
                 f"riemann_precond: the adapter at {where} has a mixer outside this transformation's group; "
                 "put the mixer in the same optax.partition group as lora_a and lora_b."
             )
-        groups.append(_AdapterGroup(members["lora_a"], members["lora_b"], members.get("mixer")))
+        groups.append(_AdapterGroup(members["lora_a"], members["lora_b"], members.get("mixer"), stacking[adapter]))
     return groups
+
+
+def _as_matrices(a: jax.Array, b: jax.Array, stacked: int | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes that make ``a: (*stacked, *contracted, r)`` and ``b: (*stacked, r, *remaining)`` stacks of
+    matrices ``(*stacked, prod(contracted), r)`` and ``(*stacked, r, prod(remaining))``."""
+    if stacked is None or a.ndim < stacked + 2 or b.ndim < stacked + 2:
+        return a.shape, b.shape
+    lead_a, lead_b = a.shape[:stacked], b.shape[:stacked]
+    return (*lead_a, math.prod(a.shape[stacked:-1]), a.shape[-1]), (
+        *lead_b,
+        b.shape[stacked],
+        math.prod(b.shape[stacked + 1 :]),
+    )
 
 
 def _check_shapes(where: str, a: jax.Array, b: jax.Array, m: jax.Array | None) -> None:
@@ -150,7 +204,9 @@ def _precondition(
     return tuple(n.astype(g.dtype) for n, g in zip(new, grads, strict=True))
 
 
-def riemann_precond(reg: float = 1e-6) -> optax.GradientTransformationExtraArgs:
+def riemann_precond(
+    reg: float = 1e-6, factors: Callable[[jax.tree_util.KeyPath], Factor | None] = lora_factors
+) -> optax.GradientTransformationExtraArgs:
     """Riemannian preconditioning of LoRA factor gradients (Zhang & Pilanci, ICML 2024, arXiv:2402.02347).
 
     For every adapter in the gradient tree, i.e. sibling leaves named ``lora_a: (..., d_in, r)`` and
@@ -177,6 +233,9 @@ def riemann_precond(reg: float = 1e-6) -> optax.GradientTransformationExtraArgs:
     Args:
       reg: damping ``lambda > 0`` added to the Gram matrices' diagonal, a static Python number (reference code
         1e-6; PEFT's default 1e-2).
+      factors: which leaves are factors, of which adapter, with which axes (a leaf's key path -> :class:`Factor`
+        or None). The default, :func:`lora_factors`, reads this library's and Flax NNX's ``lora_a`` / ``lora_b``
+        and qwix's ``<weight>_lora_a`` / ``<weight>_lora_b``; give another for any other naming.
 
     Returns:
       A stateless ``GradientTransformationExtraArgs`` whose ``update`` requires ``params``.
@@ -200,21 +259,22 @@ def riemann_precond(reg: float = 1e-6) -> optax.GradientTransformationExtraArgs:
         path_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_masked)
         paths = [path for path, _ in path_leaves]
         leaves = [leaf for _, leaf in path_leaves]
-        groups = _find_adapter_groups(paths, leaves)
+        groups = _find_adapter_groups(paths, leaves, factors)
         if not groups:
-            if not any(leaf_name(path) in ("lora_a", "lora_b") for path in paths):
+            if not any(getattr(factors(path), "role", None) in ("lora_a", "lora_b") for path in paths):
                 raise ValueError(
-                    "riemann_precond found no leaves named lora_a / lora_b in the gradients; it preconditions "
-                    "LoRA factors stored under those names (rename e.g. PyTorch-style lora_A / lora_B)."
+                    "riemann_precond found no LoRA factors in the gradients: it reads leaves named lora_a / lora_b "
+                    "(or qwix's <weight>_lora_a / <weight>_lora_b); for another naming (e.g. PyTorch-style lora_A "
+                    "/ lora_B) pass factors=, a function from a leaf's path to a riemann.Factor."
                 )
             return updates, state  # every adapter of this tree is masked out of this partition group
         param_by_path = dict(jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_masked)[0])
         for group in groups:
             where = jax.tree_util.keystr(paths[group.lora_a][:-1]) or "<root>"
-            factors = []
+            found = []
             for index in (group.lora_a, group.lora_b, group.mixer):
                 if index is None:
-                    factors.append(None)
+                    found.append(None)
                     continue
                 param = param_by_path.get(paths[index])
                 if param is None or _is_masked(param) or jnp.shape(param) != jnp.shape(leaves[index]):
@@ -222,12 +282,16 @@ def riemann_precond(reg: float = 1e-6) -> optax.GradientTransformationExtraArgs:
                         f"riemann_precond: params has no {jax.tree_util.keystr(paths[index])} matching its gradient "
                         f"{jnp.shape(leaves[index])}; pass the same parameter tree the gradients were taken of."
                     )
-                factors.append(param)
-            _check_shapes(where, *factors)
-            indices = [i for i in group if i is not None]
-            new = _precondition(*factors, tuple(leaves[i] for i in indices), reg)
+                found.append(param)
+            a_shape, b_shape = _as_matrices(*found[:2], group.stacked)
+            shapes = [a_shape, b_shape, None if found[2] is None else jnp.shape(found[2])]
+            matrices = [None if f is None else jnp.reshape(f, shape) for f, shape in zip(found, shapes, strict=True)]
+            _check_shapes(where, *matrices)
+            indices = [i for i in group[:3] if i is not None]
+            grads = tuple(jnp.reshape(leaves[i], shapes[k]) for k, i in enumerate(group[:3]) if i is not None)
+            new = _precondition(*matrices, grads, reg)
             for index, value in zip(indices, new, strict=True):
-                leaves[index] = value
+                leaves[index] = jnp.reshape(value, jnp.shape(leaves[index]))
         return jax.tree_util.tree_unflatten(treedef, leaves), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -14,7 +14,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moelora_jax import riemann_precond
-from moelora_jax.riemann import _spd_solve
+from moelora_jax.riemann import Factor, _spd_solve
 
 L, E, D_IN, R, D_OUT = 2, 3, 16, 4, 8
 
@@ -272,7 +272,7 @@ def test_bad_input_fails_loudly():
     torch_layout = {"lora_a": jnp.ones((R, D_IN)), "lora_b": jnp.ones((D_IN, R))}  # a square layer, transposed
     with pytest.raises(ValueError, match="PyTorch layout"):
         tx.update(torch_layout, optax.EmptyState(), torch_layout)
-    with pytest.raises(ValueError, match="found no leaves named lora_a / lora_b"):
+    with pytest.raises(ValueError, match="found no LoRA factors in the gradients"):
         tx.update({"lora_A": jnp.ones((4, 2))}, optax.EmptyState(), {"lora_A": jnp.ones((4, 2))})
     with pytest.raises(ValueError, match="params has no"):
         tx.update(grads, optax.EmptyState(), {"attn": {}, "norm": params["norm"]})
@@ -301,3 +301,108 @@ def test_factors_split_across_partition_groups_are_refused():
         tx = optax.partition({"experts": riemann_precond(), "other": optax.identity()}, labels)
         with pytest.raises(ValueError, match=r"same optax\.partition group"):
             tx.update(params, tx.init(params), params)
+
+
+def _flattened_step(a, b, grad_a, grad_b, stacked: int, reg: float):
+    """NumPy's preconditioned gradients of ``a: (*S, *C, r)`` and ``b: (*S, r, *R)``, each stacked slice the
+    matrices ``(prod(C), r)`` and ``(r, prod(R))``, reshaped back."""
+    a, b, grad_a, grad_b = (np.asarray(x, np.float64) for x in (a, b, grad_a, grad_b))
+    lead, r = a.shape[:stacked], a.shape[-1]
+    a2, b2 = a.reshape(*lead, -1, r), b.reshape(*lead, r, -1)
+    ga2, gb2 = grad_a.reshape(a2.shape), grad_b.reshape(b2.shape)
+    eye = reg * np.eye(r)
+    new_a = ga2 @ np.linalg.inv(b2 @ np.swapaxes(b2, -1, -2) + eye)
+    new_b = np.linalg.inv(np.swapaxes(a2, -1, -2) @ a2 + eye) @ gb2
+    return new_a.reshape(a.shape), new_b.reshape(b.shape)
+
+
+def test_factors_under_another_naming_with_stacked_and_several_contracted_axes():
+    """``factors=`` maps a tree of its own naming (``down`` / ``up`` per expert, an attention output's two
+    contracted axes) to factors: each expert's step is that of its flattened product."""
+    rng = np.random.default_rng(3)
+    params = {"experts": {"down": rng.normal(size=(E, 3, 4, R)), "up": rng.normal(size=(E, R, D_OUT))}}
+    grads = {"experts": {"down": rng.normal(size=(E, 3, 4, R)), "up": rng.normal(size=(E, R, D_OUT))}}
+    params, grads = jax.tree.map(jnp.asarray, (params, grads))
+
+    def factors(path):
+        name = path[-1].key
+        roles = {"down": "lora_a", "up": "lora_b"}
+        return Factor(path[:-1], roles[name], stacked=1) if name in roles else None
+
+    tx = riemann_precond(1e-3, factors=factors)
+    got, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    want = _flattened_step(*params["experts"].values(), *grads["experts"].values(), stacked=1, reg=1e-3)
+    for value, expected in zip(got["experts"].values(), want, strict=True):
+        np.testing.assert_allclose(value, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    with pytest.raises(ValueError, match="found no LoRA factors"):
+        riemann_precond().update(grads, optax.EmptyState(), params)
+
+
+def _qwix_model(seed: int = 0):
+    """A block with a dense layer and two attention einsums (into heads, and out of them), qwix's LoRA on each,
+    its B factors random so that the step depends on them."""
+    qwix = pytest.importorskip("qwix")
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs) -> None:
+            self.dense = nnx.Linear(12, 10, rngs=rngs)
+            self.q = nnx.Einsum("BTD,DNH->BTNH", (12, 3, 4), rngs=rngs)
+            self.o = nnx.Einsum("BTNH,NHD->BTD", (3, 4, 12), rngs=rngs)
+
+        def __call__(self, x: jax.Array) -> jax.Array:
+            return self.dense(jnp.tanh(self.o(self.q(x))) + x)
+
+    rule = qwix.LoraRule(module_path=".*", rank=2, alpha=2.0, lora_b_initializer=nnx.initializers.normal(0.5))
+    x = jax.random.normal(jax.random.key(seed), (2, 5, 12))
+    model = qwix.apply_lora_to_model(Block(nnx.Rngs(0)), qwix.LoraProvider([rule]), x, rngs=nnx.Rngs(1))
+    return model, x
+
+
+def test_qwix_lora_trees_step_as_their_flattened_products_through_nnx_optimizer():
+    """qwix's ``<weight>_lora_a`` / ``_lora_b`` (a dense kernel's and two einsum weights', stacking nothing) read
+    by the default ``factors``: one SGD step through ``nnx.Optimizer`` equals the closed form of each flattened
+    product's preconditioned gradient."""
+    from flax import nnx
+
+    model, x = _qwix_model()
+    lr, reg = 0.1, 1e-3
+    optimizer = nnx.Optimizer(model, optax.chain(riemann_precond(reg), optax.sgd(lr)), wrt=nnx.LoRAParam)
+    before = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
+
+    def loss(m):
+        return jnp.mean(m(x) ** 2)
+
+    grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    optimizer.update(model, grads)
+    grads, after = nnx.to_pure_dict(grads), nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
+    assert set(before) == {"dense", "q", "o"}  # A contracts (d_in,), (D,) and (N, H) of their weights
+    for layer in before:
+        a, b = before[layer]["kernel_lora_a"], before[layer]["kernel_lora_b"]
+        want_a, want_b = _flattened_step(a, b, grads[layer]["kernel_lora_a"], grads[layer]["kernel_lora_b"], 0, reg)
+        for leaf, want in (("kernel_lora_a", want_a), ("kernel_lora_b", want_b)):
+            step = (np.asarray(before[layer][leaf]) - np.asarray(after[layer][leaf])) / lr
+            np.testing.assert_allclose(step, want, rtol=1e-4, atol=1e-5 * np.abs(want).max(), err_msg=layer + leaf)
+
+
+def test_nnx_lora_steps_as_its_closed_form_through_nnx_optimizer():
+    """Flax NNX's own ``nnx.LoRA`` (``lora_a (d_in, r)``, ``lora_b (r, d_out)``): one SGD step through
+    ``nnx.Optimizer`` equals the closed form."""
+    from flax import nnx
+
+    layer = nnx.LoRA(12, 3, 8, rngs=nnx.Rngs(0), b_initializer=nnx.initializers.normal(0.5))
+    x = jax.random.normal(jax.random.key(1), (4, 12))
+    lr, reg = 0.1, 1e-3
+    optimizer = nnx.Optimizer(layer, optax.chain(riemann_precond(reg), optax.sgd(lr)), wrt=nnx.LoRAParam)
+    before = nnx.to_pure_dict(nnx.state(layer, nnx.LoRAParam))
+
+    def loss(m):
+        return jnp.mean(jnp.sin(m(x)))
+
+    grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(layer)
+    optimizer.update(layer, grads)
+    grads, after = nnx.to_pure_dict(grads), nnx.to_pure_dict(nnx.state(layer, nnx.LoRAParam))
+    want = _flattened_step(before["lora_a"], before["lora_b"], grads["lora_a"], grads["lora_b"], 0, reg)
+    for leaf, expected in zip(("lora_a", "lora_b"), want, strict=True):
+        step = (np.asarray(before[leaf]) - np.asarray(after[leaf])) / lr
+        np.testing.assert_allclose(step, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max(), err_msg=leaf)
