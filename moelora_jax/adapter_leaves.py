@@ -24,7 +24,10 @@ ADAPTER_LEAVES: tuple[str, ...] = FACTOR_LEAVES + GATE_LEAVES
 def leaf_name(path: jax.tree_util.KeyPath) -> str | None:
     """The name of the leaf at ``path`` (a key path of ``jax.tree_util.tree_flatten_with_path``): its last key's
     dict key (``DictKey``, when a string) or attribute name (``GetAttrKey``); None for the root, a sequence index,
-    a flattened index or a non-string dict key."""
+    a flattened index or a non-string dict key. A Flax NNX ``Variable``'s ``.value`` (as ``nnx.Optimizer`` gives a
+    transform's ``init`` the model's state) is named by the Variable's own key."""
+    if len(path) > 1 and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
     key = path[-1] if path else None
     if isinstance(key, jax.tree_util.DictKey):
         return key.key if isinstance(key.key, str) else None
