@@ -78,6 +78,9 @@ def test_a_run_on_a_bucket_killed_and_resumed_by_another_host_equals_the_local_r
         assert name in stored
     assert any(name.startswith("tensorboard/events.out.tfevents") for name in stored)
     assert {name.split("/")[1] for name in stored if name.startswith("checkpoints/")} >= {"8", "12"}
+    # verified on the bucket too: each checkpoint's digest written before its commit marker, read at the resume
+    assert {"checkpoints/8/digest.json", "checkpoints/12/digest.json"} <= set(stored)
+    assert "has no digest" not in result.stderr
     assert any(name.startswith("compilation_cache/") for name in stored)
     assert len((run / "commands.jsonl").read_text().splitlines()) == 2  # each attempt's command line
 
