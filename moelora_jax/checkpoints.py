@@ -40,7 +40,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax.traverse_util import flatten_dict
 
-from moelora_jax.errors import UserError, check_at_least
+from moelora_jax.errors import UserError, check_at_least, first_line
 from moelora_jax.storage import as_path, files_under, free_bytes
 from moelora_jax.trainer import TrainState
 
@@ -241,7 +241,7 @@ class Checkpoints:
             yield
         except _UNREADABLE as e:
             raise UserError(
-                f"a checkpoint could not be written to {self.directory} ({_first_line(e, 300)}); the complete "
+                f"a checkpoint could not be written to {self.directory} ({first_line(e, 300)}); the complete "
                 f"checkpoints there (steps {self.steps()}) are intact: free space or fix the directory, then rerun to "
                 "resume."
             ) from e
@@ -274,10 +274,4 @@ def _unreadable(path: Any, steps: list[int], step: int, error: Exception) -> str
         if earlier
         else "move it aside to start afresh"
     )
-    return f"checkpoint {path} cannot be read ({_first_line(error, 200)}): {fix}."
-
-
-def _first_line(error: Exception, limit: int) -> str:
-    """The first line of an error's message (at most ``limit`` characters), or its type when it has none."""
-    text = str(error).strip()
-    return text.splitlines()[0][:limit] if text else type(error).__name__
+    return f"checkpoint {path} cannot be read ({first_line(error, 200)}): {fix}."

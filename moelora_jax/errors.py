@@ -12,6 +12,13 @@ class UserError(ValueError):
     """
 
 
+def first_line(error: BaseException, limit: int | None = None) -> str:
+    """The first line of an error's message (at most ``limit`` characters), or its type's name when it has none:
+    how another library's error is quoted inside a ``UserError``'s one line."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
 def check_choice(name: str, value: object, choices: tuple) -> None:
     """``name=value`` must be one of ``choices``: the one wording of that check, wherever a setting is read."""
     if value not in choices:

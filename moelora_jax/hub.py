@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from moelora_jax.errors import UserError
+from moelora_jax.errors import UserError, first_line
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
@@ -37,8 +37,7 @@ def snapshot(source: str) -> Path:
             "download it once with network access, or give a local directory."
         ) from e
     except (RepositoryNotFoundError, HfHubHTTPError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"model.path={source} cannot be fetched from the Hugging Face hub ({reason}).") from e
+        raise UserError(f"model.path={source} cannot be fetched from the Hugging Face hub ({first_line(e)}).") from e
     if not any(directory.glob("*.safetensors")):
         raise UserError(
             f"model.path={source} has no safetensors weights (pickled .bin weights are never loaded): convert it, "

@@ -29,7 +29,7 @@ import safetensors.numpy
 from flax import traverse_util
 
 from moelora_jax.atomic import atomic_directory
-from moelora_jax.errors import UserError
+from moelora_jax.errors import UserError, first_line
 from moelora_jax.hub import is_hub_id, snapshot
 from moelora_jax.models.llama import Llama, LlamaConfig, abstract_variables
 from moelora_jax.quantize import QuantConfig, kernel_leaves, quantize
@@ -225,9 +225,9 @@ def load_tokenizer(directory: str | os.PathLike) -> Any:
     try:
         return transformers.AutoTokenizer.from_pretrained(directory)
     except (ValueError, OSError, ImportError) as e:  # a file cut short or malformed; sentencepiece missing
-        message = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"the tokenizer in {directory} cannot be loaded ({message}): use the tokenizer files saved with the model."
+            f"the tokenizer in {directory} cannot be loaded ({first_line(e, 200)}): use the tokenizer files saved with "
+            "the model."
         ) from e
 
 

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import numpy as np
 
 from moelora_jax.data import Example, read_jsonl, read_lines, require_file
-from moelora_jax.errors import UserError
+from moelora_jax.errors import UserError, first_line
 from moelora_jax.storage import local_copy
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -259,8 +259,7 @@ def _root_cause(error: BaseException) -> str:
     """The first line of the innermost error ``error`` was raised from (``datasets`` wraps the reader's)."""
     while error.__cause__ is not None:
         error = error.__cause__
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
+    return first_line(error, 200)
 
 
 def _text(record: dict, field: str, where: str, *, required: bool = True) -> str:
