@@ -271,8 +271,9 @@ def riemann_precond(
         param_by_path = dict(jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_masked)[0])
         for group in groups:
             where = jax.tree_util.keystr(paths[group.lora_a][:-1]) or "<root>"
+            members = (group.lora_a, group.lora_b, group.mixer)
             found = []
-            for index in (group.lora_a, group.lora_b, group.mixer):
+            for index in members:
                 if index is None:
                     found.append(None)
                     continue
@@ -287,8 +288,10 @@ def riemann_precond(
             shapes = [a_shape, b_shape, None if found[2] is None else jnp.shape(found[2])]
             matrices = [None if f is None else jnp.reshape(f, shape) for f, shape in zip(found, shapes, strict=True)]
             _check_shapes(where, *matrices)
-            indices = [i for i in group[:3] if i is not None]
-            grads = tuple(jnp.reshape(leaves[i], shapes[k]) for k, i in enumerate(group[:3]) if i is not None)
+            indices = [i for i in members if i is not None]
+            grads = tuple(
+                jnp.reshape(leaves[i], shape) for i, shape in zip(members, shapes, strict=True) if i is not None
+            )
             new = _precondition(*matrices, grads, reg)
             for index, value in zip(indices, new, strict=True):
                 leaves[index] = jnp.reshape(value, jnp.shape(leaves[index]))
