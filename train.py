@@ -15,10 +15,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from moelora_jax.cli import parse_flags
 from moelora_jax.errors import UserError
-from moelora_jax.preemption import EXIT_PREEMPTED, PreemptedError
-from moelora_jax.run import run
+from moelora_jax.training.cli import parse_flags
+from moelora_jax.training.preemption import EXIT_PREEMPTED, PreemptedError
+from moelora_jax.training.run import run
 
 # transformers announces at import that torch is absent; we use only its tokenizers and configs, on purpose.
 std_logging.getLogger("transformers").addFilter(lambda r: not r.getMessage().startswith("PyTorch was not found"))

@@ -6,12 +6,12 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from moelora_jax.config_file import load_config as load_config_file
-from moelora_jax.data import Encoded, Layout, batch_indices
-from moelora_jax.job import batch_layout, build_trainer, job_mesh, load_data
-from moelora_jax.pretrained import load_config, load_tokenizer, resolve_model_dir
-from moelora_jax.settings import Settings
-from moelora_jax.trainer import Trainer
+from moelora_jax.data.encoding import Encoded, Layout, batch_indices
+from moelora_jax.models.pretrained import load_config, load_tokenizer, resolve_model_dir
+from moelora_jax.training.config_file import load_config as load_config_file
+from moelora_jax.training.job import batch_layout, build_trainer, job_mesh, load_data
+from moelora_jax.training.settings import Settings
+from moelora_jax.training.trainer import Trainer
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "llama_moelora.py"
 
@@ -19,7 +19,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "llama_moelora.py"
 @dataclasses.dataclass(frozen=True)
 class Command1:
     """``configs/llama_moelora.py`` as command 1 runs it: its config, settings, model and encoded BBC examples, read
-    by the job's own setup pieces (:mod:`moelora_jax.job`)."""
+    by the job's own setup pieces (:mod:`moelora_jax.training.job`)."""
 
     config: Any
     settings: Settings

@@ -29,12 +29,12 @@ import jax
 import jax.numpy as jnp
 from bbc_batches import CONFIG
 
-from moelora_jax.checkpoints import Checkpoints, damaged_files, file_digests
-from moelora_jax.config_file import load_config
-from moelora_jax.job import setup_shapes
 from moelora_jax.models.shapes import SHAPES
-from moelora_jax.settings import Settings
-from moelora_jax.trainer import TrainState
+from moelora_jax.training.checkpoints import Checkpoints, damaged_files, file_digests
+from moelora_jax.training.config_file import load_config
+from moelora_jax.training.job import setup_shapes
+from moelora_jax.training.settings import Settings
+from moelora_jax.training.trainer import TrainState
 
 
 def _as_if_trained(state: TrainState) -> TrainState:

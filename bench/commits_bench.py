@@ -30,22 +30,20 @@ def worker(steps: int, batch_size: int) -> None:
     import time
 
     import jax
+    from tree_modules import tree_module
 
     import moelora_jax
-    from moelora_jax.config_file import load_config as load_config_file
 
-    config = load_config_file(Path.cwd() / "configs" / "llama_moelora.py")
+    config = tree_module("training.config_file", "config_file").load_config(Path.cwd() / "configs" / "llama_moelora.py")
     config.train.batch_size = batch_size
     with tempfile.TemporaryDirectory() as output_dir:
         try:  # a tree whose job is built once by its setup
-            from moelora_jax.job import setup
+            job_module = tree_module("training.job", "job")
         except ImportError:
             trainer, params, batches = _by_hand(config, steps, batch_size)
         else:
-            from moelora_jax.settings import Settings
-
             config.output_dir, config.compilation_cache = output_dir, ""
-            job = setup(Settings.from_config(config))
+            job = job_module.setup(tree_module("training.settings", "settings").Settings.from_config(config))
             trainer, params = job.trainer, job.params
             batches = [job.batches(s + 1).arrays for s in range(steps)]
         state, first, seen = trainer.init(jax.random.key(0)), None, set()
@@ -64,17 +62,18 @@ def worker(steps: int, batch_size: int) -> None:
 
 
 def _by_hand(config, steps: int, batch_size: int) -> tuple:
-    """The trainer, weights and step batches of a tree from before the job setup, wired as its run did."""
+    """The trainer, weights and step batches of a tree from before the job setup (so with flat modules), wired as
+    its run did."""
     import flax.linen as nn
     import jax
-
-    from moelora_jax import data
-    from moelora_jax.models.llama import Llama, abstract_variables
-    from moelora_jax.optim import build_optimizer
     from moelora_jax.pretrained import load_config, load_params, load_tokenizer, resolve_model_dir
     from moelora_jax.sharding import make_mesh
     from moelora_jax.tasks import load_task
     from moelora_jax.trainer import Trainer
+
+    from moelora_jax import data
+    from moelora_jax.models.llama import Llama, abstract_variables
+    from moelora_jax.optim import build_optimizer
 
     try:  # a tree with validated settings sections
         from moelora_jax.settings import Settings

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from moelora_jax.accelerators import TOPOLOGIES
 from moelora_jax.models.llama import REMAT_CHOICES
+from moelora_jax.parallel.topologies import TOPOLOGIES
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30

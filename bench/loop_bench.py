@@ -6,9 +6,10 @@ the loop before this work and after it, side by side in one run.
 
 ``--base`` (default d58b42c, the last commit before the loop ran ahead of the host) is checked out into a temporary
 git worktree. For each job, each round runs one worker process per tree (base, then this working tree): the worker
-imports that tree's ``moelora_jax`` (``PYTHONPATH``) and runs the whole job through its ``moelora_jax.run.run``, with
-``Trainer.train_step`` wrapped to note when each step is dispatched and to keep its batch (global arrays already on
-the devices). Then it times the compiled step alone on those same batches, every shape compiled: each batch
+imports that tree's ``moelora_jax`` (``PYTHONPATH``) and runs the whole job through its ``run``
+(``moelora_jax.training.run``, or ``moelora_jax.run`` in an older tree), with ``Trainer.train_step`` wrapped to note
+when each step is dispatched and to keep its batch (global arrays already on the devices). Then it times the compiled
+step alone on those same batches, every shape compiled: each batch
 ``--repeats`` times back to back (the state carried along), waiting once at the end. Reported per tree:
 
 - ``steady``: the loop's time per step in the steady state, the time from one dispatch to the next summed over the
@@ -52,8 +53,9 @@ between its checkpoints."""
 
 def _config(job: str, directory: Path) -> Any:
     """The job's config, its outputs (and, for ``tiny``, its model and data) under ``directory``."""
-    from moelora_jax.config_file import load_config
+    from tree_modules import tree_module
 
+    load_config = tree_module("training.config_file", "config_file").load_config
     if job == "command1":
         config = load_config(Path.cwd() / "configs" / "llama_moelora.py")
         config.train.eval_before, config.data.max_eval_examples, config.train.eval_batch_size = False, 8, 8
@@ -102,9 +104,10 @@ def worker(job: str, repeats: int, traced: tuple[int, int] | None = None) -> dic
     """Runs in a tree: the job through its ``run``, then the compiled step alone on the same batches. With
     ``traced``, only a ``jax.profiler`` trace of those steps, and the devices' idle gaps in it."""
     import jax
+    from tree_modules import tree_module
 
-    from moelora_jax import trainer as trainer_module
-    from moelora_jax.run import run
+    trainer_module = tree_module("training.trainer", "trainer")
+    run = tree_module("training.run", "run").run
 
     calls: list[tuple[float, Any, Any, dict]] = []
     original = trainer_module.Trainer.train_step

@@ -29,8 +29,8 @@ import jax
 from bbc_batches import Command1
 
 from moelora_jax.models.llama import REMAT_CHOICES, init_variables
-from moelora_jax.pretrained import load_params
-from moelora_jax.trainer import batch_loss
+from moelora_jax.models.pretrained import load_params
+from moelora_jax.training.trainer import batch_loss
 
 REPEATS = 3
 KINDS = ("eval_logits", "eval_loss", "train")

@@ -39,8 +39,8 @@ from timing import add_run_arguments, interleaved_medians
 
 from moelora_jax import AdapterConfig, riemann_precond
 from moelora_jax.models.llama import Llama, LlamaConfig, init_variables
+from moelora_jax.models.pretrained import load_config, load_params, resolve_model_dir
 from moelora_jax.models.shapes import SHAPES
-from moelora_jax.pretrained import load_config, load_params, resolve_model_dir
 
 MOE = AdapterConfig(num_experts=20, rank=4, top_k=10, alpha=16.0)
 LORA = AdapterConfig(num_experts=1, rank=4, alpha=16.0)

@@ -30,8 +30,8 @@ import jax
 import numpy as np
 from bbc_batches import Command1
 
-from moelora_jax.data import Layout
-from moelora_jax.pretrained import load_params
+from moelora_jax.data.encoding import Layout
+from moelora_jax.models.pretrained import load_params
 
 
 def layouts(encoded: list, max_length: int, pack_lengths: list[int], remat: str) -> dict[str, tuple[Layout, str]]:

@@ -32,9 +32,9 @@ from bbc_batches import Command1
 from trainer_step import token_batch, trainer_step
 
 from moelora_jax import AdapterConfig
-from moelora_jax.data import Layout
-from moelora_jax.optim import OptimConfig
-from moelora_jax.pretrained import load_config, load_params, resolve_model_dir
+from moelora_jax.data.encoding import Layout
+from moelora_jax.models.pretrained import load_config, load_params, resolve_model_dir
+from moelora_jax.optim.optimizer import OptimConfig
 
 RANK, ALPHA, LR, REG, DROPOUT = 4, 16.0, 1e-4, 1e-6, 0.05
 TARGETS = ("q", "k", "v", "o")

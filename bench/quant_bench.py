@@ -5,7 +5,7 @@
 
 Sections:
   - ``bytes``: frozen projection-kernel bytes of int8, nf4 and nf4 + double quantization against bfloat16
-    (computed from the formats' leaf shapes, :func:`moelora_jax.quantize.kernel_leaves`);
+    (computed from the formats' leaf shapes, :func:`moelora_jax.adapters.quantize.kernel_leaves`);
   - ``load``: peak host RSS of ``load_params`` for each mode, each in its own process;
   - ``agreement``: next-token argmax agreement and mean KL(float || quantized) over the real tokens of command 1's
     held-out BBC prompts;
@@ -28,12 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 from bbc_batches import Command1
 
-from moelora_jax.data import encode_prompt, left_pad
+from moelora_jax.adapters.quantize import QuantConfig, kernel_leaves
+from moelora_jax.data.encoding import encode_prompt, left_pad
+from moelora_jax.data.tasks import load_task
 from moelora_jax.models.llama import Llama, LlamaConfig
+from moelora_jax.models.pretrained import load_config, load_params, resolve_model_dir
 from moelora_jax.models.shapes import SHAPES
-from moelora_jax.pretrained import load_config, load_params, resolve_model_dir
-from moelora_jax.quantize import QuantConfig, kernel_leaves
-from moelora_jax.tasks import load_task
 
 MODES = {
     "int8": QuantConfig("int8"),

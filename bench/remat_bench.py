@@ -22,7 +22,7 @@ import jax
 from bbc_batches import Command1
 
 from moelora_jax.models.llama import REMAT_CHOICES
-from moelora_jax.pretrained import load_params
+from moelora_jax.models.pretrained import load_params
 
 
 def measure(rounds: int, batch_size: int) -> dict[str, Any]:

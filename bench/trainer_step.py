@@ -13,12 +13,12 @@ import numpy as np
 from bbc_batches import CONFIG
 
 from moelora_jax import AdapterConfig
-from moelora_jax.config_file import load_config
-from moelora_jax.job import build_trainer
 from moelora_jax.models.llama import LlamaConfig
-from moelora_jax.optim import OptimConfig
-from moelora_jax.settings import Settings
-from moelora_jax.sharding import make_mesh
+from moelora_jax.optim.optimizer import OptimConfig
+from moelora_jax.parallel.sharding import make_mesh
+from moelora_jax.training.config_file import load_config
+from moelora_jax.training.job import build_trainer
+from moelora_jax.training.settings import Settings
 
 
 def token_batch(tokens: np.ndarray) -> dict[str, np.ndarray]:

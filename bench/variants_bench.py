@@ -34,12 +34,12 @@ from timing import add_run_arguments, interleaved_medians
 from trainer_step import trainer_step
 
 from moelora_jax import AdapterConfig
-from moelora_jax.adapters import ROUTER_COLLECTION
+from moelora_jax.adapters.layers import ROUTER_COLLECTION
+from moelora_jax.adapters.routing import RouterLosses, router_stats, sown_routing
 from moelora_jax.models.llama import Llama, LlamaConfig, init_variables
+from moelora_jax.models.pretrained import load_config, load_params, resolve_model_dir
 from moelora_jax.models.shapes import SHAPES
-from moelora_jax.optim import OptimConfig
-from moelora_jax.pretrained import load_config, load_params, resolve_model_dir
-from moelora_jax.routing import RouterLosses, router_stats, sown_routing
+from moelora_jax.optim.optimizer import OptimConfig
 
 RANK, ALPHA = 4, 16.0
 TARGETS = ("q", "k", "v", "o")

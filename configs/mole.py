@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ml_collections import ConfigDict
 
-from moelora_jax.config_file import load_config
+from moelora_jax.training.config_file import load_config
 
 
 def get_config(preset: str = "") -> ConfigDict:

@@ -5,7 +5,7 @@
     python train.py --config configs/moslora.py --config.adapter.kind=moe_lora    # MoE-LoRA, a mixer per expert
 
 ``dW = A M B`` with ``M`` Kaiming-uniform (zero would not train; the identity is plain LoRA). ``riemann_precond``
-preconditions each factor by the Gram matrix of the rest of the product (see ``moelora_jax.riemann``). Everything
+preconditions each factor by the Gram matrix of the rest of the product (see ``moelora_jax.optim.riemann``). Everything
 else is ``configs/llama_moelora.py``'s, whose presets (``smoke``, ``paper``) apply too.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ml_collections import ConfigDict
 
-from moelora_jax.config_file import load_config
+from moelora_jax.training.config_file import load_config
 
 
 def get_config(preset: str = "") -> ConfigDict:

@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from moelora_jax import AdapterConfig
-from moelora_jax.generation import generate
+from moelora_jax.models.generation import generate
 from moelora_jax.models.llama import Llama, init_variables
-from moelora_jax.pretrained import load_pretrained
+from moelora_jax.models.pretrained import load_pretrained
 
 
 def main() -> None:

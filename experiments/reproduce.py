@@ -55,11 +55,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moelora_jax.atomic import write_text_atomically  # noqa: E402
 from moelora_jax.errors import UserError  # noqa: E402
-from moelora_jax.evaluation import EXAMPLES_FILE  # noqa: E402
-from moelora_jax.preemption import EXIT_PREEMPTED  # noqa: E402
-from moelora_jax.run_log import METRICS_FILE, read_records  # noqa: E402
+from moelora_jax.evaluation.scoring import EXAMPLES_FILE  # noqa: E402
+from moelora_jax.io.atomic import write_text_atomically  # noqa: E402
+from moelora_jax.training.preemption import EXIT_PREEMPTED  # noqa: E402
+from moelora_jax.training.run_log import METRICS_FILE, read_records  # noqa: E402
 
 CONFIG = ROOT / "configs" / "llama_moelora.py"
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -469,8 +469,8 @@ def run_resolve(resolve: Resolve, methods: list[str], root: Path, extra: dict[st
 
 def commonest(records: list[dict[str, Any]], field: str) -> tuple[str | None, float]:
     """The commonest value of ``field`` over a run's held-out examples
-    (:func:`~moelora_jax.evaluation.example_records`: ``"answer"``, None where unreadable, or ``"label"``) and the
-    share of examples that have it."""
+    (:func:`~moelora_jax.evaluation.scoring.example_records`: ``"answer"``, None where unreadable, or ``"label"``) and
+    the share of examples that have it."""
     value, count = collections.Counter(r[field] for r in records).most_common(1)[0]
     return value, count / len(records)
 

@@ -4,16 +4,17 @@
         --model_shape llama-3.2-3b [--config.KEY=VALUE ...] [--json report.json] [--find_batch] \\
         [--programs train_step]
 
-The job is built from shapes alone (:func:`moelora_jax.job.setup_shapes`: a published shape or ``model.path``'s
+The job is built from shapes alone (:func:`moelora_jax.training.job.setup_shapes`: a published shape or ``model.path``'s
 ``config.json``, the worst-case batch the settings allow) on compile-only devices of the slice
-(:mod:`moelora_jax.accelerators`), and its three programs are compiled: the train step, the held-out loss and greedy
-generation. Per program and per chip it reports XLA's memory (arguments, temporaries, outputs; the total is what the
-program needs resident), the matmul FLOPs of one call with every loop counted (:mod:`moelora_jax.hlo_stats`), the
-collectives and the compile time. For the train step it adds the model's own FLOPs (:func:`model_flops`, so the ratio
-shows what remat recomputes) and a roofline bound: a step takes at least ``max(FLOPs / peak, bytes / bandwidth)``,
-where the bytes are the arguments read and the outputs written once (a lower bound on HBM traffic), so
-``roofline_mfu`` is an upper bound on the MFU the step can reach. Pallas kernels (``model.attention=splash``) hide
-their FLOPs from the HLO: then the ratio is not reported and the bound takes at least the model's FLOPs.
+(:mod:`moelora_jax.parallel.topologies`), and its three programs are compiled: the train step, the held-out loss and
+greedy generation. Per program and per chip it reports XLA's memory (arguments, temporaries, outputs; the total is what
+the program needs resident), the matmul FLOPs of one call with every loop counted
+(:mod:`moelora_jax.parallel.hlo_stats`), the collectives and the compile time. For the train step it adds the model's
+own FLOPs (:func:`model_flops`, so the ratio shows what remat recomputes) and a roofline bound: a step takes at least
+``max(FLOPs / peak, bytes / bandwidth)``, where the bytes are the arguments read and the outputs written once (a lower
+bound on HBM traffic), so ``roofline_mfu`` is an upper bound on the MFU the step can reach. Pallas kernels
+(``model.attention=splash``) hide their FLOPs from the HLO: then the ratio is not reported and the bound takes at least
+the model's FLOPs.
 
 A train step fits when its total stays within ``1 - HEADROOM`` of the chip's HBM (XLA's estimate does not see the
 runtime's own buffers or fragmentation); one that does not, or that the TPU compiler refuses outright
@@ -39,16 +40,16 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from moelora_jax.accelerators import TOPOLOGIES, Topology, compile_devices, topology
-from moelora_jax.cli import parse_flags
 from moelora_jax.errors import UserError
-from moelora_jax.generation import generate
-from moelora_jax.hlo_stats import collectives, kernel_calls, matmul_flops
-from moelora_jax.job import JobShapes, data_shards, setup_shapes
+from moelora_jax.models.generation import generate
 from moelora_jax.models.llama import REMAT_CHOICES
 from moelora_jax.models.shapes import SHAPES
-from moelora_jax.settings import Settings
-from moelora_jax.sharding import batch_sharding
+from moelora_jax.parallel.hlo_stats import collectives, kernel_calls, matmul_flops
+from moelora_jax.parallel.sharding import batch_sharding
+from moelora_jax.parallel.topologies import TOPOLOGIES, Topology, compile_devices, topology
+from moelora_jax.training.cli import parse_flags
+from moelora_jax.training.job import JobShapes, data_shards, setup_shapes
+from moelora_jax.training.settings import Settings
 
 HEADROOM = 0.10
 """The share of a chip's HBM a fitting train step leaves free."""

@@ -2,8 +2,8 @@
 
 ``python -m moelora_jax.evaluate --model PATH --adapters DIR --tasks commonsenseqa_local --limit N
 --batch-size B --output results.json`` runs ``lm_eval.simple_evaluate`` on the ``moelora_jax`` model
-(:mod:`moelora_jax.lm_eval_model`) with this package's task directory (``lm_eval_tasks/``) included, prints
-lm-eval's results table and writes the results as JSON. ``--model ""`` (the default) is the offline
+(:mod:`moelora_jax.evaluation.lm_eval_model`) with this package's task directory (``evaluation/lm_eval_tasks/``)
+included, prints lm-eval's results table and writes the results as JSON. ``--model ""`` (the default) is the offline
 SmolLM2-135M-Instruct.
 
 Local tasks read their data from ``--data-dir``, default ``$MOELORA_JAX_DATA_DIR``, else ``../shared/data`` beside
@@ -33,12 +33,12 @@ from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import handle_non_serializable, make_table
 
-from moelora_jax.atomic import write_text_atomically
-from moelora_jax.data import read_jsonl
+from moelora_jax.data.encoding import read_jsonl
 from moelora_jax.errors import UserError
-from moelora_jax.lm_eval_model import DTYPES, MoeloraLM
+from moelora_jax.evaluation.lm_eval_model import DTYPES, MoeloraLM
+from moelora_jax.io.atomic import write_text_atomically
 
-TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
+TASKS_DIR = Path(__file__).resolve().parent / "evaluation" / "lm_eval_tasks"
 DATA_DIR_ENV = "MOELORA_JAX_DATA_DIR"
 CSQA_FILES = {"validation": "dev_rand_split.jsonl", "train": "train_rand_split.jsonl"}
 CSQA_LABELS = ["A", "B", "C", "D", "E"]

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from moelora_jax import AdaptedDense, AdapterConfig, MoleConfig, moe_lora_delta, topk_softmax_gate
-from moelora_jax.adapter_leaves import FACTOR_LEAVES, GATE_LEAVES
-from moelora_jax.adapters import MoleGate, dropout_mask, lora_mixture
+from moelora_jax.adapters.layers import MoleGate, dropout_mask, lora_mixture
+from moelora_jax.adapters.leaves import FACTOR_LEAVES, GATE_LEAVES
 from moelora_jax.errors import UserError
-from moelora_jax.sharding import DEFAULT_RULES, logical_shardings, make_mesh
+from moelora_jax.parallel.sharding import DEFAULT_RULES, logical_shardings, make_mesh
 
 E, D_IN, R, D_OUT = 5, 12, 3, 7
 

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 from moelora_jax import AdapterConfig
-from moelora_jax.checkpoints import DIGEST_FILE, ITEMS, Checkpoints, fingerprint_differences
 from moelora_jax.errors import UserError
 from moelora_jax.models.llama import Llama, LlamaConfig, init_variables
-from moelora_jax.optim import OptimConfig, build_optimizer
-from moelora_jax.sharding import make_mesh
-from moelora_jax.trainer import Trainer, TrainState
+from moelora_jax.optim.optimizer import OptimConfig, build_optimizer
+from moelora_jax.parallel.sharding import make_mesh
+from moelora_jax.training.checkpoints import DIGEST_FILE, ITEMS, Checkpoints, fingerprint_differences
+from moelora_jax.training.trainer import Trainer, TrainState
 
 CONFIG = LlamaConfig(64, 32, 64, 2, 4, 2, 8)
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,8 +194,8 @@ def test_a_checkpoint_without_a_digest_restores_with_a_warning_and_unreadable_fa
 _SAVER = textwrap.dedent(
     """
     import sys, jax, numpy as np
-    from moelora_jax.checkpoints import Checkpoints
-    from moelora_jax.trainer import TrainState
+    from moelora_jax.training.checkpoints import Checkpoints
+    from moelora_jax.training.trainer import TrainState
 
     def state(step, fill):
         big = {"w": np.full((8, 1024, 1024), fill, np.float32)}  # 32 MiB: the save takes a while
@@ -251,7 +251,7 @@ def test_a_disk_that_fills_during_a_save_fails_in_one_line_and_keeps_the_last_ch
             f.write(b"\0" * (shutil.disk_usage(disk).free - 256 * 1024))
         with pytest.raises(UserError, match=r"checkpoint 2 needs about 2\.0 MiB .* \(steps \[1\]\) are intact"):
             checkpoints.save(state._replace(step=np.int32(2)))
-        monkeypatch.setattr("moelora_jax.checkpoints.free_bytes", lambda directory: 1 << 40)
+        monkeypatch.setattr("moelora_jax.training.checkpoints.free_bytes", lambda directory: 1 << 40)
         with pytest.raises(UserError, match=r"could not be written .* \(steps \[1\]\) are intact"):
             checkpoints.save(state._replace(step=np.int32(2), adapters={"w": noise + 1}))
             checkpoints.wait()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from train_cli import RECORDS, ROOT, command, environment, error_line, records, tiny_job, train, write_records
 
-from moelora_jax.export import load_adapters
+from moelora_jax.formats.export import load_adapters
 
 
 def test_a_tiny_job_runs_end_to_end(tiny_model_dir, tmp_path):
@@ -161,7 +161,7 @@ def test_a_bug_keeps_its_traceback(checkpointed_run, tmp_path):
     bug = "def broken(*args, **kwargs):\n    raise KeyError('a bug in the batch layout')\n"
     script = tmp_path / "buggy_train.py"
     script.write_text(
-        f"import runpy, sys\nimport moelora_jax.job\n{bug}moelora_jax.job.batch_layout = broken\n"
+        f"import runpy, sys\nimport moelora_jax.training.job\n{bug}moelora_jax.training.job.batch_layout = broken\n"
         f"sys.argv[0] = {str(ROOT / 'train.py')!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
     )
     argv = command(tmp_path / "run", *job)

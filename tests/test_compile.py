@@ -12,11 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-from moelora_jax.accelerators import TOPOLOGIES, compile_devices, topology
 from moelora_jax.compile import HEADROOM, compile_train_step, find_batch, largest_fitting, with_batch
-from moelora_jax.config_file import load_config
-from moelora_jax.job import setup_shapes
-from moelora_jax.settings import Settings
+from moelora_jax.parallel.topologies import TOPOLOGIES, compile_devices, topology
+from moelora_jax.training.config_file import load_config
+from moelora_jax.training.job import setup_shapes
+from moelora_jax.training.settings import Settings
 
 needs_libtpu = pytest.mark.skipif(find_spec("libtpu") is None, reason="needs libtpu: pip install 'moelora_jax[tpu]'")
 needs_cuda_plugin = pytest.mark.skipif(

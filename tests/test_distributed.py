@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from moelora_jax.distributed import any_process, host_local_batch, initialize, on_cloud_tpu_vm, to_host
-from moelora_jax.sharding import batch_sharding, make_mesh
+from moelora_jax.parallel.distributed import any_process, host_local_batch, initialize, on_cloud_tpu_vm, to_host
+from moelora_jax.parallel.sharding import batch_sharding, make_mesh
 
 
 def test_initialize_only_when_asked_or_detected(tmp_path):

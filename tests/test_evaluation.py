@@ -1,16 +1,17 @@
-"""Evaluation by generation (:mod:`moelora_jax.evaluation`): length-bucketed batches answer as one prompt at a time."""
+"""Evaluation by generation (:mod:`moelora_jax.evaluation.scoring`): length-bucketed batches answer as one prompt at a
+time."""
 
 import jax
 import optax
 
 from moelora_jax import AdapterConfig
-from moelora_jax.data import Example
-from moelora_jax.evaluation import generate_answers, task_score
+from moelora_jax.data.encoding import Example
+from moelora_jax.data.tasks import TASKS
+from moelora_jax.evaluation.scoring import generate_answers, task_score
 from moelora_jax.models.llama import Llama
-from moelora_jax.pretrained import load_config, load_params
-from moelora_jax.sharding import make_mesh
-from moelora_jax.tasks import TASKS
-from moelora_jax.trainer import Trainer
+from moelora_jax.models.pretrained import load_config, load_params
+from moelora_jax.parallel.sharding import make_mesh
+from moelora_jax.training.trainer import Trainer
 
 PROMPTS = ["why ?", "what colour is the sky ?", "the answer is", "question : what is a b c ? yes no", "blue"]
 

@@ -13,11 +13,18 @@ import pytest
 import yaml
 
 from moelora_jax import AdapterConfig
-from moelora_jax.adapters import MoleConfig
+from moelora_jax.adapters.layers import MoleConfig
 from moelora_jax.errors import UserError
-from moelora_jax.export import MODULES, export_adapters, export_merged, export_peft, load_adapters, merge_adapters
+from moelora_jax.formats.export import (
+    MODULES,
+    export_adapters,
+    export_merged,
+    export_peft,
+    load_adapters,
+    merge_adapters,
+)
 from moelora_jax.models.llama import TARGETS, Llama, init_variables
-from moelora_jax.pretrained import (
+from moelora_jax.models.pretrained import (
     SafetensorsFile,
     load_config,
     load_params,

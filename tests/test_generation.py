@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from moelora_jax import AdapterConfig
-from moelora_jax.generation import generate, sample_logits
+from moelora_jax.models.generation import generate, sample_logits
 from moelora_jax.models.llama import Llama, LlamaConfig, init_variables
-from moelora_jax.pretrained import load_config, load_params
+from moelora_jax.models.pretrained import load_config, load_params
 
 torch = pytest.importorskip("torch")
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from moelora_jax.accelerators import compile_devices, topology
-from moelora_jax.hlo_stats import collectives, matmul_flops
+from moelora_jax.parallel.hlo_stats import collectives, matmul_flops
+from moelora_jax.parallel.topologies import compile_devices, topology
 
 
 def _hlo(f, *args) -> str:

@@ -6,7 +6,7 @@ import shutil
 
 from train_cli import error_line, tiny_job, train, write_records
 
-from moelora_jax.hub import is_hub_id
+from moelora_jax.io.hub import is_hub_id
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

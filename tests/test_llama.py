@@ -21,8 +21,8 @@ from moelora_jax.models.llama import (
     init_variables,
     swiglu,
 )
-from moelora_jax.pretrained import load_config, load_params
-from moelora_jax.sharding import DEFAULT_RULES, batch_sharding, logical_shardings, make_mesh
+from moelora_jax.models.pretrained import load_config, load_params
+from moelora_jax.parallel.sharding import DEFAULT_RULES, batch_sharding, logical_shardings, make_mesh
 
 torch = pytest.importorskip("torch")
 

@@ -1,5 +1,6 @@
-"""The lm-evaluation-harness model (:mod:`moelora_jax.lm_eval_model`) against direct computations with our model and
-against lm-eval's own Hugging Face model, and the ``python -m moelora_jax.evaluate`` command on the local CSQA tasks."""
+"""The lm-evaluation-harness model (:mod:`moelora_jax.evaluation.lm_eval_model`) against direct computations with our
+model and against lm-eval's own Hugging Face model, and the ``python -m moelora_jax.evaluate`` command on the local
+CSQA tasks."""
 
 import functools
 import json
@@ -21,10 +22,10 @@ from lm_eval.tasks._yaml_loader import load_yaml  # noqa: E402
 from moelora_jax import AdapterConfig  # noqa: E402
 from moelora_jax.errors import UserError  # noqa: E402
 from moelora_jax.evaluate import TASKS_DIR, commonsenseqa_dataset, main, task_manager  # noqa: E402
-from moelora_jax.export import export_adapters  # noqa: E402
-from moelora_jax.lm_eval_model import MoeloraLM  # noqa: E402
+from moelora_jax.evaluation.lm_eval_model import MoeloraLM  # noqa: E402
+from moelora_jax.formats.export import export_adapters  # noqa: E402
 from moelora_jax.models.llama import Llama, init_variables  # noqa: E402
-from moelora_jax.pretrained import load_config, load_params  # noqa: E402
+from moelora_jax.models.pretrained import load_config, load_params  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DIRECT_LENGTH = 32  # the one row length of the direct computations (one compiled program)

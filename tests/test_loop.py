@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 from train_cli import ROOT, apply_overrides, records, start, tiny_job, write_records
 
-from moelora_jax import loop
-from moelora_jax.config_file import load_config
-from moelora_jax.data import batch_indices
+from moelora_jax.data.encoding import batch_indices
+from moelora_jax.data.pipeline import Prefetcher
 from moelora_jax.errors import UserError
-from moelora_jax.input_pipeline import Prefetcher
-from moelora_jax.job import setup, setup_shapes
 from moelora_jax.models.llama import LlamaConfig
-from moelora_jax.preemption import EXIT_PREEMPTED
-from moelora_jax.settings import Settings
+from moelora_jax.training import loop
+from moelora_jax.training.config_file import load_config
+from moelora_jax.training.job import setup, setup_shapes
+from moelora_jax.training.preemption import EXIT_PREEMPTED
+from moelora_jax.training.settings import Settings
 
 pytestmark = pytest.mark.timeout(300)
 

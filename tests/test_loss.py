@@ -11,12 +11,12 @@ import pytest
 from absl.testing import parameterized
 
 from moelora_jax import AdapterConfig
-from moelora_jax.data import target_positions
-from moelora_jax.hlo_stats import collectives
-from moelora_jax.loss import chunk_size, head_loss
+from moelora_jax.data.encoding import target_positions
 from moelora_jax.models.llama import Llama, LlamaConfig, init_variables, output_head
-from moelora_jax.sharding import DEFAULT_RULES, logical_shardings, make_mesh
-from moelora_jax.trainer import batch_loss
+from moelora_jax.models.loss import chunk_size, head_loss
+from moelora_jax.parallel.hlo_stats import collectives
+from moelora_jax.parallel.sharding import DEFAULT_RULES, logical_shardings, make_mesh
+from moelora_jax.training.trainer import batch_loss
 
 
 def full_logits_loss(logits, tokens, loss_mask):

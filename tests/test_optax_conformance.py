@@ -17,7 +17,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moelora_jax import riemann_precond
-from moelora_jax.optim import gauss_seidel_precond, scale_by_reference_adam
+from moelora_jax.optim.optimizer import gauss_seidel_precond, scale_by_reference_adam
 
 L, D_IN, R, D_OUT = 2, 16, 4, 8
 LR = 0.05

@@ -12,9 +12,15 @@ import optax
 import pytest
 
 from moelora_jax import riemann_precond
-from moelora_jax.adapter_leaves import leaf_name
+from moelora_jax.adapters.leaves import leaf_name
 from moelora_jax.errors import UserError
-from moelora_jax.optim import OptimConfig, adapter_labels, build_optimizer, lr_schedule, scale_by_reference_adam
+from moelora_jax.optim.optimizer import (
+    OptimConfig,
+    adapter_labels,
+    build_optimizer,
+    lr_schedule,
+    scale_by_reference_adam,
+)
 
 
 def _adapters(seed=0):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from moelora_jax import AdapterConfig
-from moelora_jax.data import Encoded, Layout, collate, first_fit_decreasing, pack, targets_bound
+from moelora_jax.data.encoding import Encoded, Layout, collate, first_fit_decreasing, pack, targets_bound
 from moelora_jax.models.llama import Llama, LlamaConfig, init_variables, segment_positions
-from moelora_jax.trainer import batch_loss
+from moelora_jax.training.trainer import batch_loss
 
 CONFIG = LlamaConfig(64, 32, 64, 2, 4, 2, 8)
 ADAPTER = AdapterConfig(num_experts=4, rank=2, top_k=2, alpha=4.0)

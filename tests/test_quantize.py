@@ -13,9 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moelora_jax import quantize as quantize_module
-from moelora_jax.errors import UserError
-from moelora_jax.quantize import (
+from moelora_jax.adapters import quantize as quantize_module
+from moelora_jax.adapters.quantize import (
     DYNAMIC_MAP,
     NESTED_BLOCK,
     NF4_CODE,
@@ -28,6 +27,7 @@ from moelora_jax.quantize import (
     quantize,
     quantized_bytes,
 )
+from moelora_jax.errors import UserError
 
 PUBLISHED_NF4 = [
     -1.0,

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from moelora_jax import AdapterConfig
+from moelora_jax.adapters.quantize import QuantConfig, dequantize_params, quantize_params
 from moelora_jax.models.llama import Llama, LlamaConfig, init_variables
-from moelora_jax.optim import OptimConfig, build_optimizer
-from moelora_jax.pretrained import load_config, load_params
-from moelora_jax.quantize import QuantConfig, dequantize_params, quantize_params
-from moelora_jax.sharding import make_mesh
-from moelora_jax.trainer import Trainer
+from moelora_jax.models.pretrained import load_config, load_params
+from moelora_jax.optim.optimizer import OptimConfig, build_optimizer
+from moelora_jax.parallel.sharding import make_mesh
+from moelora_jax.training.trainer import Trainer
 
 CONFIG = LlamaConfig(64, 64, 128, 2, 4, 2, 16)
 NF4 = QuantConfig("nf4", block_size=32)

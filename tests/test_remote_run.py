@@ -13,8 +13,8 @@ import pytest
 from gcs_emulator import download, files, upload
 from train_cli import one_job_on_processes, records, start, tiny_job, train, write_records
 
-from moelora_jax.pretrained import SafetensorsFile
-from moelora_jax.run_log import read_records
+from moelora_jax.models.pretrained import SafetensorsFile
+from moelora_jax.training.run_log import read_records
 
 STEPS = 12
 SETTINGS = ["--config.checkpoint.every=4", "--config.optim.decay_steps=100", "--config.adapter.dropout=0.1"]

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moelora_jax.config_file import load_config, load_module
-from moelora_jax.data import Example
+from moelora_jax.data.encoding import Example
+from moelora_jax.data.tasks import TASKS
 from moelora_jax.errors import UserError
-from moelora_jax.evaluation import EXAMPLES_FILE, example_records
-from moelora_jax.settings import Settings
-from moelora_jax.tasks import TASKS
+from moelora_jax.evaluation.scoring import EXAMPLES_FILE, example_records
+from moelora_jax.training.config_file import load_config, load_module
+from moelora_jax.training.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_RESULTS = ROOT / "docs" / "results" / "cpu" / "results.json"

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from train_cli import error_line, one_job_on_processes, records, start, tiny_job, train, write_records
 
-from moelora_jax.checkpoints import DIGEST_FILE
-from moelora_jax.preemption import EXIT_PREEMPTED
-from moelora_jax.pretrained import SafetensorsFile
+from moelora_jax.models.pretrained import SafetensorsFile
+from moelora_jax.training.checkpoints import DIGEST_FILE
+from moelora_jax.training.preemption import EXIT_PREEMPTED
 
 STEPS = 24
 SETTINGS = ["--config.checkpoint.every=4", "--config.optim.decay_steps=100", "--config.adapter.dropout=0.1"]
@@ -160,7 +160,7 @@ def test_checkpoints_of_another_config_or_damaged_are_refused_in_one_line(job, t
     data.write_bytes(original[: len(original) // 2])
     result = train(run, *args, f"--config.train.steps={STEPS}")
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "has no digest" in result.stderr and "moelora_jax/checkpoints.py" not in result.stderr
+    assert "has no digest" in result.stderr and "moelora_jax/training/checkpoints.py" not in result.stderr
     assert f"{latest} cannot be read (" in result.stderr and f"checkpoint.resume={STEPS - 4}" in result.stderr
 
     result = train(run, *args, f"--config.train.steps={STEPS}", f"--config.checkpoint.resume={STEPS - 4}")

@@ -14,7 +14,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moelora_jax import riemann_precond
-from moelora_jax.riemann import Factor, _spd_solve
+from moelora_jax.optim.riemann import Factor, _spd_solve
 
 L, E, D_IN, R, D_OUT = 2, 3, 16, 4, 8
 

@@ -7,12 +7,12 @@ import pytest
 from jax.test_util import check_grads
 
 from moelora_jax import AdapterConfig, GateRouting
-from moelora_jax.adapters import topk_mask
+from moelora_jax.adapters.layers import topk_mask
+from moelora_jax.adapters.routing import RouterLosses, balance_loss, load_metrics, router_stats, sown_routing, z_loss
 from moelora_jax.models.llama import Llama, LlamaConfig, init_variables
-from moelora_jax.optim import OptimConfig, build_optimizer
-from moelora_jax.routing import RouterLosses, balance_loss, load_metrics, router_stats, sown_routing, z_loss
-from moelora_jax.sharding import make_mesh
-from moelora_jax.trainer import Trainer
+from moelora_jax.optim.optimizer import OptimConfig, build_optimizer
+from moelora_jax.parallel.sharding import make_mesh
+from moelora_jax.training.trainer import Trainer
 
 
 def _stats(logits: jax.Array, weights: jax.Array, top_k: int):

@@ -14,7 +14,7 @@ from moelora_jax import AdapterConfig
 from moelora_jax.errors import UserError
 from moelora_jax.models.llama import Llama, LlamaConfig, abstract_variables, init_variables
 from moelora_jax.models.splash import splash_attention
-from moelora_jax.sharding import DEFAULT_RULES, batch_sharding, logical_shardings, make_mesh
+from moelora_jax.parallel.sharding import DEFAULT_RULES, batch_sharding, logical_shardings, make_mesh
 
 CONFIG = LlamaConfig(96, 32, 64, 2, 4, 2, 8)
 ADAPTER = AdapterConfig(num_experts=4, rank=2, top_k=2, strategy="sqrt_gate")

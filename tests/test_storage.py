@@ -6,9 +6,9 @@ import os
 import pytest
 from gcs_emulator import files, upload
 
-from moelora_jax import storage
 from moelora_jax.errors import UserError
-from moelora_jax.storage import OutputDirectory, is_remote, local_copy
+from moelora_jax.io import storage
+from moelora_jax.io.storage import OutputDirectory, is_remote, local_copy
 
 
 def test_remote_and_local_paths_are_told_apart(tmp_path):

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from moelora_jax.data import Example
+from moelora_jax.data.encoding import Example
+from moelora_jax.data.tasks import TASKS, load_task, matthews_correlation
 from moelora_jax.errors import UserError
-from moelora_jax.tasks import TASKS, load_task, matthews_correlation
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 GLUE_FILES = {

