@@ -12,14 +12,10 @@ from moelora_jax.adapters.layers import (
     topk_softmax_gate,
 )
 from moelora_jax.errors import UserError
-from moelora_jax.formats.export import (
-    export_adapters,
-    export_merged,
-    export_peft,
-    load_adapters,
-    merge_adapters,
-)
+from moelora_jax.formats.merged import export_merged, merge_adapters
 from moelora_jax.formats.mole import export_mole, load_mole
+from moelora_jax.formats.native import export_adapters, load_adapters
+from moelora_jax.formats.peft import export_peft
 from moelora_jax.models.generation import generate
 from moelora_jax.models.llama import Llama, LlamaConfig
 from moelora_jax.models.pretrained import build_model, load_config, load_params, load_pretrained, load_tokenizer

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from train_cli import RECORDS, ROOT, command, environment, error_line, records, tiny_job, train, write_records
 
-from moelora_jax.formats.export import load_adapters
+from moelora_jax.formats.native import load_adapters
 
 
 def test_a_tiny_job_runs_end_to_end(tiny_model_dir, tmp_path):

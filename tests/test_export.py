@@ -15,22 +15,16 @@ import yaml
 from moelora_jax import AdapterConfig
 from moelora_jax.adapters.layers import MoleConfig
 from moelora_jax.errors import UserError
-from moelora_jax.formats.export import (
-    MODULES,
-    export_adapters,
-    export_merged,
-    export_peft,
-    load_adapters,
-    merge_adapters,
-)
-from moelora_jax.models.llama import TARGETS, Llama, init_variables
+from moelora_jax.formats.merged import export_merged, merge_adapters
+from moelora_jax.formats.native import export_adapters, load_adapters
+from moelora_jax.formats.peft import export_peft
+from moelora_jax.io.safetensors import SafetensorsFile, save_safetensors
+from moelora_jax.models.llama import PROJECTIONS, TARGETS, Llama, init_variables
 from moelora_jax.models.pretrained import (
-    SafetensorsFile,
     load_config,
     load_params,
     load_pretrained,
     resolve_model_dir,
-    save_safetensors,
 )
 
 torch = pytest.importorskip("torch")
@@ -79,7 +73,7 @@ def test_peft_export_loads_in_peft_with_the_same_logits(tiny_llama, tmp_path, ta
     assert meta["base_model"] == str(directory) and meta["library_name"] == "peft"
     assert {"lora", "moelora_jax"} <= set(meta["tags"])
     assert "| rank r | 4 |" in body and "alpha / r = 2" in body and "PeftModel.from_pretrained" in body
-    assert all(f"`{MODULES[t][1]}`" in body for t in targets)
+    assert all(f"`{PROJECTIONS[t].name}`" in body for t in targets)
 
 
 @pytest.mark.parametrize("mixer", [False, True])

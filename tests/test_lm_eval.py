@@ -23,7 +23,7 @@ from moelora_jax import AdapterConfig  # noqa: E402
 from moelora_jax.errors import UserError  # noqa: E402
 from moelora_jax.evaluate import TASKS_DIR, commonsenseqa_dataset, main, task_manager  # noqa: E402
 from moelora_jax.evaluation.lm_eval_model import MoeloraLM  # noqa: E402
-from moelora_jax.formats.export import export_adapters  # noqa: E402
+from moelora_jax.formats.native import export_adapters  # noqa: E402
 from moelora_jax.models.llama import Llama, init_variables  # noqa: E402
 from moelora_jax.models.pretrained import load_config, load_params  # noqa: E402
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from train_cli import records, tiny_job, train, write_records
 
-from moelora_jax.models.pretrained import SafetensorsFile
+from moelora_jax.io.safetensors import SafetensorsFile
 
 FIXTURE = Path(__file__).with_name("fixtures") / "loop_before_prefetch.npz"
 SETTINGS = [

@@ -14,8 +14,9 @@ from train_cli import tiny_job, train, write_records
 from moelora_jax.adapters.layers import AdapterConfig, GateRouting, MoleConfig
 from moelora_jax.adapters.routing import mole_balance_loss, router_stats, sown_routing
 from moelora_jax.errors import UserError
-from moelora_jax.formats.export import export_adapters, export_peft
 from moelora_jax.formats.mole import LoraStack, load_mole, read_lora, stack_loras, with_loras
+from moelora_jax.formats.native import export_adapters
+from moelora_jax.formats.peft import export_peft
 from moelora_jax.models.llama import Llama, LlamaConfig, init_variables
 
 CONFIG = LlamaConfig(64, 32, 64, 2, 4, 2, 8)

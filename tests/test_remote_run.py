@@ -13,7 +13,7 @@ import pytest
 from gcs_emulator import download, files, upload
 from train_cli import one_job_on_processes, records, start, tiny_job, train, write_records
 
-from moelora_jax.models.pretrained import SafetensorsFile
+from moelora_jax.io.safetensors import SafetensorsFile
 from moelora_jax.training.run_log import read_records
 
 STEPS = 12

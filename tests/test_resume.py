@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from train_cli import error_line, one_job_on_processes, records, start, tiny_job, train, write_records
 
-from moelora_jax.models.pretrained import SafetensorsFile
+from moelora_jax.io.safetensors import SafetensorsFile
 from moelora_jax.training.checkpoints import DIGEST_FILE
 from moelora_jax.training.preemption import EXIT_PREEMPTED
 

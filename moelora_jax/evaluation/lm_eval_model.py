@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from moelora_jax.data.encoding import left_pad, round_up
 from moelora_jax.errors import UserError, check_at_least, check_choice
-from moelora_jax.formats.export import load_adapters
+from moelora_jax.formats.native import load_adapters
 from moelora_jax.io.storage import local_copy
 from moelora_jax.models.generation import generate
 from moelora_jax.models.llama import Llama, abstract_variables, lm_head, output_head

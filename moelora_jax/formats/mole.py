@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,14 +21,12 @@ from flax import traverse_util
 
 from moelora_jax.adapters.layers import MoleConfig
 from moelora_jax.errors import UserError
-from moelora_jax.formats.export import ADAPTERS_CONFIG, MODULES, load_adapters, plain_lora_factors
+from moelora_jax.formats.merged import plain_lora_factors
+from moelora_jax.formats.native import ADAPTERS_CONFIG, describe_adapters, is_native, load_adapters
+from moelora_jax.formats.peft import PEFT_CONFIG, Factors, describe_peft, is_peft, read_peft
 from moelora_jax.io.atomic import atomic_directory
-from moelora_jax.models.llama import LlamaConfig
-from moelora_jax.models.pretrained import SafetensorsFile, save_safetensors
-
-PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-Factors = dict[str, tuple[np.ndarray, np.ndarray]]
-"""target -> ``(A: (L, d_in, r), B: (L, r, d_out))`` float32, the scale folded into ``B``."""
+from moelora_jax.io.safetensors import SafetensorsFile, save_safetensors
+from moelora_jax.models.llama import PROJECTIONS, LlamaConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +39,7 @@ class LoraStack:
     factors: dict[str, tuple[np.ndarray, np.ndarray]]
 
 
-def _read_ours(directory: Path, model_config: LlamaConfig) -> Factors:
+def _read_native(directory: Path, model_config: LlamaConfig) -> Factors:
     exported = load_adapters(directory)
     if exported.adapter.num_experts != 1:
         raise UserError(
@@ -52,31 +49,9 @@ def _read_ours(directory: Path, model_config: LlamaConfig) -> Factors:
     _same_base(directory, exported.model_config, model_config)
     factors = {}
     for target in exported.targets:
-        block, proj, _ = MODULES[target]
-        a, b = plain_lora_factors(exported.adapters["layers"][block][proj])
+        block, name = PROJECTIONS[target].path[1:]
+        a, b = plain_lora_factors(exported.adapters["layers"][block][name])
         factors[target] = (np.asarray(a, np.float32), exported.adapter.scale * np.asarray(b, np.float32))
-    return factors
-
-
-def _read_peft(directory: Path, model_config: LlamaConfig) -> Factors:
-    config = json.loads((directory / PEFT_CONFIG).read_text())
-    if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
-        raise UserError(f"{directory} is not a plain LoRA (peft_type {config.get('peft_type')}, DoRA or similar).")
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise UserError(f"{directory} sets rank_pattern/alpha_pattern, which MoLE does not read: export plain LoRA.")
-    rank, alpha = int(config["r"]), float(config["lora_alpha"])
-    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    reader = SafetensorsFile(directory / PEFT_WEIGHTS)
-    factors = {}
-    for target, (_, _, module) in MODULES.items():
-        names = [f"base_model.model.model.layers.{i}.{module}.lora_{{}}.weight" for i in range(model_config.num_layers)]
-        if names[0].format("A") not in reader:
-            continue
-        a = np.stack([reader.get(n.format("A")).T for n in names]).astype(np.float32)
-        b = np.stack([reader.get(n.format("B")).T for n in names]).astype(np.float32)
-        factors[target] = (a, scale * b)
-    if not factors:
-        raise UserError(f"{directory}/{PEFT_WEIGHTS} has no LoRA weights for a LLaMA projection this base model has.")
     return factors
 
 
@@ -90,12 +65,11 @@ def _same_base(directory: Path, theirs: LlamaConfig, ours: LlamaConfig) -> None:
 def read_lora(directory: str | os.PathLike, model_config: LlamaConfig) -> Factors:
     """One LoRA's factors per target, from our export (its base config must match) or a PEFT directory; shapes are
     checked against the base model when :func:`with_loras` places them."""
-    directory = Path(directory)
-    if (directory / ADAPTERS_CONFIG).exists():
-        return _read_ours(directory, model_config)
-    if (directory / PEFT_CONFIG).exists():
-        return _read_peft(directory, model_config)
-    raise _not_a_lora(directory)
+    if is_native(directory):
+        return _read_native(Path(directory), model_config)
+    if is_peft(directory):
+        return read_peft(directory, model_config)
+    raise _not_a_lora(Path(directory))
 
 
 def _not_a_lora(directory: Path) -> UserError:
@@ -107,7 +81,7 @@ def stack_loras(directories: Sequence[str | os.PathLike], model_config: LlamaCon
     if len(directories) < 2:
         raise UserError(f"MoLE mixes at least 2 LoRAs; got {len(directories)}: list them in mole.loras.")
     loras = [read_lora(d, model_config) for d in directories]
-    targets = tuple(t for t in MODULES if any(t in lora for lora in loras))
+    targets = tuple(t for t in PROJECTIONS if any(t in lora for lora in loras))
     rank = max(a.shape[-1] for lora in loras for a, _ in lora.values())
     factors = {}
     for target in targets:
@@ -129,30 +103,25 @@ def with_loras(params: dict[str, Any], stack: LoraStack) -> dict[str, Any]:
     """``params`` (a Llama's frozen tree) with ``mole_a`` / ``mole_b`` beside every kernel the stack adapts."""
     flat = traverse_util.flatten_dict(params)
     for target, (a, b) in stack.factors.items():
-        block, proj, _ = MODULES[target]
-        kernel = flat["layers", block, proj, "kernel"].shape
+        path = PROJECTIONS[target].path
+        kernel = flat[*path, "kernel"].shape
         if kernel != (a.shape[0], a.shape[2], b.shape[3]):
             raise UserError(
                 f"the LoRAs' {target} projection is {a.shape[0]} x {a.shape[2]} -> {b.shape[3]} but model.path's is "
                 f"{kernel[0]} x {kernel[1]} -> {kernel[2]}: they were trained on another base model."
             )
-        flat["layers", block, proj, "mole_a"], flat["layers", block, proj, "mole_b"] = a, b
+        flat[*path, "mole_a"], flat[*path, "mole_b"] = a, b
     return traverse_util.unflatten_dict(flat)
 
 
 def describe_lora(directory: str | os.PathLike) -> tuple[int, tuple[str, ...]]:
-    """A LoRA source's rank and targets, from its JSON alone (for validating a config before loading anything)."""
-    directory = Path(directory)
-    if (directory / ADAPTERS_CONFIG).exists():
-        info = json.loads((directory / ADAPTERS_CONFIG).read_text())
-        return int(info["adapter"]["rank"]), tuple(info["targets"])
-    if (directory / PEFT_CONFIG).exists():
-        info = json.loads((directory / PEFT_CONFIG).read_text())
-        modules = info.get("target_modules") or []
-        modules = [modules] if isinstance(modules, str) else modules
-        names = {proj: target for target, (_, proj, _) in MODULES.items()}
-        return int(info["r"]), tuple(names[m.split(".")[-1]] for m in modules if m.split(".")[-1] in names)
-    raise _not_a_lora(directory)
+    """A LoRA source's rank and targets, from its JSON alone (for describing a job before loading anything)."""
+    if is_native(directory):
+        adapter, targets = describe_adapters(directory)
+        return adapter.rank, targets
+    if is_peft(directory):
+        return describe_peft(directory)
+    raise _not_a_lora(Path(directory))
 
 
 MOLE_GATES, MOLE_CONFIG = "mole_gates.safetensors", "mole.json"

@@ -25,16 +25,16 @@ from flax import traverse_util
 
 from moelora_jax.adapters.layers import AdapterConfig
 from moelora_jax.errors import UserError
-from moelora_jax.formats.export import ADAPTERS_CONFIG, MODULES, load_adapters
-from moelora_jax.formats.mole import PEFT_CONFIG, PEFT_WEIGHTS, read_lora
-from moelora_jax.models.llama import LlamaConfig
+from moelora_jax.formats.native import ADAPTERS_CONFIG, ADAPTERS_FILE, is_native, load_adapters
+from moelora_jax.formats.peft import PEFT_CONFIG, PEFT_WEIGHTS, is_peft, read_peft
+from moelora_jax.models.llama import PROJECTIONS, LlamaConfig
 
 
 def source_digest(directory: str | os.PathLike) -> str:
     """A short SHA-256 of an adapter directory's weights and config (what a checkpoint's fingerprint records)."""
     directory = Path(directory)
     digest = hashlib.sha256()
-    for name in (ADAPTERS_CONFIG, "adapters.safetensors", PEFT_CONFIG, PEFT_WEIGHTS):
+    for name in (ADAPTERS_CONFIG, ADAPTERS_FILE, PEFT_CONFIG, PEFT_WEIGHTS):
         if (directory / name).exists():
             digest.update(name.encode() + (directory / name).read_bytes())
     return digest.hexdigest()[:16]
@@ -50,7 +50,7 @@ def _check_targets(directory: Path, found: Sequence[str], targets: Sequence[str]
 
 def _from_peft(directory: Path, adapter: AdapterConfig, targets: Sequence[str], model_config: LlamaConfig) -> dict:
     """Leaves ``{(block, proj, leaf): array}`` of a plain LoRA run from a PEFT LoRA directory."""
-    factors = read_lora(directory, model_config)
+    factors = read_peft(directory, model_config)
     _check_targets(directory, factors, targets)
     leaves = {}
     for target, (a, scaled_b) in factors.items():
@@ -59,15 +59,15 @@ def _from_peft(directory: Path, adapter: AdapterConfig, targets: Sequence[str], 
                 f"adapter.init_from={directory} has rank {a.shape[-1]} but adapter.rank={adapter.rank}: set "
                 f"adapter.rank={a.shape[-1]}."
             )
-        block, proj, _ = MODULES[target]
-        leaves[block, proj, "lora_a"] = a[:, None]
-        leaves[block, proj, "lora_b"] = scaled_b[:, None] / adapter.scale
+        block, name = PROJECTIONS[target].path[1:]
+        leaves[block, name, "lora_a"] = a[:, None]
+        leaves[block, name, "lora_b"] = scaled_b[:, None] / adapter.scale
         if adapter.mixer:
-            leaves[block, proj, "mixer"] = np.broadcast_to(np.eye(adapter.rank), (a.shape[0], 1, *[adapter.rank] * 2))
+            leaves[block, name, "mixer"] = np.broadcast_to(np.eye(adapter.rank), (a.shape[0], 1, *[adapter.rank] * 2))
     return leaves
 
 
-def _from_ours(directory: Path, adapter: AdapterConfig, targets: Sequence[str]) -> dict:
+def _from_native(directory: Path, adapter: AdapterConfig, targets: Sequence[str]) -> dict:
     """Leaves ``{(block, proj, leaf): array}`` from our export of an adapter of the same shape."""
     exported = load_adapters(directory)
     theirs = exported.adapter
@@ -80,10 +80,10 @@ def _from_ours(directory: Path, adapter: AdapterConfig, targets: Sequence[str]) 
     _check_targets(directory, exported.targets, targets)
     leaves = {}
     for target in targets:
-        block, proj, _ = MODULES[target]
-        for leaf, value in exported.adapters["layers"][block][proj].items():
+        block, name = PROJECTIONS[target].path[1:]
+        for leaf, value in exported.adapters["layers"][block][name].items():
             rescale = theirs.scale / adapter.scale if leaf == "lora_b" else 1.0
-            leaves[block, proj, leaf] = np.asarray(value, np.float32) * rescale
+            leaves[block, name, leaf] = np.asarray(value, np.float32) * rescale
     return leaves
 
 
@@ -99,13 +99,13 @@ def warm_adapters(
     adapter directory (see the module docstring), in ``fresh``'s dtypes; a one-line ``UserError`` when the source
     is not an adapter, or its kind, rank, targets or shapes are not this run's."""
     directory = Path(directory)
-    if not (directory / ADAPTERS_CONFIG).exists() and not (directory / PEFT_CONFIG).exists():
+    if not is_native(directory) and not is_peft(directory):
         raise UserError(
             f"adapter.init_from={directory} is not an adapter directory: it needs {ADAPTERS_CONFIG} (our export) or "
             f"{PEFT_CONFIG} (PEFT)."
         )
-    if (directory / ADAPTERS_CONFIG).exists():
-        leaves = _from_ours(directory, adapter, targets)
+    if is_native(directory):
+        leaves = _from_native(directory, adapter, targets)
     elif adapter.num_experts == 1:
         leaves = _from_peft(directory, adapter, targets, model_config)
     else:

@@ -41,7 +41,38 @@ from moelora_jax.errors import UserError, check_choice
 from moelora_jax.models.splash import splash_attention
 from moelora_jax.parallel.sharding import constrain
 
-TARGETS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+
+@dataclasses.dataclass(frozen=True)
+class Projection:
+    """A projection adapters can target: its place in our ``"params"`` tree (``layers/<block>/<name>``, stacked over
+    layers) and its module in layer ``i`` of a Hugging Face checkpoint (``model.layers.{i}.<hf_module>``)."""
+
+    block: str
+    name: str
+    hf_module: str
+
+    @property
+    def path(self) -> tuple[str, str, str]:
+        """Its subtree of the ``"params"`` (or ``"adapters"``) tree: ``("layers", block, name)``."""
+        return ("layers", self.block, self.name)
+
+    def hf_name(self, layer: int | str) -> str:
+        """Its Hugging Face module name in ``layer`` (``"{i}"``: a pattern to format)."""
+        return f"model.layers.{layer}.{self.hf_module}"
+
+
+PROJECTIONS: dict[str, Projection] = {
+    "q": Projection("attn", "q_proj", "self_attn.q_proj"),
+    "k": Projection("attn", "k_proj", "self_attn.k_proj"),
+    "v": Projection("attn", "v_proj", "self_attn.v_proj"),
+    "o": Projection("attn", "o_proj", "self_attn.o_proj"),
+    "gate": Projection("mlp", "gate_proj", "mlp.gate_proj"),
+    "up": Projection("mlp", "up_proj", "mlp.up_proj"),
+    "down": Projection("mlp", "down_proj", "mlp.down_proj"),
+}
+"""Every target name (``adapter.targets``) and where that projection lives: the one table that loading, exports,
+PEFT and MoLE read."""
+TARGETS: tuple[str, ...] = tuple(PROJECTIONS)
 Remat = Literal["none", "full", "dots", "save_qkv", "save_attention", "offload_attention"]
 AttentionImpl = Literal["xla", "cudnn", "splash"]
 ATTENTION_IMPLS: tuple[str, ...] = ("xla", "cudnn", "splash")
@@ -274,7 +305,7 @@ class _LayerPart(nn.Module):
             kernel_axes=axes,
             deterministic=self.deterministic,
             quant=self.quant,
-            name=f"{target}_proj",
+            name=PROJECTIONS[target].name,
         )
 
 

