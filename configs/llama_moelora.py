@@ -15,6 +15,9 @@ alpha 16, dropout 0.05, AdamW lr 1e-5 (SGD: 3e-5), gate lr 3e-8 clipped to norm 
 
 from ml_collections import ConfigDict
 
+from moelora_jax import AdapterConfig, OptimConfig
+from moelora_jax.training.config_file import dataclass_section
+
 
 def get_config(preset: str = "") -> ConfigDict:
     config = ConfigDict()
@@ -34,36 +37,20 @@ def get_config(preset: str = "") -> ConfigDict:
     config.model.quant_block_size = 64  # NF4 block (bitsandbytes' default); must divide every kernel's input size
     config.model.double_quant = False  # NF4 only: the block scales in 8 bits too (QLoRA's double quantization)
 
-    config.adapter = ConfigDict()
-    config.adapter.kind = "moe_lora"  # or "lora"
+    # The adapter: AdapterConfig's fields (num_experts, rank, top_k, alpha, dropout, strategy: standard | sqrt_gate,
+    # mixer: MoSLoRA's r x r mixer), its defaults but for this job's MoE-LoRA: 20 experts, top-k 10, dropout 0.05,
+    # sqrt-gate gradients.
+    config.adapter = dataclass_section(AdapterConfig(num_experts=20, top_k=10, dropout=0.05, strategy="sqrt_gate"))
+    config.adapter.kind = "moe_lora"  # lora | moe_lora | mole (configs/mole.py)
     config.adapter.targets = "q,k,v,o"
-    config.adapter.num_experts = 20
-    config.adapter.rank = 4
-    config.adapter.top_k = 10
-    config.adapter.alpha = 16.0
-    config.adapter.dropout = 0.05
-    config.adapter.strategy = "sqrt_gate"  # or "standard"
-    config.adapter.mixer = False
     config.adapter.balance_loss = 0.0  # Switch load-balancing loss coefficient (Fedus et al.: 1e-2); 0: off
     config.adapter.z_loss = 0.0  # router z-loss coefficient (ST-MoE: 1e-3); 0: off
     config.adapter.init_from = ""  # start from these adapters (our export/adapters, or a PEFT LoRA); empty: random
 
-    config.optim = ConfigDict()
-    config.optim.family = "adamw"  # sgd | adamw | reference_adamw
-    config.optim.lr = 1e-3
-    config.optim.gate_lr = 1e-3
-    config.optim.gate_clip_norm = 1.0
-    config.optim.momentum = 0.0
-    config.optim.b1 = 0.9
-    config.optim.b2 = 0.999
-    config.optim.eps = 1e-6
-    config.optim.weight_decay = 0.0
-    config.optim.riemann = True
-    config.optim.riemann_reg = 1e-6
-    config.optim.gauss_seidel = False  # True: B preconditioned with the updated A, as the reference AdamW does
-    config.optim.warmup_steps = 5
-    config.optim.decay_steps = 55
-    config.optim.end_factor = 0.0
+    # The optimizer: OptimConfig's fields, its defaults (AdamW at 1e-3 for the experts and the gate, the gate's
+    # gradient clipped to norm 1, riemann_precond with reg 1e-6; family: sgd | adamw | reference_adamw; gauss_seidel:
+    # B preconditioned with the updated A, as the reference AdamW does) but for a schedule fitted to 50 steps.
+    config.optim = dataclass_section(OptimConfig(warmup_steps=5, decay_steps=55))
 
     config.data = ConfigDict()
     config.data.task = "bbc_news"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class UserError(ValueError):
     """A problem in the user's input, stated in one line that names it and its fix.
@@ -29,3 +32,13 @@ def check_at_least(name: str, value: float, minimum: float) -> None:
     """``name=value`` must be ``>= minimum``."""
     if value < minimum:
         raise UserError(f"{name}={value} must be >= {minimum}.")
+
+
+@contextlib.contextmanager
+def in_setting(name: str) -> Iterator[None]:
+    """A ``UserError`` raised inside, said of the setting that gave the input: ``name: <its line>``. The library
+    states what is wrong in its own terms (an argument, a directory); the command's boundary adds the setting."""
+    try:
+        yield
+    except UserError as e:
+        raise UserError(f"{name}: {e}") from e

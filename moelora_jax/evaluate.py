@@ -35,8 +35,9 @@ from lm_eval.utils import handle_non_serializable, make_table
 
 from moelora_jax.data.encoding import read_jsonl
 from moelora_jax.errors import UserError
-from moelora_jax.evaluation.lm_eval_model import DTYPES, MoeloraLM
+from moelora_jax.evaluation.lm_eval_model import MoeloraLM
 from moelora_jax.io.atomic import write_text_atomically
+from moelora_jax.models.llama import DTYPES
 
 TASKS_DIR = Path(__file__).resolve().parent / "evaluation" / "lm_eval_tasks"
 DATA_DIR_ENV = "MOELORA_JAX_DATA_DIR"

@@ -155,8 +155,8 @@ def test_a_checkpoint_whose_files_changed_is_refused_naming_the_newest_that_veri
             before = _contents(tmp_path)
             message = (
                 rf"checkpoint \S*/2 is damaged: {re.escape(path.relative_to(tmp_path / '2').as_posix())} differ "
-                r"from the digest written when it was saved: resume from step 1, the newest checkpoint that verifies "
-                r"\(checkpoint\.resume=1\), or move the damaged one aside\.$"
+                r"from the digest written when it was saved: restore step 1 instead, the newest checkpoint that "
+                r"verifies, or move the damaged one aside\.$"
             )
             with pytest.raises(UserError, match=message):
                 checkpoints.restore(like)

@@ -43,7 +43,8 @@ def test_a_tiny_job_runs_end_to_end(tiny_model_dir, tmp_path):
     [
         (["--config.optim.nope=1"], "error: unknown config key 'nope'"),
         (["--config.optim.lr=fast"], "error: flag --config.optim.lr=fast: could not convert string to float"),
-        (["--config.adapter.top_k=30"], "top_k=30 must lie in [1, num_experts=20]"),
+        (["--config.optim.lr=-1"], "error: optim: OptimConfig.lr=-1.0 must be >= 0."),
+        (["--config.adapter.top_k=30"], "error: adapter: AdapterConfig.top_k=30 must lie in [1, num_experts=20]"),
         (["--config.adapter.rank=0"], "rank=0 must be a positive integer"),
         (["--config.adapter.kind=mole"], "adapter.kind=mole needs the mole.* settings: use --config configs/mole.py"),
         (["--config.adapter.balance_loss=-1"], "adapter.balance_loss=-1.0 and adapter.z_loss=0.0 must be >= 0"),

@@ -11,9 +11,9 @@ from moelora_jax.parallel.sharding import batch_sharding, make_mesh
 def test_initialize_only_when_asked_or_detected(tmp_path):
     assert initialize("no", "127.0.0.1:1", 2, 0) is False
     assert initialize("auto") is False  # no coordinator; this machine is no TPU VM (else this test is moot)
-    with pytest.raises(ValueError, match=r"distributed.initialize='sometimes' must be one of"):
+    with pytest.raises(ValueError, match=r"mode='sometimes' must be one of"):
         initialize("sometimes")
-    with pytest.raises(ValueError, match=r"needs distributed.num_processes >= 1 and 0 <= distributed.process_id"):
+    with pytest.raises(ValueError, match=r"needs num_processes >= 1 and 0 <= process_id"):
         initialize("auto", "127.0.0.1:1234", 2, 2)
     for name, vendor in (("0000:00:04.0", "0x1af4"), ("0000:00:05.0", "0x8086")):
         (tmp_path / name).mkdir()

@@ -122,11 +122,13 @@ def test_moe_lora_export_round_trips_and_refuses_the_plain_lora_formats(tiny_lla
     np.testing.assert_array_equal(
         np.asarray(rebuilt.apply({"params": params, "adapters": loaded.adapters}, _tokens())), ours
     )
-    with pytest.raises(UserError, match=r"needs plain LoRA .* mixes 4 experts .*export/adapters.*load_adapters"):
+    with pytest.raises(
+        UserError, match=r"needs plain LoRA, .*\(moe_lora\) mixes experts .*export/adapters.*load_adapters"
+    ):
         export_peft(tmp_path / "p", adapters, adapter=adapter, targets=targets)
-    with pytest.raises(UserError, match=r"merging needs plain LoRA .*generation\.generate"):
+    with pytest.raises(UserError, match=r"merging needs plain LoRA, .*generation\.generate"):
         export_merged(tmp_path / "m", params, adapters, adapter=adapter, targets=targets, model_config=config)
-    with pytest.raises(UserError, match=r"mixes 2 experts \(MoE-LoRA or MoLE\) .* export/mole"):
+    with pytest.raises(UserError, match=r"\(mole\) mixes experts .* export/mole"):
         merge_adapters(params, {}, adapter=MoleConfig(num_loras=2, rank=2), targets=targets)
     assert not (tmp_path / "p").exists() and not (tmp_path / "m").exists()
     with pytest.raises(UserError, match=r"is not an adapter export: it needs adapters\.json and adapters\.safetensors"):

@@ -151,7 +151,8 @@ def test_checkpoints_of_another_config_or_damaged_are_refused_in_one_line(job, t
     result = train(run, *args, f"--config.train.steps={STEPS}")
     assert result.returncode == 2
     line = error_line(result)
-    assert f"{latest} is damaged: state/" in line and f"(checkpoint.resume={STEPS - 4})" in line, result.stderr[-2000:]
+    assert line.startswith("error: checkpoint.resume=latest: checkpoint ") and f"{latest} is damaged: state/" in line
+    assert f"restore step {STEPS - 4} instead, the newest checkpoint that verifies" in line, result.stderr[-2000:]
     assert len(result.stderr.strip().splitlines()) == 1
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
@@ -161,7 +162,7 @@ def test_checkpoints_of_another_config_or_damaged_are_refused_in_one_line(job, t
     result = train(run, *args, f"--config.train.steps={STEPS}")
     assert result.returncode == 2, result.stderr[-2000:]
     assert "has no digest" in result.stderr and "moelora_jax/training/checkpoints.py" not in result.stderr
-    assert f"{latest} cannot be read (" in result.stderr and f"checkpoint.resume={STEPS - 4}" in result.stderr
+    assert f"{latest} cannot be read (" in result.stderr and f"restore step {STEPS - 4} instead" in result.stderr
 
     result = train(run, *args, f"--config.train.steps={STEPS}", f"--config.checkpoint.resume={STEPS - 4}")
     assert result.returncode == 0, result.stderr[-2000:]

@@ -52,17 +52,19 @@ def test_a_lora_written_by_peft_starts_our_model_at_peft_s_forward(tiny_llama, t
     ours = model.apply({"params": load_params(directory, model_config), "adapters": adapters}, _tokens())
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-5 * np.abs(theirs).max(), rtol=0)
 
-    with pytest.raises(UserError, match=r"adapts down,q,v but adapter\.targets is q,v: set adapter\.targets"):
+    with pytest.raises(UserError, match=r"adapts down,q,v but the adapter's targets are q,v: target the source's"):
         warm_adapters(tmp_path / "lora", _fresh(model), adapter=adapter, targets=("q", "v"), model_config=model_config)
     wide = AdapterConfig(num_experts=1, rank=8, alpha=16.0)
     wide_model = Llama(model_config, adapter=wide, adapter_targets=("q", "v", "down"))
-    with pytest.raises(UserError, match=r"has rank 4 but adapter\.rank=8: set adapter\.rank=4"):
+    with pytest.raises(UserError, match=r"has rank 4 but the adapter's is 8: give the adapter rank 4"):
         warm_adapters(
             tmp_path / "lora", _fresh(wide_model), adapter=wide, targets=("q", "v", "down"), model_config=model_config
         )
     mixture = AdapterConfig(num_experts=4, rank=4, top_k=2, alpha=16.0)
     mixture_model = Llama(model_config, adapter=mixture, adapter_targets=("q", "v", "down"))
-    with pytest.raises(UserError, match=r"is a PEFT LoRA, which starts a plain LoRA run only"):
+    with pytest.raises(
+        UserError, match=r"is a PEFT LoRA, which warm-starts a plain LoRA only \(this adapter is moe_lora\)"
+    ):
         warm_adapters(
             tmp_path / "lora",
             _fresh(mixture_model),
@@ -99,6 +101,6 @@ def test_a_run_started_from_an_export_begins_at_its_held_out_loss(tiny_model_dir
     wrong = train(tmp_path / "wrong", *job, "--config.adapter.rank=8", f"--config.adapter.init_from={source}")
     assert wrong.returncode == 2
     assert error_line(wrong) == (
-        f"error: adapter.init_from={source} has rank=4 but this run 8: a warm start keeps the adapter's shape (set "
-        "adapter.rank to match)."
+        f"error: adapter.init_from: {source} has rank=4 but the adapter's is 8: a warm start keeps the adapter's shape "
+        "(give the adapter the source's rank)."
     )

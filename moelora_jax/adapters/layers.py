@@ -1,4 +1,4 @@
-"""LoRA and MoE-LoRA adapters: a pure functional delta and the Flax module that wraps a frozen projection.
+"""LoRA, MoE-LoRA and MoLE adapters: pure functional deltas and the Flax layers that wrap a frozen projection.
 
 Convention (JAX, ``y = x @ W``): a frozen kernel ``W0: (d_in, d_out)`` is adapted by ``E`` low-rank experts stored
 stacked, ``lora_a: (E, d_in, r)`` and ``lora_b: (E, r, d_out)``, a gate ``gate: (d_in, E)`` and optionally a
@@ -10,12 +10,15 @@ MoSLoRA mixer ``mixer: (E, r, r)``::
 
 The experts run fused: one matmul into ``E*r`` columns (``E*r + E`` with the gate kernel folded in), a
 per-column gate scale, one matmul out.
-``E == 1`` without a gate is plain LoRA (or MoSLoRA with a mixer).
+``E == 1`` without a gate is plain LoRA (or MoSLoRA with a mixer). An adapter's :class:`AdapterKind` is what the
+layers above ask of it (routed? merges?); a projection is an :class:`AdaptedDense` (LoRA, MoE-LoRA) or a
+:class:`MoleDense` (MoLE), both a :class:`FrozenDense` underneath.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import math
 from typing import Literal, NamedTuple
@@ -264,6 +267,38 @@ def moe_lora_delta(
     return (delta, routing) if return_routing else delta
 
 
+class AdapterKind(enum.Enum):
+    """The three adapters. Code above this layer asks an adapter's ``kind`` instead of reading its fields.
+
+    - ``LORA``: one low-rank update ``s * A [M] B`` per projection (``AdapterConfig`` with one expert; with a
+      MoSLoRA mixer ``M`` when ``mixer=True``).
+    - ``MOE_LORA``: ``E`` experts mixed per token by a top-k softmax gate (``AdapterConfig`` with ``E > 1``, a
+      mixer per expert optional).
+    - ``MOLE``: ``N`` trained LoRAs, frozen, mixed per token by a learned gate (``MoleConfig``).
+    """
+
+    LORA = "lora"
+    MOE_LORA = "moe_lora"
+    MOLE = "mole"
+
+    @property
+    def routed(self) -> bool:
+        """A gate weighs experts per token: the update depends on the input, and routing statistics and losses
+        apply."""
+        return self is not AdapterKind.LORA
+
+    @property
+    def merges(self) -> bool:
+        """One fixed low-rank update per projection, which folds into the frozen kernel: it has a merged form (and,
+        without a mixer, a PEFT one)."""
+        return self is AdapterKind.LORA
+
+    @property
+    def trains_factors(self) -> bool:
+        """Its low-rank factors train (LoRA, MoE-LoRA); MoLE's are frozen and only its gate trains."""
+        return self is not AdapterKind.MOLE
+
+
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
     """What adapter a projection carries.
@@ -293,6 +328,11 @@ class AdapterConfig:
         check_choice("AdapterConfig.strategy", self.strategy, STRATEGIES)
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"AdapterConfig.dropout={self.dropout} must lie in [0, 1).")
+
+    @property
+    def kind(self) -> AdapterKind:
+        """``LORA`` with one expert, else ``MOE_LORA``."""
+        return AdapterKind.LORA if self.num_experts == 1 else AdapterKind.MOE_LORA
 
     @property
     def scale(self) -> float:
@@ -339,13 +379,8 @@ class MoleConfig:
             )
 
     @property
-    def num_experts(self) -> int:
-        return self.num_loras
-
-    @property
-    def top_k(self) -> None:
-        """Every LoRA takes part (a dense mixture)."""
-        return None
+    def kind(self) -> AdapterKind:
+        return AdapterKind.MOLE
 
 
 def mole_gate_logits(x: jax.Array, gate: jax.Array, log_tau: jax.Array, masked: tuple[int, ...] = ()) -> jax.Array:
@@ -419,43 +454,30 @@ class MoleGate(nn.Module):
         return logits
 
 
-class AdaptedDense(nn.Module):
-    """A frozen dense projection ``x @ kernel`` plus an optional (MoE-)LoRA adapter.
+class FrozenDense(nn.Module):
+    """A frozen dense projection ``x @ kernel``: ``x: (..., d_in) -> (..., features)`` in ``dtype``.
 
-    Variables: ``"params"`` holds the frozen kernel ``(d_in, d_out)`` in ``param_dtype`` (or, with ``quant``, its
-    int8 / NF4 leaves, dequantized inside the matmul); the ``"adapters"``
-    collection holds the trainable leaves, always float32, named by :mod:`moelora_jax.adapters.leaves`' contract:
-    lora_a ``(E, d_in, r)`` Kaiming-uniform, lora_b ``(E, r, d_out)`` zeros, gate ``(d_in, E)`` PyTorch-Linear
-    default (only when ``E > 1``), mixer ``(E, r, r)`` Kaiming-uniform (only with ``mixer=True``).
-    So ``variables = {"params": frozen, "adapters": trainable}`` and gradients need only the second.
-    With ``kernel_axes`` (logical names of ``d_in, d_out``) every leaf is created boxed in
-    ``nn.LogicallyPartitioned`` (adapter axes ``expert`` and ``rank``) for the sharding rules; apply takes plain arrays.
-    Dropout on the adapter input draws from the ``"dropout"`` RNG stream unless ``deterministic``. With a gate, its
-    :class:`GateRouting` is sown into the ``"router"`` collection when that is mutable (see ``ROUTER_COLLECTION``).
-    With a ``MoleConfig`` the frozen LoRAs are ``"params"`` (``mole_a``, ``mole_b``, loaded, not initialised) and
-    only the gate (``mole_gate``, or a block's) trains.
+    ``"params"`` holds the kernel ``(d_in, features)`` in ``param_dtype`` or, with ``quant``, its int8 / NF4 leaves
+    (``kernel_<field>``, :func:`~moelora_jax.adapters.quantize.kernel_leaves`), dequantized inside the matmul. With
+    ``kernel_axes`` (logical names of ``d_in, features``) every leaf, an adapter's included, is created boxed in
+    ``nn.LogicallyPartitioned`` for the sharding rules (adapter axes ``expert`` and ``rank``); apply takes plain
+    arrays. The adapted layers below add their update to this projection.
     """
 
     features: int
-    adapter: AdapterConfig | MoleConfig | None = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
     kernel_axes: LogicalAxes | None = None
-    deterministic: bool | None = None
     quant: QuantConfig | None = None
 
     def _init(self, init: nn.initializers.Initializer, axes: tuple[str | None, ...]) -> nn.initializers.Initializer:
         return init if self.kernel_axes is None else nn.with_logical_partitioning(init, axes)
 
-    def _adapter_leaf(self, name: str, init: nn.initializers.Initializer, shape: tuple[int, ...], axes) -> jax.Array:
-        init = self._init(init, axes)
-        return self.variable(ADAPTER_COLLECTION, name, lambda: init(self.make_rng("params"), shape, jnp.float32)).value
-
-    def _frozen_kernel(self, d_in: int, ax_in: str | None, ax_out: str | None) -> jax.Array:
+    def _frozen_kernel(self, d_in: int) -> jax.Array:
         """The frozen ``(d_in, features)`` kernel in the compute dtype: the ``kernel`` param, or with ``quant`` its
-        quantized leaves (``kernel_<field>``, see :func:`~moelora_jax.adapters.quantize.kernel_leaves`) dequantized
-        here, so the dequantization fuses into the matmul."""
+        quantized leaves dequantized here, so the dequantization fuses into the matmul."""
+        ax_in, ax_out = self.kernel_axes or (None, None)
         if self.quant is None or self.quant.mode == "none":
             init = self._init(self.kernel_init, (ax_in, ax_out))
             return self.param("kernel", init, (d_in, self.features), self.param_dtype).astype(self.dtype)
@@ -469,27 +491,43 @@ class AdaptedDense(nn.Module):
             fields[field] = self.variable("params", f"kernel_{field}", init, key, shape, dtype).value
         return dequantize(KERNEL_TYPES[self.quant.mode, self.quant.double_quant](**fields), self.dtype)
 
-    @nn.compact
-    def __call__(
-        self, x: jax.Array, deterministic: bool | None = None, mole_logits: jax.Array | None = None
-    ) -> jax.Array:
-        """``x: (..., d_in) -> (..., features)`` in ``dtype``. ``mole_logits``: a MoLE block gate's ``(..., N)``
-        logits, used instead of this layer's own gate."""
-        d_in = x.shape[-1]
-        ax_in, ax_out = self.kernel_axes or (None, None)
+    def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``x`` in the compute dtype, and ``x @ kernel``."""
         x = x.astype(self.dtype)
-        y = x @ self._frozen_kernel(d_in, ax_in, ax_out)
+        return x, x @ self._frozen_kernel(x.shape[-1])
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self._project(x)[1]
+
+
+class AdaptedDense(FrozenDense):
+    """A :class:`FrozenDense` projection plus an optional LoRA or MoE-LoRA adapter (``adapter=None``: frozen only).
+
+    The ``"adapters"`` collection holds the trainable leaves, always float32, named by
+    :mod:`moelora_jax.adapters.leaves`' contract: lora_a ``(E, d_in, r)`` Kaiming-uniform, lora_b ``(E, r, d_out)``
+    zeros, gate ``(d_in, E)`` PyTorch-Linear default (only for MoE-LoRA), mixer ``(E, r, r)`` Kaiming-uniform (only
+    with ``mixer=True``). So ``variables = {"params": frozen, "adapters": trainable}`` and gradients need only the
+    second. Dropout on the adapter input draws from the ``"dropout"`` RNG stream unless ``deterministic``. With a
+    gate, its :class:`GateRouting` is sown into the ``"router"`` collection when that is mutable (see
+    ``ROUTER_COLLECTION``).
+    """
+
+    adapter: AdapterConfig | None = None
+    deterministic: bool | None = None
+
+    def _adapter_leaf(self, name: str, init: nn.initializers.Initializer, shape: tuple[int, ...], axes) -> jax.Array:
+        init = self._init(init, axes)
+        return self.variable(ADAPTER_COLLECTION, name, lambda: init(self.make_rng("params"), shape, jnp.float32)).value
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool | None = None) -> jax.Array:
+        """``x: (..., d_in) -> (..., features)`` in ``dtype``."""
+        x, y = self._project(x)
         cfg = self.adapter
         if cfg is None:
             return y
-        if isinstance(cfg, MoleConfig):
-            frozen_a = self._init(nn.initializers.zeros, ("expert", ax_in, "rank"))
-            frozen_b = self._init(nn.initializers.zeros, ("expert", "rank", ax_out))
-            lora_a = self.param("mole_a", frozen_a, (cfg.num_loras, d_in, cfg.rank), jnp.float32)
-            lora_b = self.param("mole_b", frozen_b, (cfg.num_loras, cfg.rank, self.features), jnp.float32)
-            if mole_logits is None:
-                mole_logits = MoleGate(cfg, ax_in, self.kernel_axes is not None, name="mole_gate")(x)
-            return y + lora_mixture(x, lora_a, lora_b, jax.nn.softmax(mole_logits, axis=-1))
+        d_in, (ax_in, ax_out) = x.shape[-1], self.kernel_axes or (None, None)
         num_experts, rank = cfg.num_experts, cfg.rank
         uniform = kaiming_uniform_fan_in(-2)
         lora_a = self._adapter_leaf("lora_a", uniform, (num_experts, d_in, rank), ("expert", ax_in, "rank"))
@@ -497,7 +535,7 @@ class AdaptedDense(nn.Module):
             "lora_b", nn.initializers.zeros, (num_experts, rank, self.features), ("expert", "rank", ax_out)
         )
         gate = None
-        if num_experts > 1:
+        if cfg.kind.routed:
             gate = self._adapter_leaf("gate", uniform, (d_in, num_experts), (ax_in, "expert"))
         mixer = None
         if cfg.mixer:
@@ -520,3 +558,29 @@ class AdaptedDense(nn.Module):
         if routing is not None and not self.is_initializing():
             self.sow(ROUTER_COLLECTION, "routing", routing)
         return y + delta
+
+
+class MoleDense(FrozenDense):
+    """A :class:`FrozenDense` projection plus a MoLE adapter (see ``MoleConfig``).
+
+    The frozen LoRAs are ``"params"`` beside the kernel (``mole_a: (N, d_in, r)``, ``mole_b: (N, r, d_out)``,
+    loaded, never initialised: :func:`~moelora_jax.formats.mole.with_loras`); only the gate trains, this layer's own
+    (``mole_gate``) or, given ``mole_logits``, its block's.
+    """
+
+    adapter: MoleConfig | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mole_logits: jax.Array | None = None) -> jax.Array:
+        """``x: (..., d_in) -> (..., features)`` in ``dtype``. ``mole_logits``: a MoLE block gate's ``(..., N)``
+        logits, used instead of this layer's own gate."""
+        x, y = self._project(x)
+        cfg = self.adapter
+        d_in, (ax_in, ax_out) = x.shape[-1], self.kernel_axes or (None, None)
+        frozen_a = self._init(nn.initializers.zeros, ("expert", ax_in, "rank"))
+        frozen_b = self._init(nn.initializers.zeros, ("expert", "rank", ax_out))
+        lora_a = self.param("mole_a", frozen_a, (cfg.num_loras, d_in, cfg.rank), jnp.float32)
+        lora_b = self.param("mole_b", frozen_b, (cfg.num_loras, cfg.rank, self.features), jnp.float32)
+        if mole_logits is None:
+            mole_logits = MoleGate(cfg, ax_in, self.kernel_axes is not None, name="mole_gate")(x)
+        return y + lora_mixture(x, lora_a, lora_b, jax.nn.softmax(mole_logits, axis=-1))

@@ -43,11 +43,9 @@ from moelora_jax.errors import UserError, check_at_least, check_choice
 from moelora_jax.formats.native import load_adapters
 from moelora_jax.io.storage import local_copy
 from moelora_jax.models.generation import generate
-from moelora_jax.models.llama import Llama, abstract_variables, lm_head, output_head
+from moelora_jax.models.llama import DTYPES, Llama, abstract_variables, lm_head, output_head
 from moelora_jax.models.loss import chunk_size
 from moelora_jax.models.pretrained import load_pretrained
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # One scoring request after tokenization: the (context, continuation) strings (None for rolling windows, which
 # lm-eval does not cache one by one), the context tokens and the continuation tokens.

@@ -34,10 +34,10 @@ MAX_SHARD_BYTES = 5 * 10**9
 
 def require_plain_lora(adapter: AdapterConfig | MoleConfig, what: str, allow_mixer: bool) -> None:
     """Raise unless ``adapter`` is plain LoRA (E = 1), with a MoSLoRA mixer only where ``allow_mixer``."""
-    if adapter.num_experts != 1:
+    if not adapter.kind.merges:
         raise UserError(
-            f"{what} needs plain LoRA (adapter.kind=lora), but this adapter mixes {adapter.num_experts} experts "
-            "(MoE-LoRA or MoLE) by a per-token gate, which neither merged weights nor a PEFT LoRA can express: use "
+            f"{what} needs plain LoRA, but this adapter ({adapter.kind.value}) mixes experts by a per-token gate, "
+            "which neither merged weights nor a PEFT LoRA can express: use "
             "our export (export/adapters, or export/mole for MoLE), read by moelora_jax.formats.native.load_adapters "
             "(moelora_jax.formats.mole.load_mole) and run by moelora_jax.models.generation.generate."
         )

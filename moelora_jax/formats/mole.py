@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from moelora_jax.adapters.layers import MoleConfig
+from moelora_jax.adapters.layers import AdapterKind, MoleConfig
 from moelora_jax.errors import UserError
 from moelora_jax.formats.merged import plain_lora_factors
 from moelora_jax.formats.native import ADAPTERS_CONFIG, describe_adapters, is_native, load_adapters
@@ -41,10 +41,9 @@ class LoraStack:
 
 def _read_native(directory: Path, model_config: LlamaConfig) -> Factors:
     exported = load_adapters(directory)
-    if exported.adapter.num_experts != 1:
+    if exported.adapter.kind is not AdapterKind.LORA:
         raise UserError(
-            f"{directory} holds a mixture of {exported.adapter.num_experts} experts; MoLE mixes plain LoRAs "
-            "(adapter.kind=lora)."
+            f"{directory} holds a mixture of {exported.adapter.num_experts} experts; MoLE mixes plain LoRAs."
         )
     _same_base(directory, exported.model_config, model_config)
     factors = {}
@@ -59,7 +58,7 @@ def _same_base(directory: Path, theirs: LlamaConfig, ours: LlamaConfig) -> None:
     if dataclasses.replace(theirs, eos_token_ids=(), bos_token_id=None, pad_token_id=None) != dataclasses.replace(
         ours, eos_token_ids=(), bos_token_id=None, pad_token_id=None
     ):
-        raise UserError(f"{directory} was trained on another base model ({theirs}); MoLE needs LoRAs of model.path.")
+        raise UserError(f"{directory} was trained on another base model ({theirs}); MoLE needs LoRAs of this one.")
 
 
 def read_lora(directory: str | os.PathLike, model_config: LlamaConfig) -> Factors:
@@ -79,7 +78,7 @@ def _not_a_lora(directory: Path) -> UserError:
 def stack_loras(directories: Sequence[str | os.PathLike], model_config: LlamaConfig) -> LoraStack:
     """``N >= 2`` LoRAs as one frozen stack over the union of their targets (see the module docstring)."""
     if len(directories) < 2:
-        raise UserError(f"MoLE mixes at least 2 LoRAs; got {len(directories)}: list them in mole.loras.")
+        raise UserError(f"MoLE mixes at least 2 LoRAs; got {len(directories)} directories.")
     loras = [read_lora(d, model_config) for d in directories]
     targets = tuple(t for t in PROJECTIONS if any(t in lora for lora in loras))
     rank = max(a.shape[-1] for lora in loras for a, _ in lora.values())
@@ -107,8 +106,8 @@ def with_loras(params: dict[str, Any], stack: LoraStack) -> dict[str, Any]:
         kernel = flat[*path, "kernel"].shape
         if kernel != (a.shape[0], a.shape[2], b.shape[3]):
             raise UserError(
-                f"the LoRAs' {target} projection is {a.shape[0]} x {a.shape[2]} -> {b.shape[3]} but model.path's is "
-                f"{kernel[0]} x {kernel[1]} -> {kernel[2]}: they were trained on another base model."
+                f"the LoRAs' {target} projection is {a.shape[0]} x {a.shape[2]} -> {b.shape[3]} but the base "
+                f"model's is {kernel[0]} x {kernel[1]} -> {kernel[2]}: they were trained on another base model."
             )
         flat[*path, "mole_a"], flat[*path, "mole_b"] = a, b
     return traverse_util.unflatten_dict(flat)

@@ -1,4 +1,4 @@
-"""Warm starts (``adapter.init_from``): a run's adapters taken from an adapter directory instead of drawn at random.
+"""Warm starts: a run's adapters taken from an adapter directory instead of drawn at random (``adapter.init_from``).
 
 The directory is our export (``export/adapters``) or, for plain LoRA, a PEFT LoRA directory. Only the adapters are
 taken: the optimizer starts fresh and the step count at 0, which is what tells a warm start from resuming a
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from moelora_jax.adapters.layers import AdapterConfig
+from moelora_jax.adapters.layers import AdapterConfig, AdapterKind
 from moelora_jax.errors import UserError
 from moelora_jax.formats.native import ADAPTERS_CONFIG, ADAPTERS_FILE, is_native, load_adapters
 from moelora_jax.formats.peft import PEFT_CONFIG, PEFT_WEIGHTS, is_peft, read_peft
@@ -43,8 +43,8 @@ def source_digest(directory: str | os.PathLike) -> str:
 def _check_targets(directory: Path, found: Sequence[str], targets: Sequence[str]) -> None:
     if sorted(found) != sorted(targets):
         raise UserError(
-            f"adapter.init_from={directory} adapts {','.join(sorted(found))} but adapter.targets is "
-            f"{','.join(sorted(targets))}: set adapter.targets to the source's projections."
+            f"{directory} adapts {','.join(sorted(found))} but the adapter's targets are {','.join(sorted(targets))}: "
+            "target the source's projections."
         )
 
 
@@ -56,8 +56,8 @@ def _from_peft(directory: Path, adapter: AdapterConfig, targets: Sequence[str], 
     for target, (a, scaled_b) in factors.items():
         if a.shape[-1] != adapter.rank:
             raise UserError(
-                f"adapter.init_from={directory} has rank {a.shape[-1]} but adapter.rank={adapter.rank}: set "
-                f"adapter.rank={a.shape[-1]}."
+                f"{directory} has rank {a.shape[-1]} but the adapter's is {adapter.rank}: give the adapter rank "
+                f"{a.shape[-1]}."
             )
         block, name = PROJECTIONS[target].path[1:]
         leaves[block, name, "lora_a"] = a[:, None]
@@ -74,8 +74,8 @@ def _from_native(directory: Path, adapter: AdapterConfig, targets: Sequence[str]
     for name in ("num_experts", "rank", "mixer"):
         if getattr(theirs, name) != getattr(adapter, name):
             raise UserError(
-                f"adapter.init_from={directory} has {name}={getattr(theirs, name)} but this run "
-                f"{getattr(adapter, name)}: a warm start keeps the adapter's shape (set adapter.{name} to match)."
+                f"{directory} has {name}={getattr(theirs, name)} but the adapter's is {getattr(adapter, name)}: a warm "
+                f"start keeps the adapter's shape (give the adapter the source's {name})."
             )
     _check_targets(directory, exported.targets, targets)
     leaves = {}
@@ -101,24 +101,23 @@ def warm_adapters(
     directory = Path(directory)
     if not is_native(directory) and not is_peft(directory):
         raise UserError(
-            f"adapter.init_from={directory} is not an adapter directory: it needs {ADAPTERS_CONFIG} (our export) or "
-            f"{PEFT_CONFIG} (PEFT)."
+            f"{directory} is not an adapter directory: it needs {ADAPTERS_CONFIG} (our export) or {PEFT_CONFIG} (PEFT)."
         )
     if is_native(directory):
         leaves = _from_native(directory, adapter, targets)
-    elif adapter.num_experts == 1:
+    elif adapter.kind is AdapterKind.LORA:
         leaves = _from_peft(directory, adapter, targets, model_config)
     else:
         raise UserError(
-            f"adapter.init_from={directory} is a PEFT LoRA, which starts a plain LoRA run only: use adapter.kind=lora."
+            f"{directory} is a PEFT LoRA, which warm-starts a plain LoRA only (this adapter is {adapter.kind.value})."
         )
     flat = traverse_util.flatten_dict(fresh["layers"])
     for key, value in flat.items():
         if key not in leaves:
-            raise UserError(f"adapter.init_from={directory} has no {'.'.join(key)}, which this run's adapter has.")
+            raise UserError(f"{directory} has no {'.'.join(key)}, which the adapter has.")
         if leaves[key].shape != value.shape:
             raise UserError(
-                f"adapter.init_from={directory}: its {'.'.join(key)} is {leaves[key].shape} but this model's is "
+                f"{directory}: its {'.'.join(key)} is {leaves[key].shape} but this model's is "
                 f"{value.shape}: the source was trained on another base model."
             )
         flat[key] = np.asarray(leaves[key], value.dtype)

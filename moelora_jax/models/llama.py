@@ -33,7 +33,10 @@ from moelora_jax.adapters.layers import (
     ROUTER_COLLECTION,
     AdaptedDense,
     AdapterConfig,
+    AdapterKind,
+    FrozenDense,
     MoleConfig,
+    MoleDense,
     MoleGate,
 )
 from moelora_jax.adapters.quantize import QuantConfig
@@ -73,6 +76,8 @@ PROJECTIONS: dict[str, Projection] = {
 """Every target name (``adapter.targets``) and where that projection lives: the one table that loading, exports,
 PEFT and MoLE read."""
 TARGETS: tuple[str, ...] = tuple(PROJECTIONS)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+"""The dtypes a model computes in and stores its frozen weights in, by name."""
 Remat = Literal["none", "full", "dots", "save_qkv", "save_attention", "offload_attention"]
 AttentionImpl = Literal["xla", "cudnn", "splash"]
 ATTENTION_IMPLS: tuple[str, ...] = ("xla", "cudnn", "splash")
@@ -295,18 +300,27 @@ class _LayerPart(nn.Module):
     attention_impl: AttentionImpl
     quant: QuantConfig | None
 
-    def proj(self, target: str, features: int, axes: tuple[str, str]) -> AdaptedDense:
-        return AdaptedDense(
-            features,
-            adapter=self.adapter if target in self.targets else None,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=nn.initializers.normal(0.02),
-            kernel_axes=axes,
-            deterministic=self.deterministic,
-            quant=self.quant,
-            name=PROJECTIONS[target].name,
-        )
+    def project(
+        self, target: str, x: jax.Array, features: int, axes: tuple[str, str], mole_logits: jax.Array | None
+    ) -> jax.Array:
+        """``x`` through projection ``target`` (``features`` wide, logical ``axes``): a :class:`FrozenDense`, with
+        the model's adapter where ``target`` is adapted: an :class:`AdaptedDense` (LoRA, MoE-LoRA), or a
+        :class:`MoleDense` fed the block gate's ``mole_logits`` when there is one."""
+        frozen = {
+            "features": features,
+            "dtype": self.dtype,
+            "param_dtype": self.param_dtype,
+            "kernel_init": nn.initializers.normal(0.02),
+            "kernel_axes": axes,
+            "quant": self.quant,
+            "name": PROJECTIONS[target].name,
+        }
+        adapter = self.adapter if target in self.targets else None
+        if adapter is None:
+            return FrozenDense(**frozen)(x)
+        if adapter.kind is AdapterKind.MOLE:
+            return MoleDense(**frozen, adapter=adapter)(x, mole_logits)
+        return AdaptedDense(**frozen, adapter=adapter, deterministic=self.deterministic)(x)
 
 
 class Attention(_LayerPart):
@@ -332,9 +346,9 @@ class Attention(_LayerPart):
         """
         c = self.config
         batch, length, _ = x.shape
-        q = self.proj("q", c.num_heads * c.head_dim, ("embed", "heads"))(x, mole_logits=mole_logits)
-        k = self.proj("k", c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))(x, mole_logits=mole_logits)
-        v = self.proj("v", c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))(x, mole_logits=mole_logits)
+        q = self.project("q", x, c.num_heads * c.head_dim, ("embed", "heads"), mole_logits)
+        k = self.project("k", x, c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), mole_logits)
+        v = self.project("v", x, c.num_kv_heads * c.head_dim, ("embed", "kv_heads"), mole_logits)
         q, k, v = (checkpoint_name(y, name) for y, name in zip((q, k, v), QKV_NAMES, strict=True))
         q = constrain(q.reshape(batch, length, c.num_heads, c.head_dim), ("batch", "length", "act_heads", "head_dim"))
         kv_names = ("batch", "length", "act_kv_heads", "head_dim")
@@ -354,7 +368,7 @@ class Attention(_LayerPart):
             out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)
         out = out.reshape(batch, length, -1)
         out = checkpoint_name(constrain(out, ("batch", "length", "act_heads")), "attention_out")
-        return self.proj("o", c.hidden_size, ("heads", "embed"))(out, mole_logits=mole_logits), layer_cache
+        return self.project("o", out, c.hidden_size, ("heads", "embed"), mole_logits), layer_cache
 
 
 @jax.custom_vjp
@@ -385,10 +399,10 @@ class MLP(_LayerPart):
     @nn.compact
     def __call__(self, x: jax.Array, mole_logits: jax.Array | None = None) -> jax.Array:
         c = self.config
-        gate = self.proj("gate", c.intermediate_size, ("embed", "mlp"))(x, mole_logits=mole_logits)
-        up = self.proj("up", c.intermediate_size, ("embed", "mlp"))(x, mole_logits=mole_logits)
+        gate = self.project("gate", x, c.intermediate_size, ("embed", "mlp"), mole_logits)
+        up = self.project("up", x, c.intermediate_size, ("embed", "mlp"), mole_logits)
         hidden = constrain(swiglu(gate, up), ("batch", "length", "act_mlp"))
-        return self.proj("down", c.hidden_size, ("mlp", "embed"))(hidden, mole_logits=mole_logits)
+        return self.project("down", hidden, c.hidden_size, ("mlp", "embed"), mole_logits)
 
 
 class DecoderLayer(_LayerPart):
@@ -413,7 +427,7 @@ class DecoderLayer(_LayerPart):
         norm = {"eps": self.config.rms_norm_eps, "dtype": self.dtype, "param_dtype": self.param_dtype}
         normed = RMSNorm(**norm, name="attn_norm")(x)
         mole_logits = None
-        if isinstance(self.adapter, MoleConfig) and self.adapter.gate == "block":
+        if self.adapter is not None and self.adapter.kind is AdapterKind.MOLE and self.adapter.gate == "block":
             mole_logits = MoleGate(self.adapter, "embed", partitioned=True, name="mole_gate")(normed)
         attn_out, layer_cache = Attention(**fields, name="attn")(
             normed, cos, sin, mask, cache_index, layer_cache, mole_logits

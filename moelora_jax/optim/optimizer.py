@@ -33,11 +33,12 @@ FAMILIES: tuple[str, ...] = ("sgd", "adamw", "reference_adamw")
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """How adapters are optimised (see the module docstring). Schedules are in optimizer updates, not micro-steps."""
+    """How adapters are optimised (see the module docstring). Schedules are in optimizer updates, not micro-steps.
+    The defaults are the ones ``configs/llama_moelora.py`` runs, which takes this section from here."""
 
     family: Family = "adamw"
-    lr: float = 1e-5
-    gate_lr: float = 3e-8
+    lr: float = 1e-3
+    gate_lr: float = 1e-3
     gate_clip_norm: float | None = 1.0
     momentum: float = 0.0
     b1: float = 0.9
@@ -54,17 +55,19 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         """Raises UserError naming the first bad setting."""
-        check_choice("optim family", self.family, FAMILIES)
+        check_choice("OptimConfig.family", self.family, FAMILIES)
         for name in ("lr", "gate_lr", "weight_decay", "momentum", "end_factor", "warmup_steps"):
-            check_at_least(f"optim {name}", getattr(self, name), 0)
+            check_at_least(f"OptimConfig.{name}", getattr(self, name), 0)
         if self.riemann and self.riemann_reg <= 0:
-            raise UserError(f"optim riemann_reg={self.riemann_reg} must be > 0.")
+            raise UserError(f"OptimConfig.riemann_reg={self.riemann_reg} must be > 0.")
         if self.gauss_seidel and not self.riemann:
-            raise UserError("optim gauss_seidel=True preconditions with the updated factors: it needs riemann=True.")
+            raise UserError(
+                "OptimConfig.gauss_seidel=True preconditions with the updated factors: it needs riemann=True."
+            )
         if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
-            raise UserError(f"optim decay_steps={self.decay_steps} must exceed warmup_steps={self.warmup_steps}.")
+            raise UserError(f"OptimConfig.decay_steps={self.decay_steps} must exceed warmup_steps={self.warmup_steps}.")
         if self.gate_clip_norm is not None and self.gate_clip_norm <= 0:
-            raise UserError(f"optim gate_clip_norm={self.gate_clip_norm} must be > 0 (or None for no clipping).")
+            raise UserError(f"OptimConfig.gate_clip_norm={self.gate_clip_norm} must be > 0 (or None for no clipping).")
 
 
 def lr_schedule(peak: float, config: OptimConfig) -> optax.Schedule:

@@ -36,13 +36,13 @@ def initialize(mode: str = "auto", coordinator_address: str = "", num_processes:
     ``process_id`` go with an explicit coordinator (e.g. ``127.0.0.1:1234``, 2, 0 on localhost). CPU processes
     exchange collectives over gloo.
     """
-    check_choice("distributed.initialize", mode, INITIALIZE_CHOICES)
+    check_choice("mode", mode, INITIALIZE_CHOICES)
     if mode == "no" or (mode == "auto" and not coordinator_address and not on_cloud_tpu_vm()):
         return False
     if coordinator_address and (num_processes < 1 or not 0 <= process_id < num_processes):
         raise UserError(
-            f"distributed.coordinator_address={coordinator_address!r} needs distributed.num_processes >= 1 and "
-            f"0 <= distributed.process_id < num_processes (got {num_processes}, {process_id})."
+            f"coordinator_address={coordinator_address!r} needs num_processes >= 1 and "
+            f"0 <= process_id < num_processes (got {num_processes}, {process_id})."
         )
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     explicit = {}

@@ -102,7 +102,7 @@ class Checkpoints:
     """
 
     def __init__(self, directory: str | os.PathLike, fingerprint: dict[str, Any], *, keep: int = 3) -> None:
-        check_at_least("checkpoint.keep", keep, 1)
+        check_at_least("keep", keep, 1)
         self.directory = as_path(directory)
         self.fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back: tuples become lists
         self._saving: int | None = None  # the step of the save in flight
@@ -215,8 +215,7 @@ class Checkpoints:
             return
         intact = next((s for s in reversed(steps) if s < step and damaged_files(self.directory / str(s)) == []), None)
         fix = (
-            f"resume from step {intact}, the newest checkpoint that verifies (checkpoint.resume={intact}), or move "
-            "the damaged one aside"
+            f"restore step {intact} instead, the newest checkpoint that verifies, or move the damaged one aside"
             if intact is not None
             else "no earlier checkpoint verifies: move the checkpoints aside to start afresh"
         )
@@ -271,7 +270,7 @@ def _storable(state: TrainState) -> TrainState:
 def _unreadable(path: Any, steps: list[int], step: int, error: Exception) -> str:
     earlier = [s for s in steps if s < step]
     fix = (
-        f"move it aside to resume from step {earlier[-1]}, or set checkpoint.resume={earlier[-1]}"
+        f"move it aside to resume from step {earlier[-1]}, or restore step {earlier[-1]} instead"
         if earlier
         else "move it aside to start afresh"
     )

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from ml_collections import ConfigDict
 
 
 def load_module(path: str | os.PathLike) -> ModuleType:
@@ -26,3 +29,9 @@ def load_module(path: str | os.PathLike) -> ModuleType:
 def load_config(path: str | os.PathLike, preset: str = "") -> Any:
     """``get_config(preset)`` of the config file at ``path`` (an ``ml_collections.ConfigDict``)."""
     return load_module(path).get_config(preset)
+
+
+def dataclass_section(instance: Any) -> ConfigDict:
+    """A config section of every field of a library dataclass (``OptimConfig``, ``AdapterConfig``) at
+    ``instance``'s values: its keys and defaults stay the dataclass's own, set once there."""
+    return ConfigDict(dataclasses.asdict(instance))

@@ -34,10 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from moelora_jax.adapters.layers import AdapterKind
 from moelora_jax.data.encoding import Encoded, Example, Layout, batch_indices, encode_examples, round_up
 from moelora_jax.data.pipeline import TrainBatches
 from moelora_jax.data.tasks import Task, load_task
-from moelora_jax.errors import UserError
+from moelora_jax.errors import UserError, in_setting
 from moelora_jax.evaluation.scoring import task_score
 from moelora_jax.formats.mole import stack_loras, with_loras
 from moelora_jax.formats.warm_start import source_digest, warm_adapters
@@ -290,8 +291,6 @@ def _fingerprint(settings: Settings, model_config: LlamaConfig, encoded: list, i
 def _resume(checkpoints: Checkpoints, fresh: TrainState, resume: str) -> TrainState:
     """The state to start from under ``checkpoint.resume`` (``latest``, ``never`` or a step number)."""
     steps = checkpoints.steps()
-    if resume == "latest":
-        return checkpoints.restore(fresh) if steps else fresh
     if resume == "never":
         if steps:
             raise UserError(
@@ -299,13 +298,17 @@ def _resume(checkpoints: Checkpoints, fresh: TrainState, resume: str) -> TrainSt
                 "resume them (checkpoint.resume=latest) or choose another output_dir."
             )
         return fresh
-    return checkpoints.restore(fresh, step=int(resume))
+    with in_setting(f"checkpoint.resume={resume}"):
+        if resume == "latest":
+            return checkpoints.restore(fresh) if steps else fresh
+        return checkpoints.restore(fresh, step=int(resume))
 
 
 def _warm_start(directory: Path, fresh: Any, settings: Settings, model_config: LlamaConfig) -> Any:
     """``fresh`` (the adapters on the devices) replaced by those of ``directory``, placed as ``fresh`` is."""
     a = settings.adapter
-    host = warm_adapters(directory, to_host(fresh), adapter=a.config, targets=a.targets, model_config=model_config)
+    with in_setting("adapter.init_from"):
+        host = warm_adapters(directory, to_host(fresh), adapter=a.config, targets=a.targets, model_config=model_config)
     if is_primary():
         print(f"adapters: initialised from {a.init_from}; the optimizer starts fresh at step 0.")
     return jax.tree.map(lambda h, x: jax.make_array_from_callback(x.shape, x.sharding, lambda i: h[i]), host, fresh)
@@ -341,10 +344,12 @@ def setup(settings: Settings, argv: Sequence[str] | None = None) -> Job:
     the command line written to ``commands.jsonl`` (None when started from Python). Raises ``UserError`` for bad
     input, before the output directory's records change."""
     started = time.perf_counter()
+    settings = settings.described()
     output = OutputDirectory(settings.output_dir)
     _compilation_cache(settings.compilation_cache, output)
     dist = settings.distributed
-    initialize(dist.initialize, dist.coordinator_address, dist.num_processes, dist.process_id)
+    with in_setting("distributed"):
+        initialize(dist.initialize, dist.coordinator_address, dist.num_processes, dist.process_id)
     output.prepare()
     check_shared_directory(output.root)
     if settings.log.wandb and is_primary():
@@ -369,8 +374,10 @@ def setup(settings: Settings, argv: Sequence[str] | None = None) -> Job:
     params = load_params(
         model_dir, model_config, param_dtype=m.weights_dtype, shardings=trainer.shardings["params"], quant=m.quant
     )
-    if a.sources:
-        params = jax.device_put(with_loras(params, stack_loras(a.sources, model_config)), trainer.shardings["params"])
+    if a.kind is AdapterKind.MOLE:
+        with in_setting("mole.loras"):
+            params = with_loras(params, stack_loras(a.sources, model_config))
+        params = jax.device_put(params, trainer.shardings["params"])
 
     pad = pad_id(tokenizer, model_config)
     batches = TrainBatches(
@@ -466,6 +473,7 @@ def setup_shapes(
 ) -> JobShapes:
     """The job of ``settings`` on ``model`` (see :func:`model_shape`) over ``devices`` (default: all; any devices a
     mesh can be built from, e.g. a TPU topology's for compiling without one), from shapes alone."""
+    settings = settings.described()
     config = model_shape(model, settings)
     mesh = job_mesh(settings, devices)
     trainer = build_trainer(settings, config, mesh)

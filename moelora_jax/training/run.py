@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from moelora_jax.adapters.layers import AdapterKind
 from moelora_jax.adapters.quantize import dequantize_params
 from moelora_jax.evaluation.scoring import EXAMPLES_FILE
 from moelora_jax.formats.merged import export_merged
@@ -96,9 +97,9 @@ def _export(settings: ExportSettings, directory: Path, job: Job, adapters: Any) 
     """Write the exports ``settings`` ask for (PEFT and merged only for plain LoRA; a MoLE's ``adapters`` export is
     its gates, ``export/mole``); returns their paths."""
     adapter, model = job.settings.adapter, job.settings.model
-    plain = adapter.config.num_experts == 1
-    want_peft = plain and settings.peft and not adapter.config.mixer
-    want_merged = plain and settings.merged
+    merges = adapter.kind.merges
+    want_peft = merges and settings.peft and not adapter.config.mixer
+    want_merged = merges and settings.merged
     if not (settings.adapters or want_peft or want_merged):
         return []
     adapters = to_host(adapters)  # collectives with several processes: every process gathers
@@ -108,7 +109,7 @@ def _export(settings: ExportSettings, directory: Path, job: Job, adapters: Any) 
         return []
     model_config, source = job.model_config, job.model_dir
     written, kwargs = [], {"adapter": adapter.config, "targets": adapter.targets}
-    if settings.adapters and adapter.sources:
+    if settings.adapters and adapter.kind is AdapterKind.MOLE:
         written.append(
             export_mole(
                 directory / "mole",

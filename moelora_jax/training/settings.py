@@ -9,25 +9,31 @@ from the same objects.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import importlib.util
 from typing import Any
 
-import jax.numpy as jnp
-
-from moelora_jax.adapters.layers import AdapterConfig, MoleConfig
+from moelora_jax.adapters.layers import AdapterConfig, AdapterKind, MoleConfig
 from moelora_jax.adapters.quantize import QUANT_MODES, QuantConfig
 from moelora_jax.adapters.routing import RouterLosses
 from moelora_jax.data.encoding import OVERFLOW_POLICIES
 from moelora_jax.data.tasks import TASKS
-from moelora_jax.errors import UserError, check_at_least, check_choice
+from moelora_jax.errors import UserError, check_at_least, check_choice, in_setting
 from moelora_jax.formats.mole import describe_lora
 from moelora_jax.io.storage import is_remote
-from moelora_jax.models.llama import ATTENTION_IMPLS, REMAT_CHOICES, TARGETS, check_targets
+from moelora_jax.models.llama import ATTENTION_IMPLS, DTYPES, REMAT_CHOICES, TARGETS, check_targets
 from moelora_jax.optim.optimizer import OptimConfig
 from moelora_jax.parallel.distributed import INITIALIZE_CHOICES
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ADAPTER_KINDS = ("lora", "moe_lora", "mole")
+
+def _json_fields(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A dataclass's fields as a dict, enums by their values."""
+    return {name: value.value if isinstance(value, enum.Enum) else value for name, value in items}
+
+
+def _optim(optim: Any) -> OptimConfig:
+    with in_setting("optim"):
+        return OptimConfig(**optim.to_dict())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,28 +75,78 @@ class ModelSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class AdapterSettings:
-    """``adapter.*`` (and ``mole.*`` for MoLE): the adapter, the projections it adapts, MoLE's source LoRA
-    directories, the routing losses' coefficients and the adapter directory a fresh run starts from (``init_from``,
-    :mod:`moelora_jax.formats.warm_start`; empty: random)."""
+class MoleSources:
+    """``mole.*``: MoLE's source LoRA directories and its gate's options. The adapter itself (its rank, the largest
+    source's; its targets, every projection a source adapts) comes from the sources' files: :meth:`adapter`."""
 
-    kind: str
-    config: AdapterConfig | MoleConfig
+    loras: tuple[str, ...]
+    gate: str
+    tau: float
+    masked: tuple[int, ...]
+
+    @classmethod
+    def from_config(cls, mole: Any) -> MoleSources:
+        loras = tuple(s.strip() for s in mole.loras.split(",") if s.strip())
+        if len(loras) < 2:
+            raise UserError(f"mole.loras={mole.loras!r} must list at least 2 LoRA directories, comma-separated.")
+        remote = [s for s in loras if is_remote(s)]
+        if remote:
+            raise UserError(
+                f"mole.loras: {remote[0]} is in an object store; MoLE's LoRA sources must be local: copy them down."
+            )
+        masked = str(mole.masked).replace(",", " ").split()
+        if not all(m.isdigit() for m in masked):
+            raise UserError(f"mole.masked={mole.masked!r} must list LoRA indices, e.g. '1' or '0,2'.")
+        check_at_least("mole.balance_loss", mole.balance_loss, 0)
+        sources = cls(loras, mole.gate, mole.tau, tuple(int(m) for m in masked))
+        with in_setting("mole"):
+            MoleConfig(len(loras), 1, sources.gate, sources.tau, sources.masked)  # the options, checked before any file
+        return sources
+
+    def adapter(self) -> tuple[MoleConfig, tuple[str, ...]]:
+        """The MoLE adapter and its targets, from the sources' JSON (no tensor is read)."""
+        with in_setting("mole.loras"):
+            described = [describe_lora(s) for s in self.loras]
+        targets = tuple(t for t in TARGETS if any(t in found for _, found in described))
+        rank = max(r for r, _ in described)
+        return MoleConfig(len(self.loras), rank, self.gate, self.tau, self.masked), targets
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSettings:
+    """``adapter.*`` (and ``mole.*`` for MoLE): the adapter's kind, the adapter, the projections it adapts, the
+    routing losses' coefficients and the adapter directory a fresh run starts from (``init_from``,
+    :mod:`moelora_jax.formats.warm_start`; empty: random). A MoLE adapter and its targets come from its sources'
+    files, so they are None and ``()`` until :meth:`described` reads them (the job's setup does): validating reads
+    no file."""
+
+    kind: AdapterKind
+    config: AdapterConfig | MoleConfig | None
     targets: tuple[str, ...]
-    sources: tuple[str, ...]
+    mole: MoleSources | None
     router_losses: RouterLosses
     init_from: str
 
     @classmethod
     def from_config(cls, adapter: Any, mole: Any = None) -> AdapterSettings:
-        check_choice("adapter.kind", adapter.kind, ADAPTER_KINDS)
-        if adapter.kind == "mole":
+        check_choice("adapter.kind", adapter.kind, tuple(k.value for k in AdapterKind))
+        kind = AdapterKind(adapter.kind)
+        if min(adapter.balance_loss, adapter.z_loss) < 0 or (
+            max(adapter.balance_loss, adapter.z_loss) > 0 and not kind.routed
+        ):
+            raise UserError(
+                f"adapter.balance_loss={adapter.balance_loss} and adapter.z_loss={adapter.z_loss} must be >= 0, and "
+                "need a gate (adapter.kind=moe_lora) to be > 0."
+            )
+        if adapter.init_from and not kind.trains_factors:
+            raise UserError("adapter.init_from starts lora and moe_lora runs; a MoLE run's experts are mole.loras.")
+        if kind is AdapterKind.MOLE:
             if mole is None:
                 raise UserError("adapter.kind=mole needs the mole.* settings: use --config configs/mole.py.")
-            config, targets, sources = _mole(mole)
             losses = RouterLosses(adapter.balance_loss, adapter.z_loss, mole.balance_loss)
-        else:
-            plain = adapter.kind == "lora"
+            return cls(kind, None, (), MoleSources.from_config(mole), losses, adapter.init_from)
+        plain = kind is AdapterKind.LORA
+        with in_setting("adapter"):
             config = AdapterConfig(
                 num_experts=1 if plain else adapter.num_experts,
                 rank=adapter.rank,
@@ -100,45 +156,23 @@ class AdapterSettings:
                 strategy=adapter.strategy,
                 mixer=adapter.mixer,
             )
-            targets, sources = tuple(t.strip() for t in adapter.targets.split(",") if t.strip()), ()
-            check_targets("adapter.targets", targets)
-            losses = RouterLosses(adapter.balance_loss, adapter.z_loss)
-        if min(adapter.balance_loss, adapter.z_loss) < 0 or (losses.active and config.num_experts == 1):
-            raise UserError(
-                f"adapter.balance_loss={adapter.balance_loss} and adapter.z_loss={adapter.z_loss} must be >= 0, and "
-                "need a gate (adapter.kind=moe_lora) to be > 0."
-            )
-        if adapter.init_from and adapter.kind == "mole":
-            raise UserError("adapter.init_from starts lora and moe_lora runs; a MoLE run's experts are mole.loras.")
-        return cls(adapter.kind, config, targets, sources, losses, adapter.init_from)
+        targets = tuple(t.strip() for t in adapter.targets.split(",") if t.strip())
+        check_targets("adapter.targets", targets)
+        losses = RouterLosses(adapter.balance_loss, adapter.z_loss)
+        return cls(kind, config, targets, None, losses, adapter.init_from)
 
     @property
-    def routed(self) -> bool:
-        """Whether a gate routes tokens among experts (MoE-LoRA and MoLE)."""
-        return self.config.num_experts > 1
+    def sources(self) -> tuple[str, ...]:
+        """MoLE's source LoRA directories (none for the other kinds)."""
+        return () if self.mole is None else self.mole.loras
 
-
-def _mole(mole: Any) -> tuple[MoleConfig, tuple[str, ...], tuple[str, ...]]:
-    """The MoLE adapter, its targets (every projection a source LoRA adapts) and its source directories."""
-    sources = tuple(s.strip() for s in mole.loras.split(",") if s.strip())
-    if len(sources) < 2:
-        raise UserError(f"mole.loras={mole.loras!r} must list at least 2 LoRA directories, comma-separated.")
-    remote = [s for s in sources if is_remote(s)]
-    if remote:
-        raise UserError(
-            f"mole.loras: {remote[0]} is in an object store; MoLE's LoRA sources must be local: copy them down."
-        )
-    try:
-        described = [describe_lora(s) for s in sources]
-    except UserError as e:
-        raise UserError(f"mole.loras: {e}") from e
-    targets = tuple(t for t in TARGETS if any(t in found for _, found in described))
-    masked = str(mole.masked).replace(",", " ").split()
-    if not all(m.isdigit() for m in masked):
-        raise UserError(f"mole.masked={mole.masked!r} must list LoRA indices, e.g. '1' or '0,2'.")
-    check_at_least("mole.balance_loss", mole.balance_loss, 0)
-    rank = max((r for r, _ in described), default=1)
-    return MoleConfig(len(sources), rank, mole.gate, mole.tau, tuple(int(m) for m in masked)), targets, sources
+    def described(self) -> AdapterSettings:
+        """These settings with MoLE's adapter and targets read from its sources (the others are complete as they
+        are)."""
+        if self.config is not None:
+            return self
+        config, targets = self.mole.adapter()
+        return dataclasses.replace(self, config=config, targets=targets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,7 +335,7 @@ class Settings:
             compilation_cache=config.compilation_cache,
             model=ModelSettings(**config.model.to_dict()),
             adapter=AdapterSettings.from_config(config.adapter, config.get("mole")),
-            optim=OptimConfig(**config.optim.to_dict()),
+            optim=_optim(config.optim),
             data=DataSettings(**config.data.to_dict()),
             train=TrainSettings(**config.train.to_dict()),
             checkpoint=CheckpointSettings(**checkpoint),
@@ -311,6 +345,11 @@ class Settings:
             mesh=MeshSettings(**config.mesh.to_dict()),
         )
 
+    def described(self) -> Settings:
+        """These settings with every adapter detail that lives in files read (MoLE's sources:
+        :meth:`AdapterSettings.described`); the job's setup starts with this."""
+        return dataclasses.replace(self, adapter=self.adapter.described())
+
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON-compatible nested dicts (the adapter's resolved config under ``adapter.config``)."""
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self, dict_factory=_json_fields)

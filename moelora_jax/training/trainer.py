@@ -179,7 +179,7 @@ class Trainer:
         n_micro = batch["tokens"].shape[0]
         count = jnp.sum(batch["loss_mask"][..., 1:].astype(jnp.float32))
         denom = jnp.maximum(count, 1.0)
-        routed = self.model.adapter.num_experts > 1
+        routed = self.model.adapter.kind.routed
 
         def micro(carry, xs):
             grads, total = carry
