@@ -88,6 +88,10 @@ ROWS = (
     Row("llama-3.1-70b", 2048, "h100-8"),
     # the paper's job data-parallel (the preset's mesh: weights replicated, only the adapters' gradients reduced)
     Row("llama-3.2-3b", 256, "v5e-8", remat="none", per_chip=None, fsdp=1, find_batch=("none", "full")),
+    # the other families at the 8B row's settings
+    Row("qwen2.5-7b", 2048, "v5e-8"),
+    Row("qwen3-8b", 2048, "v5e-8"),
+    Row("mistral-7b", 2048, "v5e-8"),
 )
 
 

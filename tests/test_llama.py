@@ -303,7 +303,7 @@ def test_config_from_a_llama32_style_config_json():
     ("overrides", "message"),
     [
         ({"model_type": "gpt2"}, "model_type='gpt2' is not supported"),
-        ({"attention_bias": True}, "attention_bias=True is not supported"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor != 1 is not supported"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_type='yarn' is not supported"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ],

@@ -90,8 +90,8 @@ def test_bad_checkpoints_fail_with_one_clear_error(tiny_llama, tmp_path):
         UserError, match=r"mlp\.down_proj\.weight.*has shape \(32, 64\) but config\.json implies \(32, 80\)"
     ):
         load_params(directory, load_config(directory))
-    _edit_config(directory, intermediate_size=64, model_type="mistral")
-    with pytest.raises(UserError, match="model_type='mistral' is not supported"):
+    _edit_config(directory, intermediate_size=64, model_type="gpt2")
+    with pytest.raises(UserError, match="model_type='gpt2' is not supported"):
         load_config(directory)
 
 

@@ -455,10 +455,11 @@ class MoleGate(nn.Module):
 
 
 class FrozenDense(nn.Module):
-    """A frozen dense projection ``x @ kernel``: ``x: (..., d_in) -> (..., features)`` in ``dtype``.
+    """A frozen dense projection ``x @ kernel [+ bias]``: ``x: (..., d_in) -> (..., features)`` in ``dtype``.
 
     ``"params"`` holds the kernel ``(d_in, features)`` in ``param_dtype`` or, with ``quant``, its int8 / NF4 leaves
-    (``kernel_<field>``, :func:`~moelora_jax.adapters.quantize.kernel_leaves`), dequantized inside the matmul. With
+    (``kernel_<field>``, :func:`~moelora_jax.adapters.quantize.kernel_leaves`), dequantized inside the matmul, and
+    with ``use_bias`` a ``bias: (features,)`` in ``param_dtype`` (never quantized). With
     ``kernel_axes`` (logical names of ``d_in, features``) every leaf, an adapter's included, is created boxed in
     ``nn.LogicallyPartitioned`` for the sharding rules (adapter axes ``expert`` and ``rank``); apply takes plain
     arrays. The adapted layers below add their update to this projection.
@@ -470,6 +471,7 @@ class FrozenDense(nn.Module):
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
     kernel_axes: LogicalAxes | None = None
     quant: QuantConfig | None = None
+    use_bias: bool = False
 
     def _init(self, init: nn.initializers.Initializer, axes: tuple[str | None, ...]) -> nn.initializers.Initializer:
         return init if self.kernel_axes is None else nn.with_logical_partitioning(init, axes)
@@ -492,9 +494,14 @@ class FrozenDense(nn.Module):
         return dequantize(KERNEL_TYPES[self.quant.mode, self.quant.double_quant](**fields), self.dtype)
 
     def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``x`` in the compute dtype, and ``x @ kernel``."""
+        """``x`` in the compute dtype, and ``x @ kernel [+ bias]``."""
         x = x.astype(self.dtype)
-        return x, x @ self._frozen_kernel(x.shape[-1])
+        y = x @ self._frozen_kernel(x.shape[-1])
+        if self.use_bias:
+            ax_out = (self.kernel_axes or (None, None))[1]
+            init = self._init(nn.initializers.zeros, (ax_out,))
+            y = y + self.param("bias", init, (self.features,), self.param_dtype).astype(self.dtype)
+        return x, y
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -42,7 +42,7 @@ from moelora_jax.data.encoding import left_pad, round_up
 from moelora_jax.errors import UserError, check_at_least, check_choice
 from moelora_jax.formats.native import load_adapters
 from moelora_jax.io.storage import local_copy
-from moelora_jax.models.generation import generate
+from moelora_jax.models.generation import end_ids, generate
 from moelora_jax.models.llama import DTYPES, Llama, abstract_variables, lm_head, output_head
 from moelora_jax.models.loss import chunk_size
 from moelora_jax.models.pretrained import load_pretrained
@@ -144,7 +144,7 @@ class MoeloraLM(TemplateLM):
             self.variables["adapters"] = self._checked_adapters(exported.adapters, adapters, pretrained.directory)
         else:
             self.model = Llama(config, **kwargs)
-        self.eos_ids = tuple(dict.fromkeys([*config.eos_token_ids, self.tokenizer.eos_token_id]))
+        self.eos_ids = end_ids(config, self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self.pad_id = self.eot_token_id if pad is None else pad
 

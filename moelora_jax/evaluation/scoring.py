@@ -20,7 +20,7 @@ import jax
 from moelora_jax.data.encoding import Example, encode_prompt, left_pad, round_up
 from moelora_jax.data.tasks import Task
 from moelora_jax.io.atomic import write_text_atomically
-from moelora_jax.models.generation import generate
+from moelora_jax.models.generation import end_ids, generate
 from moelora_jax.models.llama import Llama
 from moelora_jax.parallel.distributed import to_host
 
@@ -56,7 +56,7 @@ def generate_answers(
     length_bucket: int = 0,
 ) -> list[str]:
     """Greedy answers of ``decoder.model`` with ``adapters`` to each example's prompt, decoded, in order."""
-    eos = tuple(decoder.model.config.eos_token_ids) or (tokenizer.eos_token_id,)
+    eos = end_ids(decoder.model.config, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     prompts = [encode_prompt(tokenizer, e.prompt, prompt_length, use_chat_template=use_chat_template) for e in examples]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))

@@ -108,15 +108,15 @@ def export_merged(
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
     """Write the merged model as a Hugging Face directory that ``transformers.AutoModelForCausalLM`` and vLLM load as
-    is: ``config.json`` (``LlamaForCausalLM``; ``dtype`` the weights', e.g. ``bfloat16``), ``generation_config.json``
-    (the config's bos / eos / pad ids), the tokenizer's files (its chat template included) and the weights
-    (:func:`save_hf_weights`)."""
+    is: ``config.json`` (its family's class, e.g. ``LlamaForCausalLM``; ``dtype`` the weights', e.g. ``bfloat16``),
+    ``generation_config.json`` (the config's bos / eos / pad ids), the tokenizer's files (its chat template included)
+    and the weights (:func:`save_hf_weights`)."""
     import transformers
 
     merged = merge_adapters(params, adapters, adapter=adapter, targets=targets)
     tensors = hf_tensors(merged, model_config)
     hf_config = model_config.to_hf()
-    hf_config.architectures = ["LlamaForCausalLM"]
+    hf_config.architectures = [model_config.family.architecture]
     hf_config.dtype = tensors["model.embed_tokens.weight"].dtype.name  # every leaf has the base's weights_dtype
     generation = transformers.GenerationConfig(
         bos_token_id=hf_config.bos_token_id, eos_token_id=hf_config.eos_token_id, pad_token_id=hf_config.pad_token_id

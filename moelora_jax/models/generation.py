@@ -13,7 +13,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from moelora_jax.models.llama import KVCache, Llama
+from moelora_jax.models.llama import KVCache, Llama, LlamaConfig
+
+
+def end_ids(config: LlamaConfig, tokenizer: Any) -> tuple[int, ...]:
+    """The tokens that end a generated row: the model's end ids (``config.json`` and ``generation_config.json``)
+    and the tokenizer's end token, the one training appends to each response (Qwen2.5-Instruct: ``<|im_end|>``)."""
+    ends = [*config.eos_token_ids, tokenizer.eos_token_id]
+    return tuple(dict.fromkeys(i for i in ends if i is not None))
 
 
 def sample_logits(logits: jax.Array, rng: jax.Array | None, temperature: float = 0.0, top_p: float = 1.0) -> jax.Array:

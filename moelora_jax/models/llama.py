@@ -1,9 +1,15 @@
-"""The LLaMA-family decoder (Llama 2, Llama 3.x, SmolLM2) in Flax Linen, carrying (MoE-)LoRA adapters.
+"""The LLaMA-family decoder (Llama 2, Llama 3.x, SmolLM2, Mistral, Qwen2 / 2.5, Qwen3) in Flax Linen, carrying
+(MoE-)LoRA adapters.
 
 Per layer, with RMSNorm ``n(x) = x / sqrt(mean(x^2) + eps) * w`` (statistics in float32)::
 
     h = x + o(attn(rope(q(n1(x))), rope(k(n1(x))), v(n1(x))))     grouped-query, causal + padding mask
     y = h + down(silu(gate(n2(h))) * up(n2(h)))                   SwiGLU
+
+The families differ in three places (:data:`FAMILIES`): a bias on some projections (Qwen2's q/k/v; Llama's
+``attention_bias`` / ``mlp_bias``, Qwen3's ``attention_bias``), an RMSNorm over each head of ``q`` and ``k`` before
+the rotary embedding (Qwen3), and a sliding window (Mistral): a query in slot ``i`` sees keys in slots
+``i - W < j <= i`` only.
 
 ``logits = n(y_L) @ E^T`` (tied embeddings) or ``@ lm_head``; ``output="hidden"`` returns ``n(y_L)`` instead, for a
 loss that applies the head only where it is needed (:mod:`moelora_jax.models.loss`). Rotary embeddings rotate the two
@@ -109,6 +115,28 @@ def check_targets(name: str, targets: tuple[str, ...]) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family this decoder runs: its ``model_type`` and transformers' classes for it (the config's, and the
+    causal LM's, which a merged export names in ``architectures``)."""
+
+    model_type: str
+    config_class: str
+    architecture: str
+
+
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in (
+        Family("llama", "LlamaConfig", "LlamaForCausalLM"),
+        Family("mistral", "MistralConfig", "MistralForCausalLM"),
+        Family("qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
+        Family("qwen3", "Qwen3Config", "Qwen3ForCausalLM"),
+    )
+}
+"""Every supported ``model_type`` (a Hugging Face ``config.json``'s) and its family."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Llama3RopeScaling:
     """Llama 3.1/3.2 frequency scaling (``rope_type: llama3``)."""
 
@@ -120,7 +148,9 @@ class Llama3RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Architecture hyper-parameters, as in a Hugging Face ``config.json`` of ``model_type: llama``."""
+    """Architecture hyper-parameters, as in a Hugging Face ``config.json`` of a supported ``model_type``
+    (:data:`FAMILIES`). ``bias_targets``: the projections with a bias; ``qk_norm``: an RMSNorm over each head of q
+    and k; ``sliding_window``: the keys a query sees, itself included (None: every earlier one)."""
 
     vocab_size: int
     hidden_size: int
@@ -137,8 +167,17 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    model_type: str = "llama"
+    bias_targets: tuple[str, ...] = ()
+    qk_norm: bool = False
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
+        check_choice("model_type", self.model_type, tuple(FAMILIES))
+        if set(self.bias_targets) - set(TARGETS):
+            raise UserError(f"bias_targets={self.bias_targets} must be a subset of {', '.join(TARGETS)}.")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise UserError(f"sliding_window={self.sliding_window} must be a positive number of tokens, or None.")
         if self.num_heads % self.num_kv_heads:
             raise UserError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}.")
         if self.head_dim % 2:
@@ -150,15 +189,26 @@ class LlamaConfig:
         import transformers
 
         model_type = hf.get("model_type") if isinstance(hf, dict) else getattr(hf, "model_type", None)
-        if model_type != "llama":
-            raise UserError(f"model_type={model_type!r} is not supported: only LLaMA-family ('llama') models are.")
+        if model_type not in FAMILIES:
+            raise UserError(
+                f"model_type={model_type!r} is not supported: the supported families are {', '.join(FAMILIES)}."
+            )
         if isinstance(hf, dict):
-            hf = transformers.LlamaConfig(**{k: v for k, v in hf.items() if k != "model_type"})
-        for flag in ("attention_bias", "mlp_bias"):
-            if getattr(hf, flag, False):
-                raise UserError(f"{flag}=True is not supported (LLaMA projections have no bias).")
+            hf = getattr(transformers, FAMILIES[model_type].config_class)(
+                **{k: v for k, v in hf.items() if k != "model_type"}
+            )
+        if getattr(hf, "use_sliding_window", False):
+            raise UserError(
+                f"use_sliding_window=True is not supported for {model_type}: its sliding layers are not implemented "
+                "(the published Qwen2.5 and Qwen3 checkpoints do not use them)."
+            )
         if getattr(hf, "hidden_act", "silu") != "silu":
             raise UserError(f"hidden_act={hf.hidden_act!r} is not supported: LLaMA's MLP uses 'silu'.")
+        bias_targets = ("q", "k", "v") if model_type == "qwen2" else ()
+        if getattr(hf, "attention_bias", False):
+            bias_targets = ("q", "k", "v", "o")
+        if getattr(hf, "mlp_bias", False):
+            bias_targets += ("gate", "up", "down")
         rope = dict(getattr(hf, "rope_parameters", None) or {})
         rope_type = rope.get("rope_type", "default")
         scaling = None
@@ -190,17 +240,33 @@ class LlamaConfig:
             bos_token_id=hf.bos_token_id,
             eos_token_ids=() if eos is None else tuple(eos) if isinstance(eos, list | tuple) else (eos,),
             pad_token_id=hf.pad_token_id,
+            model_type=model_type,
+            bias_targets=bias_targets,
+            qk_norm=model_type == "qwen3",
+            sliding_window=getattr(hf, "sliding_window", None) if model_type == "mistral" else None,
         )
 
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.model_type]
+
     def to_hf(self) -> Any:
-        """The equivalent ``transformers.LlamaConfig`` (for ``config.json`` files and PyTorch oracles)."""
+        """The equivalent transformers config of its family (for ``config.json`` files and PyTorch oracles)."""
         import transformers
 
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling is not None:
             rope = {"rope_type": "llama3", "rope_theta": self.rope_theta, **dataclasses.asdict(self.rope_scaling)}
         eos = list(self.eos_token_ids)
-        return transformers.LlamaConfig(
+        family: dict[str, Any] = {}
+        if self.model_type in ("llama", "qwen3"):
+            family["attention_bias"] = "o" in self.bias_targets
+        if self.model_type == "llama":
+            family["mlp_bias"] = "down" in self.bias_targets
+        if self.model_type == "mistral":
+            family["sliding_window"] = self.sliding_window
+        return getattr(transformers, self.family.config_class)(
+            **family,
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
@@ -313,6 +379,7 @@ class _LayerPart(nn.Module):
             "kernel_init": nn.initializers.normal(0.02),
             "kernel_axes": axes,
             "quant": self.quant,
+            "use_bias": target in self.config.bias_targets,
             "name": PROJECTIONS[target].name,
         }
         adapter = self.adapter if target in self.targets else None
@@ -353,6 +420,9 @@ class Attention(_LayerPart):
         q = constrain(q.reshape(batch, length, c.num_heads, c.head_dim), ("batch", "length", "act_heads", "head_dim"))
         kv_names = ("batch", "length", "act_kv_heads", "head_dim")
         k = constrain(k.reshape(batch, length, c.num_kv_heads, c.head_dim), kv_names)
+        if c.qk_norm:  # Qwen3: each head of q and k normalised over head_dim, before the rotation
+            norm = {"eps": c.rms_norm_eps, "dtype": self.dtype, "param_dtype": self.param_dtype}
+            q, k = RMSNorm(**norm, name="q_norm")(q), RMSNorm(**norm, name="k_norm")(k)
         v = constrain(v.reshape(batch, length, c.num_kv_heads, c.head_dim), kv_names)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if layer_cache is not None:
@@ -454,7 +524,8 @@ def output_head(params: Any, config: LlamaConfig) -> jax.Array:
 
 
 class Llama(nn.Module):
-    """LLaMA-family causal LM with adapters on ``adapter_targets`` (any of ``q k v o gate up down``).
+    """LLaMA-family causal LM (any family of :data:`FAMILIES`, as its ``config`` says) with adapters on
+    ``adapter_targets`` (any of ``q k v o gate up down``).
 
     ``dtype`` is the compute dtype (activations, matmul inputs); ``param_dtype`` the frozen weights' dtype;
     adapters are always float32 and logits always float32. ``remat``: ``"none"``, ``"full"`` (recompute each layer
@@ -464,8 +535,9 @@ class Llama(nn.Module):
     the HBM; on a CPU host memory is the same memory). Every policy computes the same values and gradients.
     ``attention_impl``: ``jax.nn.dot_product_attention``'s ``"xla"`` or ``"cudnn"`` (GPU, float16/bfloat16; the
     flash kernel), or ``"splash"`` (TPU's kernel, :mod:`moelora_jax.models.splash`; decoding with a cache stays on
-    XLA's). ``quant``: the q/k/v/o and MLP kernels stored int8 or NF4 (:mod:`moelora_jax.adapters.quantize`) and
-    dequantized inside each projection's matmul; the embedding, the norms and the LM head stay in ``param_dtype``.
+    XLA's); a sliding window takes ``"xla"`` only. ``quant``: the q/k/v/o and MLP kernels stored int8 or NF4
+    (:mod:`moelora_jax.adapters.quantize`) and dequantized inside each projection's matmul; the embedding, the
+    norms, the biases and the LM head stay in ``param_dtype``.
     """
 
     config: LlamaConfig
@@ -481,6 +553,11 @@ class Llama(nn.Module):
         check_targets("adapter_targets", tuple(self.adapter_targets))
         check_choice("remat", self.remat, REMAT_CHOICES)
         check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        if self.config.sliding_window is not None and self.attention_impl != "xla":
+            raise UserError(
+                f"attention_impl={self.attention_impl!r} does not support {self.config.model_type}'s sliding window "
+                f"(sliding_window={self.config.sliding_window}): use attention_impl='xla'."
+            )
         super().__post_init__()
 
     @nn.compact
@@ -538,6 +615,8 @@ class Llama(nn.Module):
             mask = valid[:, None, :] & (jnp.arange(slots)[None, None, :] <= query_slot[None, :, None])
             if segment_ids is not None:
                 mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+            if c.sliding_window is not None:  # slots, like positions, are contiguous within a sequence
+                mask &= jnp.arange(slots)[None, None, :] > query_slot[None, :, None] - c.sliding_window
         cos, sin = rope_cos_sin(positions, rope_inv_freq(c))
 
         embedding = self.param(

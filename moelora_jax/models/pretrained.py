@@ -1,4 +1,5 @@
-"""Pretrained LLaMA-family weights and tokenizers: Hugging Face directories and GGUF files, loaded without torch.
+"""Pretrained LLaMA-family (Llama, Mistral, Qwen2, Qwen3) weights and tokenizers: Hugging Face directories and GGUF
+files, loaded without torch.
 
 A Hugging Face directory holds ``config.json`` and ``model.safetensors`` (or shards listed in
 ``model.safetensors.index.json``); tensors are read one at a time into the stacked
@@ -55,8 +56,13 @@ def _layout(config: LlamaConfig) -> dict[tuple[str, ...], _Tensor]:
         ("layers", "attn_norm", "scale"): _Tensor(layer + "input_layernorm.weight"),
         ("layers", "mlp_norm", "scale"): _Tensor(layer + "post_attention_layernorm.weight"),
     }
-    for projection in PROJECTIONS.values():
+    for target, projection in PROJECTIONS.items():
         table[*projection.path, "kernel"] = _Tensor(projection.hf_name("{i}") + ".weight", True)
+        if target in config.bias_targets:
+            table[*projection.path, "bias"] = _Tensor(projection.hf_name("{i}") + ".bias")
+    if config.qk_norm:
+        for name in ("q_norm", "k_norm"):
+            table["layers", "attn", name, "scale"] = _Tensor(layer + f"self_attn.{name}.weight")
     if not config.tie_word_embeddings:
         table["lm_head",] = _Tensor("lm_head.weight", True)
     return table
@@ -80,12 +86,20 @@ def _tensor_index(directory: Path) -> dict[str, Path]:
 
 
 def load_config(directory: str | os.PathLike) -> LlamaConfig:
-    """``LlamaConfig`` from ``directory/config.json``."""
-    path = Path(directory) / "config.json"
+    """``LlamaConfig`` from ``directory/config.json``, of any family in :data:`~moelora_jax.models.llama.FAMILIES`;
+    its end-of-sequence ids joined by ``generation_config.json``'s where there is one (Qwen2.5's instruct models end
+    a turn with ``<|im_end|>`` there and in config.json, and a document with ``<|endoftext|>``, there only)."""
+    path, generation = Path(directory) / "config.json", Path(directory) / "generation_config.json"
     if not path.exists():
         raise UserError(f"{path} not found: a model directory needs the model's config.json.")
     try:
-        return LlamaConfig.from_hf(json.loads(path.read_text()))
+        config = LlamaConfig.from_hf(json.loads(path.read_text()))
+        if not generation.exists():
+            return config
+        path = generation
+        eos = json.loads(generation.read_text()).get("eos_token_id")
+        eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+        return dataclasses.replace(config, eos_token_ids=tuple(dict.fromkeys([*config.eos_token_ids, *eos])))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); re-download the model.") from None
     except UserError as e:
@@ -93,7 +107,8 @@ def load_config(directory: str | os.PathLike) -> LlamaConfig:
 
 
 def build_model(config: LlamaConfig, **options: Any) -> Llama:
-    """The Flax module of a configuration from :func:`load_config`; ``options`` are the module's fields (``adapter``,
+    """The Flax module of a configuration from :func:`load_config` (any family: one class, :class:`Llama`, runs them
+    all); ``options`` are the module's fields (``adapter``,
     ``adapter_targets``, ``dtype``, ``remat``, ...)."""
     if not isinstance(config, LlamaConfig):
         raise TypeError(f"build_model takes a LlamaConfig (from load_config), not a {type(config).__name__}.")
@@ -229,7 +244,10 @@ def _gguf_value(reader: Any, key: str, default: Any = None) -> Any:
 def _gguf_config(reader: Any, path: Path) -> LlamaConfig:
     arch = _gguf_value(reader, "general.architecture")
     if arch != "llama":
-        raise UserError(f"{path}: GGUF architecture {arch!r} is not supported; only 'llama' is.")
+        raise UserError(
+            f"{path}: GGUF architecture {arch!r} is not supported; only 'llama' is (the other families load from "
+            "their Hugging Face directories)."
+        )
     tensor_names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in tensor_names:
         raise UserError(f"{path}: GGUF with rope_freqs (Llama 3.1 scaling) is not supported; use the HF directory.")

@@ -55,8 +55,50 @@ SHAPES: dict[str, LlamaConfig] = {
     "llama-3.1-70b": dataclasses.replace(
         _LLAMA_3_1_8B, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64
     ),
+    "qwen2.5-7b": LlamaConfig(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_layers=28,
+        num_heads=28,
+        num_kv_heads=4,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=131072,
+        model_type="qwen2",
+        bias_targets=("q", "k", "v"),
+    ),
+    "qwen3-8b": LlamaConfig(
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_layers=36,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=40960,
+        model_type="qwen3",
+        qk_norm=True,
+    ),
+    "mistral-7b": LlamaConfig(  # v0.3: no sliding window
+        vocab_size=32768,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+        model_type="mistral",
+    ),
 }
-"""Name -> architecture: SmolLM2-135M, Llama-3.2-1B and 3B, Llama-3.1-8B and 70B."""
+"""Name -> architecture: SmolLM2-135M, Llama-3.2-1B and 3B, Llama-3.1-8B and 70B, Qwen2.5-7B, Qwen3-8B and
+Mistral-7B-v0.3."""
 
 
 def published_shape(name: str) -> LlamaConfig:

@@ -1,0 +1,302 @@
+"""Mistral, Qwen2 and Qwen3 (and Llama with biases) against transformers' own classes: tiny random checkpoints made
+offline by each family's PyTorch model, checked on padded and packed batches, in greedy generation, through the
+merged and PEFT exports and through one ``train.py`` run."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from conftest import TINY_LLAMA
+from flax import traverse_util
+from jax.sharding import PartitionSpec as P
+from train_cli import tiny_job, train, write_records
+
+from moelora_jax import AdapterConfig, build_model, load_config, load_params
+from moelora_jax.adapters.layers import MoleConfig
+from moelora_jax.adapters.quantize import QuantConfig
+from moelora_jax.errors import UserError
+from moelora_jax.formats.merged import export_merged
+from moelora_jax.formats.peft import export_peft
+from moelora_jax.models.generation import generate
+from moelora_jax.models.llama import FAMILIES, TARGETS, LlamaConfig, abstract_variables, init_variables
+from moelora_jax.models.shapes import SHAPES
+from moelora_jax.parallel.sharding import DEFAULT_RULES, batch_sharding, logical_shardings, make_mesh
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+CASES = {  # model_type, overrides; every case has one difference from Llama that its logits depend on
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {}),
+    "qwen3-attention-bias": ("qwen3", {"attention_bias": True}),
+    "mistral-window-5": ("mistral", {"sliding_window": 5}),
+    "llama-biases": ("llama", {"attention_bias": True, "mlp_bias": True}),
+}
+WITHOUT_DIFFERENCE = {  # each case's config with its difference taken out
+    "qwen2": {"bias_targets": ()},
+    "qwen3": {"qk_norm": False},
+    "qwen3-attention-bias": {"bias_targets": ()},
+    "mistral-window-5": {"sliding_window": None},
+    "llama-biases": {"bias_targets": ()},
+}
+
+
+def _tiny(case: str, directory, seed: int = 0, tokenizer=None):
+    """Transformers' model of ``case`` with random weights, its biases and norm scales random too (transformers
+    starts them at 0 and 1, where a loader that skipped them would pass), saved to ``directory``."""
+    model_type, overrides = CASES[case]
+    family = FAMILIES[model_type]
+    torch.manual_seed(seed)
+    config = getattr(transformers, family.config_class)(**{**TINY_LLAMA, **overrides})
+    model = getattr(transformers, family.architecture)(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.5)
+            elif name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.3 * torch.randn_like(param))
+    model.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return model, directory
+
+
+@pytest.fixture(params=sorted(CASES))
+def family(request, tmp_path):
+    """``(case, transformers model, its directory)`` for each case."""
+    model, directory = _tiny(request.param, tmp_path / request.param)
+    return request.param, model, directory
+
+
+def _padded(seed=0, batch=3, length=24):
+    """Tokens with a full row, a left-padded row and a right-padded row."""
+    tokens = np.random.RandomState(seed).randint(3, 96, (batch, length))
+    mask = np.ones((batch, length), np.int32)
+    mask[1, :9] = 0
+    mask[2, -5:] = 0
+    return tokens * mask, mask
+
+
+def _torch_logits(model, tokens, mask=None):
+    mask = np.ones_like(tokens) if mask is None else mask
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
+        )
+    return out.logits.float().numpy()
+
+
+def _load(directory):
+    config = load_config(directory)
+    return config, load_params(directory, config)
+
+
+def test_each_family_reads_its_config_and_round_trips(family):
+    case, _, directory = family
+    config = load_config(directory)
+    assert config.model_type == CASES[case][0]
+    assert LlamaConfig.from_hf(config.to_hf()) == config
+    assert type(config.to_hf()).__name__ == FAMILIES[config.model_type].config_class
+
+
+def test_logits_equal_transformers_on_padded_batches_and_need_the_familys_difference(family):
+    case, hf, directory = family
+    config, params = _load(directory)
+    tokens, mask = _padded()
+    ours = np.asarray(jax.jit(build_model(config).apply)({"params": params}, tokens, mask))
+    want = _torch_logits(hf, tokens, mask)
+    valid = mask.astype(bool)
+    assert np.abs(want[valid]).max() > 1.0  # logits large enough for 1e-4 to mean something
+    np.testing.assert_allclose(ours[valid], want[valid], atol=1e-4 * np.abs(want[valid]).max(), rtol=0)
+    plain = dataclasses.replace(config, **WITHOUT_DIFFERENCE[case])
+    without = np.asarray(jax.jit(build_model(plain).apply)({"params": params}, tokens, mask))
+    assert np.abs(without[valid] - want[valid]).max() > 1e-2  # the comparison above could fail
+
+
+def test_packed_rows_equal_each_sequence_alone_in_transformers(family):
+    _, hf, directory = family
+    config, params = _load(directory)
+    lengths = (7, 11)
+    sequences = [np.random.RandomState(5 + i).randint(3, 96, n) for i, n in enumerate(lengths)]
+    row = np.zeros((1, 22), np.int64)
+    segments = np.zeros((1, 22), np.int32)
+    row[0, :7], row[0, 7:18] = sequences
+    segments[0, :7], segments[0, 7:18] = 1, 2
+    ours = np.asarray(jax.jit(build_model(config).apply)({"params": params}, row, segment_ids=segments))[0]
+    for got, sequence in zip((ours[:7], ours[7:18]), sequences, strict=True):
+        want = _torch_logits(hf, sequence[None])[0]
+        np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)
+
+
+def test_greedy_generation_equals_transformers_generate(family):
+    _, hf, directory = family
+    config, params = _load(directory)
+    tokens = np.random.RandomState(3).randint(3, 96, (3, 9))
+    mask = np.ones_like(tokens)
+    mask[1, :4] = 0
+    mask[2, :7] = 0
+    tokens = tokens * mask
+    with torch.no_grad():
+        want = hf.generate(
+            input_ids=torch.tensor(tokens),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=12,  # past the 5-token window: the cache must drop what slides out
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        ).numpy()[:, 9:]
+    got = generate(build_model(config), {"params": params}, tokens, mask, max_new_tokens=12, eos_ids=(95,), pad_id=0)
+    np.testing.assert_array_equal(np.asarray(got)[:, : want.shape[1]], want)
+
+
+def _trained_adapters(model, seed=1, scale=0.3):
+    adapters = init_variables(model, jax.random.key(seed), ("adapters",))["adapters"]
+    leaves, tree = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree.unflatten(tree, [scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)])
+
+
+def test_merged_and_peft_exports_load_in_transformers_and_peft_with_our_logits(family, tmp_path):
+    peft = pytest.importorskip("peft")
+    _, hf, directory = family
+    config, params = _load(directory)
+    adapter = AdapterConfig(num_experts=1, rank=4, alpha=8.0)
+    model = build_model(config, adapter=adapter, adapter_targets=TARGETS)
+    adapters = _trained_adapters(model)
+    tokens, mask = _padded()
+    valid = mask.astype(bool)
+    ours = np.asarray(jax.jit(model.apply)({"params": params, "adapters": adapters}, tokens, mask))
+
+    export_merged(tmp_path / "merged", params, adapters, adapter=adapter, targets=TARGETS, model_config=config)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert type(merged).__name__ == FAMILIES[config.model_type].architecture
+    assert load_config(tmp_path / "merged") == config
+    scale = np.abs(ours[valid]).max()
+    np.testing.assert_allclose(_torch_logits(merged, tokens, mask)[valid], ours[valid], atol=1e-4 * scale, rtol=0)
+
+    export_peft(tmp_path / "peft", adapters, adapter=adapter, targets=TARGETS, base_model=str(directory))
+    base = _torch_logits(hf, tokens, mask)
+    theirs = _torch_logits(peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval(), tokens, mask)
+    assert np.abs(theirs - base)[valid].max() > 1e-2  # the adapter changes the model
+    np.testing.assert_allclose(theirs[valid], ours[valid], atol=1e-4 * scale, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "adapter", [AdapterConfig(num_experts=4, rank=2, top_k=2, mixer=True), MoleConfig(3, 2)], ids=["moe", "mole"]
+)
+def test_every_adapter_kind_on_every_projection_over_a_quantized_base(family, adapter):
+    """Fresh adapters (B = 0; MoLE's frozen LoRAs zero) leave the int8 base model's logits as they are, and every
+    new leaf has logical axis names for the sharding rules."""
+    _, _, directory = family
+    config = load_config(directory)
+    quant = QuantConfig("int8")
+    params = load_params(directory, config, quant=quant)
+    base = build_model(config, quant=quant)
+    model = build_model(config, adapter=adapter, adapter_targets=TARGETS, quant=quant)
+    variables = init_variables(model, jax.random.key(0))
+    flat = traverse_util.flatten_dict(variables["params"]) | traverse_util.flatten_dict(params)
+    variables["params"] = traverse_util.unflatten_dict(flat)  # MoLE's (zero) LoRAs beside the loaded weights
+    tokens, mask = _padded()
+    want = np.asarray(jax.jit(base.apply)({"params": params}, tokens, mask))
+    got = np.asarray(jax.jit(model.apply)(variables, tokens, mask))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    boxed = jax.tree.leaves(abstract_variables(model), is_leaf=lambda x: hasattr(x, "names"))
+    assert all(hasattr(leaf, "names") for leaf in boxed)
+
+
+def test_one_training_step_through_train_py(tmp_path, word_tokenizer):
+    """Every family trains through the command, with nothing but ``model.path`` to say which it is."""
+    records = [{"prompt": "what colour is the sky ?", "response": "blue", "label": "blue"}] * 8
+    data = write_records(tmp_path, records)
+    for case in ("qwen2", "qwen3", "mistral-window-5"):
+        _, directory = _tiny(case, tmp_path / case, tokenizer=word_tokenizer)
+        result = train(tmp_path / f"run-{case}", *tiny_job(directory, data), "--config.train.steps=1")
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert (tmp_path / f"run-{case}" / "export" / "adapters").is_dir()
+
+
+def test_unsupported_family_options_fail_in_one_line():
+    with pytest.raises(UserError, match=r"model_type='gpt2' is not supported: the supported families are llama, "):
+        LlamaConfig.from_hf({"model_type": "gpt2"})
+    qwen = transformers.Qwen2Config(**TINY_LLAMA, use_sliding_window=True, sliding_window=4).to_dict()
+    with pytest.raises(UserError, match="use_sliding_window=True is not supported for qwen2"):
+        LlamaConfig.from_hf(qwen)
+    mistral = LlamaConfig(96, 32, 64, 2, 4, 2, 8, model_type="mistral", sliding_window=5)
+    for impl in ("cudnn", "splash"):
+        with pytest.raises(UserError, match=rf"attention_impl='{impl}' does not support mistral's sliding window"):
+            build_model(mistral, attention_impl=impl)
+
+
+def test_the_published_shapes_of_the_new_families_are_their_config_jsons():
+    assert SHAPES["qwen2.5-7b"].bias_targets == ("q", "k", "v") and SHAPES["qwen2.5-7b"].num_kv_heads == 4
+    assert SHAPES["qwen3-8b"].qk_norm and SHAPES["qwen3-8b"].head_dim == 128
+    assert SHAPES["mistral-7b"].model_type == "mistral" and SHAPES["mistral-7b"].vocab_size == 32768
+
+
+@pytest.mark.parametrize("case", ["qwen3-attention-bias", "mistral-window-5"])
+def test_sharded_forward_equals_unsharded(case, tmp_path):
+    """data x fsdp x tensor = 2 x 2 x 2 over 8 CPU devices: the biases and q/k norms placed by their logical axes."""
+    _, directory = _tiny(case, tmp_path)
+    config, params = _load(directory)
+    model = build_model(config, adapter=AdapterConfig(num_experts=4, rank=2, top_k=2), adapter_targets=TARGETS)
+    variables = init_variables(model, jax.random.key(0))
+    variables = {"params": params, "adapters": jax.tree.map(lambda x: x + 0.05, variables["adapters"])}
+    tokens, mask = _padded(batch=4, length=16)
+    want = np.asarray(jax.jit(model.apply)(variables, tokens, mask))
+
+    mesh = make_mesh(2, 2, 2, devices=jax.devices("cpu")[:8])
+    shardings = logical_shardings(abstract_variables(model), mesh)
+    attn = shardings["params"]["layers"]["attn"]
+    if config.bias_targets:
+        assert attn["q_proj"]["bias"].spec == P(None, "tensor")
+    if config.qk_norm:
+        assert attn["q_norm"]["scale"].spec == P(None, None)  # (layers, head_dim): replicated
+    batch = batch_sharding(mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        forward = jax.jit(model.apply, out_shardings=jax.sharding.NamedSharding(mesh, P()))
+        got = forward(jax.device_put(variables, shardings), jax.device_put(tokens, batch), jax.device_put(mask, batch))
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+
+
+def _qwen_tokenizer():
+    """A word-level tokenizer in Qwen's conventions: no BOS, ``<|im_end|>`` ending a turn (its eos), ``<|endoftext|>``
+    padding, and a ChatML template."""
+    import tokenizers
+
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "user": 3, "assistant": 4, "the": 5, "sky": 6}
+    vocab |= {"is": 7, "blue": 8, "?": 9, "<unk>": 10}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+        "<|im_start|> assistant "
+    )
+    return tokenizer
+
+
+def test_qwen_conventions_come_from_its_files(tmp_path):
+    """No BOS before the prompt, ``<|im_end|>`` learned after the response, and generation stopping at it and at the
+    ends ``config.json`` and ``generation_config.json`` name."""
+    from moelora_jax.data.encoding import Example, encode_examples
+    from moelora_jax.models.generation import end_ids
+
+    tokenizer = _qwen_tokenizer()
+    (encoded,), _ = encode_examples(tokenizer, [Example("the sky is ?", "blue")], 32)
+    assert encoded.tokens.tolist() == [1, 3, 5, 6, 7, 9, 2, 1, 4, 8, 2]
+    assert encoded.loss_mask.tolist() == [False] * 9 + [True, True]  # the answer and the <|im_end|> after it
+
+    _, directory = _tiny("qwen2", tmp_path / "qwen", tokenizer=tokenizer)
+    config_json = directory / "config.json"
+    config_json.write_text(config_json.read_text().replace('"eos_token_id": 2', '"eos_token_id": 0'))
+    transformers.GenerationConfig(eos_token_id=[2, 0]).save_pretrained(directory)
+    config = load_config(directory)
+    assert config.eos_token_ids == (0, 2)
+    assert end_ids(config, tokenizer) == (0, 2)
+    assert end_ids(dataclasses.replace(config, eos_token_ids=(0,)), tokenizer) == (0, 2)  # the tokenizer's end too
