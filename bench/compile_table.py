@@ -92,6 +92,8 @@ ROWS = (
     Row("qwen2.5-7b", 2048, "v5e-8"),
     Row("qwen3-8b", 2048, "v5e-8"),
     Row("mistral-7b", 2048, "v5e-8"),
+    Row("gemma-3-4b", 2048, "v5e-8"),
+    Row("gemma-3-12b", 2048, "v5e-8"),
 )
 
 

@@ -11,6 +11,7 @@ import pytest
 from conftest import TINY_LLAMA
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
+from tiny_models import word_level_tokenizer
 from train_cli import tiny_job, train, write_records
 
 from moelora_jax import AdapterConfig, build_model, load_config, load_params
@@ -33,13 +34,52 @@ CASES = {  # model_type, overrides; every case has one difference from Llama tha
     "qwen3-attention-bias": ("qwen3", {"attention_bias": True}),
     "mistral-window-5": ("mistral", {"sliding_window": 5}),
     "llama-biases": ("llama", {"attention_bias": True, "mlp_bias": True}),
+    "gemma2": (  # caps low enough to bind on tiny logits; layers 0 and 2 slide, 1 does not
+        "gemma2",
+        {
+            "num_hidden_layers": 3,
+            "sliding_window": 5,
+            "query_pre_attn_scalar": 6,
+            "attn_logit_softcapping": 2.0,
+            "final_logit_softcapping": 3.0,
+        },
+    ),
+    "gemma3": (  # 7 layers: the 6-layer local/global pattern does not divide them (layer 5 is global)
+        "gemma3_text",
+        {
+            "num_hidden_layers": 7,
+            "sliding_window": 5,
+            "query_pre_attn_scalar": 6,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+            },
+        },
+    ),
 }
-WITHOUT_DIFFERENCE = {  # each case's config with its difference taken out
-    "qwen2": {"bias_targets": ()},
-    "qwen3": {"qk_norm": False},
-    "qwen3-attention-bias": {"bias_targets": ()},
-    "mistral-window-5": {"sliding_window": None},
-    "llama-biases": {"bias_targets": ()},
+WITHOUT_DIFFERENCE = {  # each case's config with one of its differences taken out
+    "qwen2": [{"bias_targets": ()}],
+    "qwen3": [{"qk_norm": False}],
+    "qwen3-attention-bias": [{"bias_targets": ()}],
+    "mistral-window-5": [{"sliding_window": None}],
+    "llama-biases": [{"bias_targets": ()}],
+    "gemma2": [
+        {"norm_offset": 0.0},
+        {"hidden_act": "silu"},
+        {"scale_embeddings": False},
+        {"sandwich_norms": False},
+        {"query_pre_attn_scalar": None},
+        {"attn_logit_softcap": None},
+        {"final_logit_softcap": None},
+        {"sliding_layers": (False, False, False)},
+    ],
+    "gemma3": [
+        {"qk_norm": False},
+        {"local_rope_theta": None},
+        {"rope_scaling": None},
+        {"sliding_layers": (False,) * 7},
+        {"sandwich_norms": False},
+    ],
 }
 
 
@@ -111,9 +151,10 @@ def test_logits_equal_transformers_on_padded_batches_and_need_the_familys_differ
     valid = mask.astype(bool)
     assert np.abs(want[valid]).max() > 1.0  # logits large enough for 1e-4 to mean something
     np.testing.assert_allclose(ours[valid], want[valid], atol=1e-4 * np.abs(want[valid]).max(), rtol=0)
-    plain = dataclasses.replace(config, **WITHOUT_DIFFERENCE[case])
-    without = np.asarray(jax.jit(build_model(plain).apply)({"params": params}, tokens, mask))
-    assert np.abs(without[valid] - want[valid]).max() > 1e-2  # the comparison above could fail
+    for change in WITHOUT_DIFFERENCE[case]:  # the comparison above fails without any one of them
+        plain = dataclasses.replace(config, **change)
+        without = np.asarray(jax.jit(build_model(plain).apply)({"params": params}, tokens, mask))
+        assert np.abs(without[valid] - want[valid]).max() > 1e-2, change
 
 
 def test_packed_rows_equal_each_sequence_alone_in_transformers(family):
@@ -211,7 +252,7 @@ def test_one_training_step_through_train_py(tmp_path, word_tokenizer):
     """Every family trains through the command, with nothing but ``model.path`` to say which it is."""
     records = [{"prompt": "what colour is the sky ?", "response": "blue", "label": "blue"}] * 8
     data = write_records(tmp_path, records)
-    for case in ("qwen2", "qwen3", "mistral-window-5"):
+    for case in ("qwen2", "qwen3", "mistral-window-5", "gemma2", "gemma3"):
         _, directory = _tiny(case, tmp_path / case, tokenizer=word_tokenizer)
         result = train(tmp_path / f"run-{case}", *tiny_job(directory, data), "--config.train.steps=1")
         assert result.returncode == 0, result.stderr[-2000:]
@@ -228,15 +269,23 @@ def test_unsupported_family_options_fail_in_one_line():
     for impl in ("cudnn", "splash"):
         with pytest.raises(UserError, match=rf"attention_impl='{impl}' does not support mistral's sliding window"):
             build_model(mistral, attention_impl=impl)
+    gemma = dataclasses.replace(mistral, model_type="gemma2", sliding_window=None, attn_logit_softcap=50.0)
+    with pytest.raises(
+        UserError, match="attention_impl='cudnn' does not support gemma2's soft-capped attention scores"
+    ):
+        build_model(gemma, attention_impl="cudnn")
 
 
 def test_the_published_shapes_of_the_new_families_are_their_config_jsons():
     assert SHAPES["qwen2.5-7b"].bias_targets == ("q", "k", "v") and SHAPES["qwen2.5-7b"].num_kv_heads == 4
     assert SHAPES["qwen3-8b"].qk_norm and SHAPES["qwen3-8b"].head_dim == 128
     assert SHAPES["mistral-7b"].model_type == "mistral" and SHAPES["mistral-7b"].vocab_size == 32768
+    gemma = SHAPES["gemma-3-4b"]
+    assert gemma.sliding_layers.count(False) == 5 and not gemma.sliding_layers[5]  # 34 layers: 5 global
+    assert LlamaConfig.from_hf(gemma.to_hf()) == gemma
 
 
-@pytest.mark.parametrize("case", ["qwen3-attention-bias", "mistral-window-5"])
+@pytest.mark.parametrize("case", ["qwen3-attention-bias", "mistral-window-5", "gemma2", "gemma3"])
 def test_sharded_forward_equals_unsharded(case, tmp_path):
     """data x fsdp x tensor = 2 x 2 x 2 over 8 CPU devices: the biases and q/k norms placed by their logical axes."""
     _, directory = _tiny(case, tmp_path)
@@ -258,27 +307,19 @@ def test_sharded_forward_equals_unsharded(case, tmp_path):
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
         forward = jax.jit(model.apply, out_shardings=jax.sharding.NamedSharding(mesh, P()))
         got = forward(jax.device_put(variables, shardings), jax.device_put(tokens, batch), jax.device_put(mask, batch))
-    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5 * np.abs(want).max(), rtol=0)  # float32 reordered
 
 
 def _qwen_tokenizer():
     """A word-level tokenizer in Qwen's conventions: no BOS, ``<|im_end|>`` ending a turn (its eos), ``<|endoftext|>``
     padding, and a ChatML template."""
-    import tokenizers
-
     vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "user": 3, "assistant": 4, "the": 5, "sky": 6}
     vocab |= {"is": 7, "blue": 8, "?": 9, "<unk>": 10}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>"
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
-    tokenizer.chat_template = (
+    template = (
         "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
         "<|im_start|> assistant "
     )
-    return tokenizer
+    return word_level_tokenizer(vocab, ["<|im_start|>"], template, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 
 def test_qwen_conventions_come_from_its_files(tmp_path):
@@ -300,3 +341,64 @@ def test_qwen_conventions_come_from_its_files(tmp_path):
     assert config.eos_token_ids == (0, 2)
     assert end_ids(config, tokenizer) == (0, 2)
     assert end_ids(dataclasses.replace(config, eos_token_ids=(0,)), tokenizer) == (0, 2)  # the tokenizer's end too
+
+
+def test_a_multimodal_gemma3_loads_and_exports_its_language_model(tmp_path):
+    """``model_type: gemma3`` (4B and up): the language model read from ``text_config`` and the
+    ``language_model.*`` tensors, our logits equal to the whole model's on text, and the merged export a
+    text-only ``Gemma3ForCausalLM``."""
+    _, overrides = CASES["gemma3"]
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = transformers.Gemma3Config(
+        text_config={**TINY_LLAMA, **overrides},
+        vision_config={**vision, "image_size": 28, "patch_size": 14},
+        mm_tokens_per_image=4,
+        boi_token_index=93,
+        eoi_token_index=94,
+        image_token_index=95,
+    )
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(config).eval()
+    hf.save_pretrained(tmp_path / "gemma3")
+    ours_config, params = _load(tmp_path / "gemma3")
+    assert ours_config.model_type == "gemma3_text" and ours_config.local_rope_theta == 10.0
+    tokens = np.random.RandomState(0).randint(3, 90, (2, 24))
+    want = _torch_logits(hf, tokens)
+    ours = np.asarray(jax.jit(build_model(ours_config).apply)({"params": params}, tokens))
+    np.testing.assert_allclose(ours, want, atol=1e-4 * np.abs(want).max(), rtol=0)
+
+    adapter = AdapterConfig(num_experts=1, rank=4, alpha=8.0)
+    model = build_model(ours_config, adapter=adapter, adapter_targets=TARGETS)
+    adapters = _trained_adapters(model)
+    adapted = np.asarray(jax.jit(model.apply)({"params": params, "adapters": adapters}, tokens))
+    export_merged(tmp_path / "merged", params, adapters, adapter=adapter, targets=TARGETS, model_config=ours_config)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert type(merged).__name__ == "Gemma3ForCausalLM"
+    np.testing.assert_allclose(_torch_logits(merged, tokens), adapted, atol=1e-4 * np.abs(adapted).max(), rtol=0)
+
+
+def test_gemma_conventions_one_bos_and_end_of_turn_learned():
+    """Gemma's template writes ``<bos>`` itself (not added twice) and ends a turn with ``<end_of_turn>``, which is
+    what a response learns to end with where the model stops at it (its generation_config lists it)."""
+    from moelora_jax.data.encoding import Example, encode_examples, turn_end_id
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<start_of_turn>": 3, "<end_of_turn>": 4, "user": 5, "model": 6}
+    vocab |= {"the": 7, "sky": 8, "is": 9, "blue": 10, "?": 11, "<unk>": 12}
+    template = (
+        "{{ bos_token }}{% for m in messages %}<start_of_turn> {{ 'model' if m['role'] == 'assistant' else "
+        "m['role'] }} {{ m['content'] }} <end_of_turn> {% endfor %}{% if add_generation_prompt %}<start_of_turn> "
+        "model {% endif %}"
+    )
+    tokenizer = word_level_tokenizer(
+        vocab,
+        ["<start_of_turn>", "<end_of_turn>"],
+        template,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+    )
+    end = turn_end_id(tokenizer, (1, 4))
+    assert end == 4 and turn_end_id(tokenizer, (1,)) == 1  # only an end the model stops at
+    (encoded,), _ = encode_examples(tokenizer, [Example("the sky is ?", "blue")], 32, end_id=end)
+    assert encoded.tokens.tolist() == [2, 3, 5, 7, 8, 9, 11, 4, 3, 6, 10, 4]
+    assert encoded.loss_mask.tolist() == [False] * 10 + [True, True]

@@ -41,17 +41,22 @@ class HeadLossTest(chex.TestCase):
     """``head_loss`` under ``jax.jit`` and eagerly (``chex.variants``)."""
 
     @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.product(gathered=(True, False), max_logits=(2**30, 2 * 3 * 50, 3 * 50))  # chunks of 9, 2, 1
-    def test_equals_the_full_logits_loss_with_its_gradient(self, gathered, max_logits):
+    @parameterized.product(
+        gathered=(True, False),
+        max_logits=(2**30, 2 * 3 * 50, 3 * 50),  # chunks of 9, 2, 1
+        cap=(None, 2.0),  # Gemma 2's soft-capped logits (2: binding on these, of scale ~3)
+    )
+    def test_equals_the_full_logits_loss_with_its_gradient(self, gathered, max_logits, cap):
         hidden, head, tokens, loss_mask = _problem()
         targets = jnp.asarray(target_positions(np.asarray(loss_mask), 9)) if gathered else None
-        loss = self.variant(functools.partial(head_loss, max_logits=max_logits))
+        loss = self.variant(functools.partial(head_loss, max_logits=max_logits, cap=cap))
 
         def ours(h):
             return loss(h, head, tokens, loss_mask, targets)[0]
 
         def reference(h):
-            return full_logits_loss(h @ head, tokens, loss_mask)[0]
+            logits = h @ head
+            return full_logits_loss(logits if cap is None else cap * jnp.tanh(logits / cap), tokens, loss_mask)[0]
 
         np.testing.assert_allclose(ours(hidden), reference(hidden), rtol=1e-6)
         np.testing.assert_allclose(jax.grad(ours)(hidden), jax.grad(reference)(hidden), rtol=1e-5, atol=1e-6)

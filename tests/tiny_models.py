@@ -7,23 +7,34 @@ TEST_WORDS = ["the", "answer", "is", "a", "b", "c", "yes", "no", "question", ":"
 TEST_WORDS += ["why", "?", ".", "passage", "title"]
 
 
-def word_tokenizer():
-    """A word-level tokenizer (pad 0, bos 1, eos 2, ``<user>`` 4, ``<bot>`` 5; 25 tokens) that adds BOS like
-    LLaMA's, with a tiny chat template: fully predictable ids for data and CLI tests."""
+def word_level_tokenizer(vocab: dict[str, int], specials: list[str], template: str, **tokens: str):
+    """A whitespace-split word-level tokenizer of ``vocab`` (with ``<unk>``), adding ``tokens["bos_token"]`` before
+    each text when there is one, with ``specials`` as special tokens and ``template`` as its chat template."""
     import tokenizers
     import transformers
 
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<user>": 4, "<bot>": 5}
-    vocab |= {w: i + len(vocab) for i, w in enumerate(TEST_WORDS)}
     backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    backend.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<user>", "<bot>"]})
-    tokenizer.chat_template = "{% for m in messages %}<user> {{ m['content'] }} {% endfor %}<bot>"
+    if "bos_token" in tokens:
+        bos = tokens["bos_token"]
+        backend.post_processor = tokenizers.processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, vocab[bos])]
+        )
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", **tokens)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    tokenizer.chat_template = template
     return tokenizer
+
+
+def word_tokenizer():
+    """A word-level tokenizer (pad 0, bos 1, eos 2, ``<user>`` 4, ``<bot>`` 5; 25 tokens) that adds BOS like
+    LLaMA's, with a tiny chat template: fully predictable ids for data and CLI tests."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<user>": 4, "<bot>": 5}
+    vocab |= {w: i + len(vocab) for i, w in enumerate(TEST_WORDS)}
+    template = "{% for m in messages %}<user> {{ m['content'] }} {% endfor %}<bot>"
+    return word_level_tokenizer(
+        vocab, ["<user>", "<bot>"], template, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
 
 
 def save_tiny_llama(directory: Path, tokenizer) -> Path:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from jinja2 import TemplateError
 
 from moelora_jax.errors import UserError
 
@@ -118,6 +119,24 @@ def format_prompt(tokenizer: Any, prompt: str, use_chat_template: bool) -> tuple
     return prompt, True
 
 
+def turn_end_id(tokenizer: Any, end_ids: Sequence[int]) -> int:
+    """The token a response ends with: the one the chat template writes right after an assistant turn (Gemma's
+    ``<end_of_turn>``, Qwen's ``<|im_end|>``, Llama 3's ``<|eot_id|>``) where it is one of the model's ``end_ids``,
+    so that generation stops at it; else the tokenizer's end token."""
+    probe = "moelora-response-probe"
+    if getattr(tokenizer, "chat_template", None) and end_ids:
+        turns = [{"role": "user", "content": "?"}, {"role": "assistant", "content": probe}]
+        try:
+            text = tokenizer.apply_chat_template(turns, tokenize=False)
+        except (TemplateError, ValueError):  # a template without assistant turns
+            text = ""
+        after = text.split(probe, 1)[1] if probe in text else ""
+        ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after.strip() else []
+        if ids and ids[0] in end_ids:
+            return ids[0]
+    return tokenizer.eos_token_id
+
+
 def _prompt_ids(tokenizer: Any, prompt: str, use_chat_template: bool) -> list[int]:
     text, special = format_prompt(tokenizer, prompt, use_chat_template)
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
@@ -153,9 +172,11 @@ def encode_examples(
     *,
     use_chat_template: bool = True,
     overflow: Overflow = "truncate",
+    end_id: int | None = None,
 ) -> tuple[list[Encoded], OverflowCounts]:
-    """Each example's ``prompt + response + eos`` tokens and loss mask, and what ``overflow`` did to the examples
-    longer than ``max_length``.
+    """Each example's ``prompt + response + end`` tokens and loss mask, and what ``overflow`` did to the examples
+    longer than ``max_length``. ``end_id``: the token that ends a response (:func:`turn_end_id`; default the
+    tokenizer's eos).
 
     ``"error"``: a :class:`UserError` naming the first such example. ``"drop"``: they are left out. ``"truncate"``:
     text is cut from the start of the prompt, inside the template, until the example fits; one whose response
@@ -164,10 +185,11 @@ def encode_examples(
     """
     if overflow not in OVERFLOW_POLICIES:
         raise UserError(f"overflow={overflow!r} must be one of {OVERFLOW_POLICIES}.")
+    end = tokenizer.eos_token_id if end_id is None else end_id
     encoded, kept, truncated = [], [], 0
     for index, example in enumerate(examples):
         prompt_ids = _prompt_ids(tokenizer, example.prompt, use_chat_template)
-        response_ids = [*tokenizer(example.response, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        response_ids = [*tokenizer(example.response, add_special_tokens=False)["input_ids"], end]
         if len(prompt_ids) + len(response_ids) > max_length:
             if overflow == "error":
                 length = len(prompt_ids) + len(response_ids)

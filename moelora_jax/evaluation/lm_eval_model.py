@@ -80,13 +80,13 @@ def score_tokens(
 
     def one_chunk(xs):
         h_chunk, y_chunk = xs
-        logits = lm_head(h_chunk, head)  # (B, chunk, V) float32
+        logits = lm_head(h_chunk, head, model.config.final_logit_softcap)  # (B, chunk, V) float32
         picked = jnp.take_along_axis(logits, y_chunk[..., None], axis=-1)[..., 0]
         return picked - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == y_chunk
 
     logprobs, greedy = jax.lax.map(one_chunk, (split(h), split(y)))
     logprobs, greedy = (jnp.moveaxis(x, 0, 1).reshape(batch, padded)[:, :width] for x in (logprobs, greedy))
-    last = lm_head(hidden[:, -1], head)
+    last = lm_head(hidden[:, -1], head, model.config.final_logit_softcap)
     return logprobs, greedy, jax.nn.log_softmax(last, axis=-1), jnp.argmax(last, axis=-1)
 
 

@@ -1,25 +1,27 @@
-"""The LLaMA-family decoder (Llama 2, Llama 3.x, SmolLM2, Mistral, Qwen2 / 2.5, Qwen3) in Flax Linen, carrying
-(MoE-)LoRA adapters.
+"""The LLaMA-family decoder (Llama 2, Llama 3.x, SmolLM2, Mistral, Qwen2 / 2.5, Qwen3, Gemma 2, Gemma 3) in Flax
+Linen, carrying (MoE-)LoRA adapters.
 
 Per layer, with RMSNorm ``n(x) = x / sqrt(mean(x^2) + eps) * w`` (statistics in float32)::
 
     h = x + o(attn(rope(q(n1(x))), rope(k(n1(x))), v(n1(x))))     grouped-query, causal + padding mask
     y = h + down(silu(gate(n2(h))) * up(n2(h)))                   SwiGLU
 
-The families differ in three places (:data:`FAMILIES`): a bias on some projections (Qwen2's q/k/v; Llama's
-``attention_bias`` / ``mlp_bias``, Qwen3's ``attention_bias``), an RMSNorm over each head of ``q`` and ``k`` before
-the rotary embedding (Qwen3), and a sliding window (Mistral): a query in slot ``i`` sees keys in slots
-``i - W < j <= i`` only.
+The families (:data:`FAMILIES`) differ by: a bias on some projections (Qwen2's q/k/v; Llama's ``attention_bias`` /
+``mlp_bias``, Qwen3's ``attention_bias``); an RMSNorm over each head of ``q`` and ``k`` before the rotary embedding
+(Qwen3, Gemma 3); a sliding window (Mistral on every layer, Gemma on the layers ``sliding_layers`` marks, each
+layer's flag carried through the scan): a query in slot ``i`` sees keys in slots ``i - W < j <= i`` only; and
+Gemma's ``(1 + w)`` norms around both branches, GELU, scaled embeddings, scaled and soft-capped scores and logits
+(Gemma 2), and per-layer rotary tables (Gemma 3). :class:`LlamaConfig` lists them.
 
 ``logits = n(y_L) @ E^T`` (tied embeddings) or ``@ lm_head``; ``output="hidden"`` returns ``n(y_L)`` instead, for a
 loss that applies the head only where it is needed (:mod:`moelora_jax.models.loss`). Rotary embeddings rotate the two
-halves of each head (``x * cos + rotate_half(x) * sin``), with plain or ``llama3`` frequency scaling, as
+halves of each head (``x * cos + rotate_half(x) * sin``), with plain, ``linear`` or ``llama3`` frequency scaling, as
 transformers does. Attention is ``jax.nn.dot_product_attention`` (XLA, or cuDNN's fused kernel on GPU) under a
 causal mask restricted to real tokens and, for packed rows, to each token's own segment (block-diagonal), or TPU's
 splash kernel (:mod:`moelora_jax.models.splash`), which takes segment ids instead of the dense mask.
 Layers are one ``nn.scan`` (compile time independent of depth; every layer leaf has a leading ``layers`` axis),
-optionally rematerialised. Each projection is an ``AdaptedDense``: frozen kernels live in ``"params"``,
-the adapters of the configured target projections in ``"adapters"``.
+optionally rematerialised. Each projection is a ``FrozenDense``, ``AdaptedDense`` or ``MoleDense``: frozen kernels
+live in ``"params"``, the adapters of the configured target projections in ``"adapters"``.
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ PEFT and MoLE read."""
 TARGETS: tuple[str, ...] = tuple(PROJECTIONS)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 """The dtypes a model computes in and stores its frozen weights in, by name."""
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+"""The gated MLP's activations by their transformers names: Llama's SiLU (SwiGLU), Gemma's tanh-approximated GELU."""
 Remat = Literal["none", "full", "dots", "save_qkv", "save_attention", "offload_attention"]
 AttentionImpl = Literal["xla", "cudnn", "splash"]
 ATTENTION_IMPLS: tuple[str, ...] = ("xla", "cudnn", "splash")
@@ -131,6 +135,8 @@ FAMILIES: dict[str, Family] = {
         Family("mistral", "MistralConfig", "MistralForCausalLM"),
         Family("qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
         Family("qwen3", "Qwen3Config", "Qwen3ForCausalLM"),
+        Family("gemma2", "Gemma2Config", "Gemma2ForCausalLM"),
+        Family("gemma3_text", "Gemma3TextConfig", "Gemma3ForCausalLM"),
     )
 }
 """Every supported ``model_type`` (a Hugging Face ``config.json``'s) and its family."""
@@ -147,10 +153,23 @@ class Llama3RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
+class LinearRopeScaling:
+    """Positions divided by ``factor`` (``rope_type: linear``; Gemma 3's global layers, 4B and up)."""
+
+    factor: float
+
+
+@dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """Architecture hyper-parameters, as in a Hugging Face ``config.json`` of a supported ``model_type``
     (:data:`FAMILIES`). ``bias_targets``: the projections with a bias; ``qk_norm``: an RMSNorm over each head of q
-    and k; ``sliding_window``: the keys a query sees, itself included (None: every earlier one)."""
+    and k; ``sliding_window``: the keys a query sees, itself included (None: every earlier one), on the layers
+    ``sliding_layers`` marks (empty: every layer). Gemma's: ``norm_offset=1`` (RMSNorm scales by ``1 + w``),
+    ``hidden_act`` ``gelu_pytorch_tanh``, ``scale_embeddings`` (by ``sqrt(hidden_size)``), ``sandwich_norms`` (an
+    RMSNorm after the attention and after the MLP too), scores scaled by ``query_pre_attn_scalar ** -0.5`` and
+    soft-capped, ``cap * tanh(z / cap)``, in the attention (``attn_logit_softcap``) and at the head
+    (``final_logit_softcap``). Gemma 3's sliding layers rotate with ``local_rope_theta`` (unscaled), its others
+    with ``rope_theta`` and ``rope_scaling``."""
 
     vocab_size: int
     hidden_size: int
@@ -161,7 +180,7 @@ class LlamaConfig:
     head_dim: int
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: Llama3RopeScaling | None = None
+    rope_scaling: Llama3RopeScaling | LinearRopeScaling | None = None
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
     bos_token_id: int | None = None
@@ -171,9 +190,24 @@ class LlamaConfig:
     bias_targets: tuple[str, ...] = ()
     qk_norm: bool = False
     sliding_window: int | None = None
+    sliding_layers: tuple[bool, ...] = ()
+    norm_offset: float = 0.0
+    hidden_act: str = "silu"
+    scale_embeddings: bool = False
+    sandwich_norms: bool = False
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    local_rope_theta: float | None = None
 
     def __post_init__(self) -> None:
         check_choice("model_type", self.model_type, tuple(FAMILIES))
+        check_choice("hidden_act", self.hidden_act, tuple(ACTIVATIONS))
+        if self.sliding_layers and (len(self.sliding_layers) != self.num_layers or self.sliding_window is None):
+            raise UserError(
+                f"sliding_layers has {len(self.sliding_layers)} flags for {self.num_layers} layers "
+                f"(sliding_window={self.sliding_window}): give one per layer, and a window."
+            )
         if set(self.bias_targets) - set(TARGETS):
             raise UserError(f"bias_targets={self.bias_targets} must be a subset of {', '.join(TARGETS)}.")
         if self.sliding_window is not None and self.sliding_window < 1:
@@ -189,9 +223,13 @@ class LlamaConfig:
         import transformers
 
         model_type = hf.get("model_type") if isinstance(hf, dict) else getattr(hf, "model_type", None)
+        if model_type == "gemma3":  # the multimodal Gemma 3 (4B and up): its language model only
+            text = hf["text_config"] if isinstance(hf, dict) else hf.text_config
+            return cls.from_hf({**text, "model_type": "gemma3_text"} if isinstance(text, dict) else text)
         if model_type not in FAMILIES:
             raise UserError(
-                f"model_type={model_type!r} is not supported: the supported families are {', '.join(FAMILIES)}."
+                f"model_type={model_type!r} is not supported: the supported families are {', '.join(FAMILIES)} "
+                "(and gemma3's language model)."
             )
         if isinstance(hf, dict):
             hf = getattr(transformers, FAMILIES[model_type].config_class)(
@@ -202,17 +240,29 @@ class LlamaConfig:
                 f"use_sliding_window=True is not supported for {model_type}: its sliding layers are not implemented "
                 "(the published Qwen2.5 and Qwen3 checkpoints do not use them)."
             )
-        if getattr(hf, "hidden_act", "silu") != "silu":
-            raise UserError(f"hidden_act={hf.hidden_act!r} is not supported: LLaMA's MLP uses 'silu'.")
+        gemma = model_type in ("gemma2", "gemma3_text")
+        act = getattr(hf, "hidden_activation", None) if gemma else getattr(hf, "hidden_act", "silu")
+        if act not in ACTIVATIONS:
+            raise UserError(f"hidden_act={act!r} is not supported: use one of {', '.join(ACTIVATIONS)}.")
         bias_targets = ("q", "k", "v") if model_type == "qwen2" else ()
         if getattr(hf, "attention_bias", False):
             bias_targets = ("q", "k", "v", "o")
         if getattr(hf, "mlp_bias", False):
             bias_targets += ("gate", "up", "down")
         rope = dict(getattr(hf, "rope_parameters", None) or {})
+        local_rope_theta = None
+        if "full_attention" in rope:  # Gemma 3: the global layers' rotation, and the sliding layers'
+            local = rope.get("sliding_attention", {})
+            if local.get("rope_type", "default") != "default":
+                raise UserError(
+                    f"the sliding layers' rope_type={local['rope_type']!r} is not supported: use 'default'."
+                )
+            local_rope_theta, rope = float(local["rope_theta"]), dict(rope["full_attention"])
         rope_type = rope.get("rope_type", "default")
         scaling = None
-        if rope_type == "llama3":
+        if rope_type == "linear":
+            scaling = LinearRopeScaling(float(rope["factor"]))
+        elif rope_type == "llama3":
             scaling = Llama3RopeScaling(
                 factor=float(rope["factor"]),
                 low_freq_factor=float(rope["low_freq_factor"]),
@@ -220,7 +270,7 @@ class LlamaConfig:
                 original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
             )
         elif rope_type != "default":
-            raise UserError(f"rope_type={rope_type!r} is not supported: use 'default' or 'llama3'.")
+            raise UserError(f"rope_type={rope_type!r} is not supported: use 'default', 'linear' or 'llama3'.")
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
             raise UserError("partial_rotary_factor != 1 is not supported by LLaMA-family models.")
         eos = hf.eos_token_id
@@ -242,8 +292,17 @@ class LlamaConfig:
             pad_token_id=hf.pad_token_id,
             model_type=model_type,
             bias_targets=bias_targets,
-            qk_norm=model_type == "qwen3",
-            sliding_window=getattr(hf, "sliding_window", None) if model_type == "mistral" else None,
+            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            sliding_window=getattr(hf, "sliding_window", None) if model_type == "mistral" or gemma else None,
+            sliding_layers=tuple(t == "sliding_attention" for t in hf.layer_types) if gemma else (),
+            norm_offset=1.0 if gemma else 0.0,
+            hidden_act=act,
+            scale_embeddings=gemma,
+            sandwich_norms=gemma,
+            query_pre_attn_scalar=getattr(hf, "query_pre_attn_scalar", None) if gemma else None,
+            attn_logit_softcap=getattr(hf, "attn_logit_softcapping", None) if gemma else None,
+            final_logit_softcap=getattr(hf, "final_logit_softcapping", None) if gemma else None,
+            local_rope_theta=local_rope_theta,
         )
 
     @property
@@ -256,7 +315,11 @@ class LlamaConfig:
 
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling is not None:
-            rope = {"rope_type": "llama3", "rope_theta": self.rope_theta, **dataclasses.asdict(self.rope_scaling)}
+            kind = "linear" if isinstance(self.rope_scaling, LinearRopeScaling) else "llama3"
+            rope = {"rope_type": kind, "rope_theta": self.rope_theta, **dataclasses.asdict(self.rope_scaling)}
+        if self.local_rope_theta is not None:
+            local = {"rope_type": "default", "rope_theta": self.local_rope_theta}
+            rope = {"full_attention": rope, "sliding_attention": local}
         eos = list(self.eos_token_ids)
         family: dict[str, Any] = {}
         if self.model_type in ("llama", "qwen3"):
@@ -265,6 +328,15 @@ class LlamaConfig:
             family["mlp_bias"] = "down" in self.bias_targets
         if self.model_type == "mistral":
             family["sliding_window"] = self.sliding_window
+        if self.model_type in ("gemma2", "gemma3_text"):
+            family |= {
+                "sliding_window": self.sliding_window,
+                "layer_types": ["sliding_attention" if s else "full_attention" for s in self.sliding_layers],
+                "hidden_activation": self.hidden_act,
+                "query_pre_attn_scalar": self.query_pre_attn_scalar,
+                "attn_logit_softcapping": self.attn_logit_softcap,
+                "final_logit_softcapping": self.final_logit_softcap,
+            }
         return getattr(transformers, self.family.config_class)(
             **family,
             vocab_size=self.vocab_size,
@@ -284,15 +356,19 @@ class LlamaConfig:
         )
 
 
-def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
-    """``(head_dim / 2,)`` float32 inverse frequencies ``theta^(-2i/d)``, with ``llama3`` scaling if configured:
-    wavelengths above ``L / low_freq_factor`` are divided by ``factor``, those below ``L / high_freq_factor`` kept,
-    and the band between interpolated smoothly (``L`` the original context length)."""
+def rope_inv_freq(config: LlamaConfig, local: bool = False) -> np.ndarray:
+    """``(head_dim / 2,)`` float32 inverse frequencies ``theta^(-2i/d)``, scaled as configured: ``linear`` divides
+    them by ``factor``; ``llama3`` divides wavelengths above ``L / low_freq_factor`` by ``factor``, keeps those below
+    ``L / high_freq_factor`` and interpolates the band between smoothly (``L`` the original context length).
+    ``local``: the sliding layers' (``theta = local_rope_theta``, unscaled)."""
     dim = config.head_dim
-    inv_freq = (1.0 / config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)).astype(np.float32)
-    s = config.rope_scaling
+    theta = config.local_rope_theta if local else config.rope_theta
+    inv_freq = (1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)).astype(np.float32)
+    s = None if local else config.rope_scaling
     if s is None:
         return inv_freq
+    if isinstance(s, LinearRopeScaling):
+        return (inv_freq / s.factor).astype(np.float32)
     wavelen = 2 * math.pi / inv_freq
     low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
     high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
@@ -338,19 +414,23 @@ class KVCache(NamedTuple):
 
 
 class RMSNorm(nn.Module):
-    """``x / sqrt(mean(x^2) + eps) * scale`` with the statistics in float32, the result in ``dtype``."""
+    """``x / sqrt(mean(x^2) + eps) * (offset + scale)`` with the statistics in float32, the result in ``dtype``.
+    ``offset=0`` (Llama: ``scale`` starts at 1, the product in ``dtype``) or ``1`` (Gemma: ``scale`` starts at 0,
+    the product in float32)."""
 
     eps: float
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    offset: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype
-        )
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
+        scale = self.param("scale", nn.with_logical_partitioning(init, ("norm",)), (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (normed * (self.offset + scale.astype(jnp.float32))).astype(self.dtype)
         return normed.astype(self.dtype) * scale.astype(self.dtype)
 
 
@@ -365,6 +445,11 @@ class _LayerPart(nn.Module):
     deterministic: bool
     attention_impl: AttentionImpl
     quant: QuantConfig | None
+
+    def norm(self, name: str) -> RMSNorm:
+        """The model's RMSNorm (its ``eps`` and ``norm_offset``), named ``name``."""
+        c = self.config
+        return RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, c.norm_offset, name=name)
 
     def project(
         self, target: str, x: jax.Array, features: int, axes: tuple[str, str], mole_logits: jax.Array | None
@@ -420,9 +505,8 @@ class Attention(_LayerPart):
         q = constrain(q.reshape(batch, length, c.num_heads, c.head_dim), ("batch", "length", "act_heads", "head_dim"))
         kv_names = ("batch", "length", "act_kv_heads", "head_dim")
         k = constrain(k.reshape(batch, length, c.num_kv_heads, c.head_dim), kv_names)
-        if c.qk_norm:  # Qwen3: each head of q and k normalised over head_dim, before the rotation
-            norm = {"eps": c.rms_norm_eps, "dtype": self.dtype, "param_dtype": self.param_dtype}
-            q, k = RMSNorm(**norm, name="q_norm")(q), RMSNorm(**norm, name="k_norm")(k)
+        if c.qk_norm:  # Qwen3, Gemma 3: each head of q and k normalised over head_dim, before the rotation
+            q, k = self.norm("q_norm")(q), self.norm("k_norm")(k)
         v = constrain(v.reshape(batch, length, c.num_kv_heads, c.head_dim), kv_names)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if layer_cache is not None:
@@ -431,14 +515,39 @@ class Attention(_LayerPart):
             v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_index, 0, 0))
             layer_cache = (k, v)
         k, v = k.astype(self.dtype), v.astype(self.dtype)
+        scale = None if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar**-0.5
         if self.attention_impl == "splash" and layer_cache is None:
             out = splash_attention(q, k, v, mask)
+        elif c.attn_logit_softcap is not None:
+            out = softcapped_attention(q, k, v, mask, scale or c.head_dim**-0.5, c.attn_logit_softcap)
         else:
             impl = "xla" if self.attention_impl == "splash" else self.attention_impl
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation=impl)
         out = out.reshape(batch, length, -1)
         out = checkpoint_name(constrain(out, ("batch", "length", "act_heads")), "attention_out")
         return self.project("o", out, c.hidden_size, ("heads", "embed"), mole_logits), layer_cache
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """``cap * tanh(x / cap)`` (Gemma 2's soft-capping: values kept inside ``(-cap, cap)``); ``x`` when ``cap`` is
+    None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def softcapped_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, cap: float
+) -> jax.Array:
+    """Grouped-query attention with soft-capped scores, ``softmax(cap * tanh(scale q k^T / cap))`` under ``mask``.
+
+    ``q: (B, T, H, hd)``, ``k, v: (B, S, K, hd)`` with ``H`` a multiple of ``K``, ``mask: (B, T, S)`` bool;
+    returns ``(B, T, H, hd)``. Scores and the softmax are float32.
+    """
+    batch, length, heads, dim = q.shape
+    groups = q.reshape(batch, length, k.shape[2], heads // k.shape[2], dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", groups, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None], softcap(scores, cap), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, length, heads, dim)
 
 
 @jax.custom_vjp
@@ -464,14 +573,15 @@ swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class MLP(_LayerPart):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+    """A gated MLP, ``down(act(gate(x)) * up(x))``: SwiGLU (``act = silu``) or Gemma's tanh-approximated GELU."""
 
     @nn.compact
     def __call__(self, x: jax.Array, mole_logits: jax.Array | None = None) -> jax.Array:
         c = self.config
         gate = self.project("gate", x, c.intermediate_size, ("embed", "mlp"), mole_logits)
         up = self.project("up", x, c.intermediate_size, ("embed", "mlp"), mole_logits)
-        hidden = constrain(swiglu(gate, up), ("batch", "length", "act_mlp"))
+        hidden = swiglu(gate, up) if c.hidden_act == "silu" else jax.nn.gelu(gate, approximate=True) * up
+        hidden = constrain(hidden, ("batch", "length", "act_mlp"))
         return self.project("down", hidden, c.hidden_size, ("mlp", "embed"), mole_logits)
 
 
@@ -480,7 +590,13 @@ class DecoderLayer(_LayerPart):
     reads the normalised block input and weighs the LoRAs of every adapted projection in the block."""
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache_index, layer_cache):
+    def __call__(self, x, ropes, masks, cache_index, per_layer):
+        """``ropes``: the rotary ``(cos, sin)``, and the sliding layers' where they differ (else None); ``masks``:
+        the attention mask, and the sliding layers' where some layers slide and others do not (else None);
+        ``per_layer``: this layer's ``(k, v)`` cache (or None) and whether it slides."""
+        layer_cache, sliding = per_layer
+        mask = masks[0] if masks[1] is None else jnp.where(sliding, masks[1], masks[0])
+        cos, sin = ropes[0] if ropes[1] is None else (jnp.where(sliding, lo, gl) for gl, lo in zip(*ropes, strict=True))
         fields = {
             f: getattr(self, f)
             for f in (
@@ -494,17 +610,18 @@ class DecoderLayer(_LayerPart):
                 "quant",
             )
         }
-        norm = {"eps": self.config.rms_norm_eps, "dtype": self.dtype, "param_dtype": self.param_dtype}
-        normed = RMSNorm(**norm, name="attn_norm")(x)
+        sandwich = self.config.sandwich_norms  # Gemma: each branch's output normalised before the residual sum
+        normed = self.norm("attn_norm")(x)
         mole_logits = None
         if self.adapter is not None and self.adapter.kind is AdapterKind.MOLE and self.adapter.gate == "block":
             mole_logits = MoleGate(self.adapter, "embed", partitioned=True, name="mole_gate")(normed)
         attn_out, layer_cache = Attention(**fields, name="attn")(
             normed, cos, sin, mask, cache_index, layer_cache, mole_logits
         )
-        h = x + attn_out
-        mlp_in = checkpoint_name(RMSNorm(**norm, name="mlp_norm")(h), "mlp_in")
-        y = h + MLP(**fields, name="mlp")(mlp_in, mole_logits)
+        h = x + (self.norm("post_attn_norm")(attn_out) if sandwich else attn_out)
+        mlp_in = checkpoint_name(self.norm("mlp_norm")(h), "mlp_in")
+        mlp_out = MLP(**fields, name="mlp")(mlp_in, mole_logits)
+        y = h + (self.norm("post_mlp_norm")(mlp_out) if sandwich else mlp_out)
         return constrain(y, ("batch", "length", "act_embed")), layer_cache
 
 
@@ -553,11 +670,21 @@ class Llama(nn.Module):
         check_targets("adapter_targets", tuple(self.adapter_targets))
         check_choice("remat", self.remat, REMAT_CHOICES)
         check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
-        if self.config.sliding_window is not None and self.attention_impl != "xla":
-            raise UserError(
-                f"attention_impl={self.attention_impl!r} does not support {self.config.model_type}'s sliding window "
-                f"(sliding_window={self.config.sliding_window}): use attention_impl='xla'."
-            )
+        c = self.config
+        unsupported = {  # what XLA's attention supports and the fused kernels do not: by kernel
+            "sliding window": (c.sliding_window is not None, ("cudnn", "splash")),
+            "soft-capped attention scores": (c.attn_logit_softcap is not None, ("cudnn", "splash")),
+            "query_pre_attn_scalar other than head_dim": (
+                c.query_pre_attn_scalar not in (None, c.head_dim),
+                ("splash",),
+            ),
+        }
+        for what, (used, kernels) in unsupported.items():
+            if used and self.attention_impl in kernels:
+                raise UserError(
+                    f"attention_impl={self.attention_impl!r} does not support {c.model_type}'s {what}: use "
+                    "attention_impl='xla'."
+                )
         super().__post_init__()
 
     @nn.compact
@@ -615,9 +742,14 @@ class Llama(nn.Module):
             mask = valid[:, None, :] & (jnp.arange(slots)[None, None, :] <= query_slot[None, :, None])
             if segment_ids is not None:
                 mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
-            if c.sliding_window is not None:  # slots, like positions, are contiguous within a sequence
-                mask &= jnp.arange(slots)[None, None, :] > query_slot[None, :, None] - c.sliding_window
-        cos, sin = rope_cos_sin(positions, rope_inv_freq(c))
+        masks = (mask, None)
+        if c.sliding_window is not None and self.attention_impl != "splash":
+            # slots, like positions, are contiguous within a sequence
+            window = mask & (jnp.arange(slots)[None, None, :] > query_slot[None, :, None] - c.sliding_window)
+            masks = (mask, window) if c.sliding_layers else (window, None)
+        ropes = (rope_cos_sin(positions, rope_inv_freq(c)), None)
+        if c.local_rope_theta is not None:
+            ropes = (ropes[0], rope_cos_sin(positions, rope_inv_freq(c, local=True)))
 
         embedding = self.param(
             "embedding",
@@ -625,7 +757,10 @@ class Llama(nn.Module):
             (c.vocab_size, c.hidden_size),
             self.param_dtype,
         )
-        x = constrain(jnp.take(embedding, tokens, axis=0).astype(self.dtype), ("batch", "length", "act_embed"))
+        x = jnp.take(embedding, tokens, axis=0).astype(self.dtype)
+        if c.scale_embeddings:  # Gemma
+            x = x * jnp.asarray(math.sqrt(c.hidden_size), self.dtype)
+        x = constrain(x, ("batch", "length", "act_embed"))
 
         layer = DecoderLayer
         if self.remat != "none":
@@ -634,7 +769,7 @@ class Llama(nn.Module):
             layer,
             variable_axes={"params": 0, ADAPTER_COLLECTION: 0, ROUTER_COLLECTION: 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=c.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(
@@ -648,8 +783,10 @@ class Llama(nn.Module):
             quant=self.quant,
             name="layers",
         )
-        x, new_kv = stack(x, cos, sin, mask, cache_index, None if cache is None else (cache.k, cache.v))
-        x = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="final_norm")(x)
+        sliding = jnp.asarray(c.sliding_layers or (False,) * c.num_layers)
+        per_layer = (None if cache is None else (cache.k, cache.v), sliding)
+        x, new_kv = stack(x, ropes, masks, cache_index, per_layer)
+        x = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, c.norm_offset, name="final_norm")(x)
         if c.tie_word_embeddings:
             head = embedding.T
         else:
@@ -663,7 +800,8 @@ class Llama(nn.Module):
             out = x
         elif output in ("logits", "last_logits"):
             out = constrain(
-                lm_head(x[:, -1:] if output == "last_logits" else x, head), ("batch", "length", "act_vocab")
+                lm_head(x[:, -1:] if output == "last_logits" else x, head, c.final_logit_softcap),
+                ("batch", "length", "act_vocab"),
             )
         else:
             raise ValueError(f"output={output!r} must be 'logits', 'last_logits' or 'hidden'.")
@@ -672,10 +810,10 @@ class Llama(nn.Module):
         return out, KVCache(*new_kv, valid, cache_index + length)
 
 
-def lm_head(hidden: jax.Array, head: jax.Array) -> jax.Array:
+def lm_head(hidden: jax.Array, head: jax.Array, cap: float | None = None) -> jax.Array:
     """float32 logits ``hidden @ head`` for ``hidden: (..., d)`` and ``head: (d, vocab)``, computed in ``hidden``'s
-    dtype with float32 accumulation."""
-    return jnp.dot(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    dtype with float32 accumulation, soft-capped at ``cap`` (a config's ``final_logit_softcap``) when given."""
+    return softcap(jnp.dot(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32), cap)
 
 
 def init_variables(model: Llama, rng: jax.Array, collections: tuple[str, ...] = ("params", ADAPTER_COLLECTION)):

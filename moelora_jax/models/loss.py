@@ -6,6 +6,8 @@ token ``y = tokens[t + 1]`` is a target (weight ``w = 1``; ``w = 0`` on padding 
     L = sum_{b,k} w_bk * (logsumexp(z_bk) - z_bk[y_bk]),      z_bk = h[b, t_bk] @ W        (float32)
     dL/dh[b, t_bk] = w_bk * (softmax(z_bk) - onehot(y_bk)) @ W^T
 
+(with Gemma 2's soft cap, ``z = cap tanh(h W / cap)`` and the bracket is also scaled by ``1 - (z / cap)^2``).
+
 Only the ``B x K`` target rows of ``h`` are gathered and projected, ``chunk`` positions per row at a time, so the
 ``(targets x vocab)`` logits never exist whole. Under differentiation the forward pass computes ``dL/dh`` as it goes
 (a ``custom_vjp``): the backward only scales it, so no logits are kept for it nor recomputed. The frozen head gets no
@@ -29,9 +31,10 @@ from moelora_jax.parallel.sharding import constrain
 MAX_CHUNK_LOGITS = 2**23  # float32 logits materialised per chunk (32 MiB)
 
 
-def _chunk_nll(h: jax.Array, head: jax.Array, labels: jax.Array, weights: jax.Array, grad: bool):
-    """Summed weighted NLL of one chunk (``h: (B, c, d)``), and ``dL/dh`` of that sum when ``grad``."""
-    logits = lm_head(h, head)  # (B, c, V)
+def _chunk_nll(h: jax.Array, head: jax.Array, labels: jax.Array, weights: jax.Array, grad: bool, cap: float | None):
+    """Summed weighted NLL of one chunk (``h: (B, c, d)``), and ``dL/dh`` of that sum when ``grad``. Logits
+    soft-capped at ``cap``, ``z = cap tanh(r / cap)``, pass ``dL/dr = dL/dz (1 - (z / cap)^2)`` back."""
+    logits = lm_head(h, head, cap)  # (B, c, V)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
     total = jnp.sum(weights * (lse - picked))
@@ -39,10 +42,12 @@ def _chunk_nll(h: jax.Array, head: jax.Array, labels: jax.Array, weights: jax.Ar
         return total, None
     probs = jnp.exp(logits - lse[..., None])
     dlogits = (probs - jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)) * weights[..., None]
+    if cap is not None:
+        dlogits = dlogits * (1 - jnp.square(logits / cap))
     return total, jnp.dot(dlogits.astype(h.dtype), head.astype(h.dtype).T, preferred_element_type=jnp.float32)
 
 
-def _chunked(h, head, labels, weights, chunk: int, grad: bool):
+def _chunked(h, head, labels, weights, chunk: int, grad: bool, cap: float | None):
     """``_chunk_nll`` scanned over ``K / chunk`` chunks of ``h: (B, K, d)`` (``K`` a multiple of ``chunk``)."""
     batch, width, dim = h.shape
     n = width // chunk
@@ -52,7 +57,7 @@ def _chunked(h, head, labels, weights, chunk: int, grad: bool):
 
     def body(total, xs):
         h_chunk, labels_chunk, weights_chunk = xs
-        part, dh = _chunk_nll(h_chunk, head, labels_chunk, weights_chunk, grad)
+        part, dh = _chunk_nll(h_chunk, head, labels_chunk, weights_chunk, grad, cap)
         return total + part, dh
 
     total, dh = jax.lax.scan(body, jnp.zeros((), jnp.float32), (split(h), split(labels), split(weights)))
@@ -61,17 +66,17 @@ def _chunked(h, head, labels, weights, chunk: int, grad: bool):
     return total, dh
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fused_nll(h, head, labels, weights, chunk):
-    return _chunked(h, head, labels, weights, chunk, grad=False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused_nll(h, head, labels, weights, chunk, cap):
+    return _chunked(h, head, labels, weights, chunk, False, cap)[0]
 
 
-def _fused_nll_fwd(h, head, labels, weights, chunk):
-    total, dh = _chunked(h, head, labels, weights, chunk, grad=True)
+def _fused_nll_fwd(h, head, labels, weights, chunk, cap):
+    total, dh = _chunked(h, head, labels, weights, chunk, True, cap)
     return total, dh.astype(h.dtype)
 
 
-def _fused_nll_bwd(chunk, dh, g):
+def _fused_nll_bwd(chunk, cap, dh, g):
     return g.astype(dh.dtype) * dh, None, None, None
 
 
@@ -92,6 +97,7 @@ def head_loss(
     loss_mask: jax.Array,
     targets: jax.Array | None = None,
     max_logits: int = MAX_CHUNK_LOGITS,
+    cap: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Summed next-token NLL over the targets, and their count.
 
@@ -102,6 +108,7 @@ def head_loss(
       targets: ``(B, K)`` int positions ``t`` whose next token is a target, ``-1`` for unused slots
         (:func:`~moelora_jax.data.encoding.target_positions`); None: every position (the full head).
       max_logits: float32 logits per chunk.
+      cap: the logits' soft cap (a config's ``final_logit_softcap``; Gemma 2), or None.
 
     Shapes and integer dtypes are asserted (chex, at trace time).
     """
@@ -125,4 +132,4 @@ def head_loss(
     # the head whole on each chip (vocabulary split only by tensor parallelism) before the chunk loop: left to the
     # partitioner, it is gathered in every chunk, or each chunk's logits are
     head = constrain(head, ("act_embed", "act_vocab"))
-    return _fused_nll(gathered, head, labels, weights, chunk), jnp.sum(weights)
+    return _fused_nll(gathered, head, labels, weights, chunk, cap), jnp.sum(weights)

