@@ -1,9 +1,12 @@
-"""``experiments/reproduce.py``: its runs are valid configs, finished runs become tables and plots, the ``resolve``
-protocol's intervals have the known answers, and a resumed protocol skips finished runs and gives the same tables."""
+"""``experiments/``: every protocol's runs are valid configs and the recorded commands, finished runs become tables
+and plots (the committed ``resolve`` results among them), the ``resolve`` protocol's intervals have the known answers,
+and a resumed protocol skips finished runs and gives the same tables."""
 
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,22 +16,34 @@ from moelora_jax.data.encoding import Example
 from moelora_jax.data.tasks import TASKS
 from moelora_jax.errors import UserError
 from moelora_jax.evaluation.scoring import EXAMPLES_FILE, example_records
-from moelora_jax.training.config_file import load_config, load_module
+from moelora_jax.training.config_file import load_config
 from moelora_jax.training.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
-CPU_RESULTS = ROOT / "docs" / "results" / "cpu" / "results.json"
+RESULTS = ROOT / "docs" / "results"
+CPU_RESULTS = RESULTS / "cpu" / "results.json"
+
+sys.path.insert(0, str(ROOT))  # experiments/ is the repository's, as `python experiments/reproduce.py` finds it
+import experiments.runs  # noqa: E402
+from experiments import reporting  # noqa: E402
+from experiments.protocols import (  # noqa: E402
+    BEST_LEARNING_RATES,
+    CORE_METHODS,
+    GATE_LR_RATIO,
+    METHODS,
+    Protocol,
+    protocols,
+)
+from experiments.runs import Run, claimed, launch  # noqa: E402
+from experiments.stats import bootstrap_interval, statistics  # noqa: E402
 
 
-reproduce = load_module(ROOT / "experiments" / "reproduce.py")
-
-
-def _check_configs(preset: str, plan: list, tmp_path: Path) -> list[Settings]:
-    """Every ``(name, overrides)`` of ``plan`` is a valid config (unknown keys or wrong types raise, bad values too)."""
+def _check_configs(runs: list[Run], tmp_path: Path) -> list[Settings]:
+    """Every run is a valid config (unknown keys or wrong types raise, bad values too)."""
     out = []
-    for name, overrides in plan:
-        config = load_config(ROOT / "configs" / "llama_moelora.py", preset)
-        config.update_from_flattened_dict(overrides | {"output_dir": str(tmp_path / name)})
+    for run in runs:
+        config = load_config(ROOT / "configs" / "llama_moelora.py", run.preset)
+        config.update_from_flattened_dict(run.overrides | {"output_dir": str(tmp_path / run.name)})
         out.append(Settings.from_config(config))
     return out
 
@@ -44,48 +59,67 @@ def _check_method(settings: Settings, method: str) -> None:
 
 @pytest.mark.parametrize("name", ["cpu", "paper"])
 def test_every_run_of_a_protocol_is_a_valid_config(name, tmp_path):
-    protocol = reproduce.protocols(tmp_path)[name]
-    runs = reproduce.grid(protocol, list(reproduce.METHODS))
-    assert len(runs) == len(reproduce.METHODS) * 2 * 3 and set(reproduce.CORE_METHODS) <= set(reproduce.METHODS)
+    protocol = protocols(tmp_path)[name]
+    runs = protocol.runs(list(METHODS))
+    assert len(runs) == len(METHODS) * 2 * 3 and set(CORE_METHODS) <= set(METHODS)
     for optimizer, rates in protocol.learning_rates.items():
         assert max(rates) / min(rates) == pytest.approx(100)  # three learning rates spanning a factor of 100
-        assert optimizer in reproduce.GATE_LR_RATIO
-    plan = [(run.name, reproduce.settings(protocol.overrides, run, i == 0)) for i, run in enumerate(runs)]
-    for run, settings in zip(runs, _check_configs(protocol.preset, plan, tmp_path), strict=True):
+        assert optimizer in GATE_LR_RATIO
+    assert [run.overrides["train.eval_before"] for run in runs] == [True] + [False] * (len(runs) - 1)
+    for run, settings in zip(runs, _check_configs(runs, tmp_path), strict=True):
         assert (settings.optim.family, settings.optim.lr) == (run.optimizer, run.lr)
         _check_method(settings, run.method)
-    argv = reproduce.command("", {"optim.lr": 1e-3 * 3e-3, "train.eval_before": False})
-    assert argv[-2:] == ["--config.optim.lr=3e-06", "--config.train.eval_before=False"]
+    argv = Run("lora", "sgd", 1e-3, overrides={"optim.lr": 1e-3 * 3e-3, "train.eval_before": False}).command("o", {})
+    assert argv[-3:] == ["--config.optim.lr=3e-06", "--config.train.eval_before=False", "--config.output_dir=o"]
 
 
-def test_the_cpu_grid_still_runs_the_recorded_commands():
-    protocol = reproduce.protocols(ROOT.parent / "shared" / "data")["cpu"]
-    recorded = {
-        (r["method"], r["optimizer"], r["lr"]): r["command"] for r in json.loads(CPU_RESULTS.read_text())["runs"]
-    }
-    runs = reproduce.grid(protocol, list(reproduce.CORE_METHODS))
-    for index, run in enumerate(runs):
-        overrides = reproduce.settings(protocol.overrides, run, first=index == 0)
-        argv = reproduce.command("", overrides | {"output_dir": f"runs/reproduce/cpu/{run.name}"})
-        assert " ".join(argv) == recorded[(run.method, run.optimizer, run.lr)]
+def test_a_run_is_named_by_what_its_protocol_varies():
+    grid, paired = Run("lora", "sgd", 1e-2), Run("lora", "sgd", 1e-2, "sst2", 1, "paper", {"optim.lr": 1e-2})
+    assert (grid.name, paired.name) == ("lora-sgd-1e-02", "sst2/lora-sgd-1e-02-seed1")
+    assert grid.key == {"method": "lora", "optimizer": "sgd", "lr": 1e-2}
+    assert list(paired.key.items()) == [
+        ("task", "sst2"),
+        ("method", "lora"),
+        ("optimizer", "sgd"),
+        ("lr", 1e-2),
+        ("seed", 1),
+    ]
+    assert paired == Run("lora", "sgd", 1e-2, "sst2", 1) != grid  # the preset and overrides do not name it
+    assert paired.command("out", {"train.steps": "2"})[2:] == [
+        "--config=configs/llama_moelora.py:paper",
+        "--config.optim.lr=0.01",
+        "--config.output_dir=out",
+        "--config.train.steps=2",
+    ]
+
+
+@pytest.mark.parametrize("name", ["cpu", "resolve"])
+def test_a_protocol_still_runs_the_recorded_commands(name):
+    recorded = json.loads((RESULTS / name / "results.json").read_text())["runs"]
+    paths = [arg.split("=", 1)[1] for r in recorded for arg in r["command"].split() if "data.train_path=" in arg]
+    data_dir = Path(paths[0]).parents[2] if paths else ROOT  # where the runs read SST-2: glue_data/SST-2/train.tsv
+    runs = protocols(data_dir)[name].runs(list(CORE_METHODS))
+    by_key = {tuple(r[k] for k in runs[0].key): r["command"] for r in recorded}
+    for run in runs:
+        assert " ".join(run.command(f"runs/reproduce/{name}/{run.name}", {})) == by_key[tuple(run.key.values())]
 
 
 def test_the_resolve_protocol_runs_each_optimizer_at_its_best_rate_of_the_cpu_grid(tmp_path):
-    resolve = reproduce.resolve_protocol(tmp_path)
+    resolve = protocols(tmp_path)["resolve"]
     accuracy: dict = {}
     for r in json.loads(CPU_RESULTS.read_text())["runs"]:
-        if r["method"] in reproduce.CORE_METHODS:
+        if r["method"] in CORE_METHODS:
             accuracy.setdefault(r["optimizer"], {}).setdefault(r["lr"], []).append(r["accuracy"])
     best = {optimizer: max(rates, key=lambda lr: np.mean(rates[lr])) for optimizer, rates in accuracy.items()}
-    assert resolve.learning_rates == best == {"sgd": 1e-2, "adamw": 1e-3}
+    assert BEST_LEARNING_RATES == best == {"sgd": 1e-2, "adamw": 1e-3}
+    assert resolve.learning_rates == {"sgd": (1e-2,), "adamw": (1e-3,)} and resolve.paired
 
-    trials = reproduce.trials(resolve, list(reproduce.CORE_METHODS))
+    trials = resolve.runs(list(CORE_METHODS))
     assert len(trials) == 48 and len(resolve.seeds) >= 3 and set(resolve.tasks) == {"bbc_news", "sst2"}
     assert [t.seed for t in trials[:16]] == [0] * 16  # seed by seed: a protocol stopped part-way has whole seeds
-    plan = reproduce.resolve_plan(resolve, list(reproduce.CORE_METHODS))
-    assert [name for name, _ in plan] == [t.name for t in trials] and len(set(dict(plan))) == 48
-    assert [name for name, overrides in plan if overrides["train.eval_before"]] == [trials[0].name, trials[8].name]
-    for trial, settings in zip(trials, _check_configs("", plan, tmp_path), strict=True):
+    assert len({t.name for t in trials}) == 48
+    assert [t.name for t in trials if t.overrides["train.eval_before"]] == [trials[0].name, trials[8].name]
+    for trial, settings in zip(trials, _check_configs(trials, tmp_path), strict=True):
         assert (settings.optim.family, settings.optim.lr, settings.data.task) == (trial.optimizer, trial.lr, trial.task)
         assert settings.train.seed == trial.seed
         subset = {"bbc_news": (0, -1), "sst2": (500, 0)}[trial.task]  # all 424 test articles; 500 sentences, fixed
@@ -94,9 +128,11 @@ def test_the_resolve_protocol_runs_each_optimizer_at_its_best_rate_of_the_cpu_gr
         _check_method(settings, trial.method)
     assert trials[8].task == "sst2" and trials[0].task == "bbc_news"
     with pytest.raises(UserError, match=r"--set train\.seed would undo the protocol"):
-        reproduce.run_resolve(resolve, ["lora"], tmp_path, {"train.seed": "3"})
+        resolve.launch(["lora"], tmp_path, {"train.seed": "3"})
     with pytest.raises(UserError, match=r"SST-2/train\.tsv does not exist: point --data-dir"):
-        reproduce.run_resolve(resolve, ["lora"], tmp_path, {})
+        resolve.launch(["lora"], tmp_path, {})
+    with pytest.raises(UserError, match=r"commonsenseqa/train_rand_split\.jsonl does not exist: point --data-dir"):
+        protocols(tmp_path)["paper"].launch(["lora"], tmp_path, {})
 
 
 def test_example_records_say_which_answers_are_right():
@@ -121,7 +157,7 @@ def test_one_seed_bootstraps_to_the_binomial_distribution():
     # interval must be its quantiles, to within one example
     scores = np.zeros((1, 400))
     scores[0, :300] = 1
-    mean, lo, hi = reproduce.bootstrap_interval(scores)
+    mean, lo, hi = bootstrap_interval(scores)
     assert mean == 0.75
     assert lo == pytest.approx(_binomial_quantile(400, 0.75, 0.025), abs=1 / 400 + 1e-12)
     assert hi == pytest.approx(_binomial_quantile(400, 0.75, 0.975), abs=1 / 400 + 1e-12)
@@ -131,10 +167,10 @@ def test_one_seed_bootstraps_to_the_binomial_distribution():
 def test_seeds_are_resampled_as_well_as_examples():
     # seed 0 gets everything right, seed 1 nothing: resampled means are 0, 1/2 or 1 with probabilities 1/4, 1/2, 1/4
     scores = np.stack([np.ones(50), np.zeros(50)])
-    assert reproduce.bootstrap_interval(scores) == (0.5, 0.0, 1.0)
-    assert reproduce.bootstrap_interval(np.full((3, 20), 0.25)) == (0.25, 0.25, 0.25)
+    assert bootstrap_interval(scores) == (0.5, 0.0, 1.0)
+    assert bootstrap_interval(np.full((3, 20), 0.25)) == (0.25, 0.25, 0.25)
     with pytest.raises(UserError, match="seeds x examples"):
-        reproduce.bootstrap_interval(np.ones(5))
+        bootstrap_interval(np.ones(5))
 
 
 def test_a_paired_difference_resolves_what_separate_intervals_do_not():
@@ -143,16 +179,16 @@ def test_a_paired_difference_resolves_what_separate_intervals_do_not():
     a = b.copy()
     for seed in range(3):  # A = B, plus 10 more right answers on each seed
         a[seed, np.flatnonzero(b[seed] == 0)[:10]] = 1
-    _, a_lo, _ = reproduce.bootstrap_interval(a)
-    _, _, b_hi = reproduce.bootstrap_interval(b)
+    _, a_lo, _ = bootstrap_interval(a)
+    _, _, b_hi = bootstrap_interval(b)
     assert a_lo < b_hi  # the two cells' intervals overlap
-    mean, lo, _ = reproduce.bootstrap_interval(a - b)
+    mean, lo, _ = bootstrap_interval(a - b)
     assert mean == pytest.approx(30 / 1200) and lo > 0  # on the same seeds and examples, A is better
-    assert reproduce.bootstrap_interval(b - b) == (0.0, 0.0, 0.0)
+    assert bootstrap_interval(b - b) == (0.0, 0.0, 0.0)
     # the same 30 gained on seed 0 alone: (2/3)^3 = 30% of the resamples leave seed 0 out, so the interval reaches 0
     one_seed = np.zeros((3, 400))
     one_seed[0, :30] = 1
-    assert reproduce.bootstrap_interval(one_seed)[1] == 0.0
+    assert bootstrap_interval(one_seed)[1] == 0.0
 
 
 def _finished_run(
@@ -195,25 +231,38 @@ def _finished_run(
 
 
 def test_finished_runs_become_tables_and_plots(tmp_path):
-    protocol = reproduce.protocols(tmp_path)["cpu"]
-    runs = reproduce.grid(protocol, ["lora"])
+    protocol = protocols(tmp_path)["cpu"]
+    runs = protocol.runs(["lora"])
     for index, run in enumerate(runs[:-1]):  # the last one has not finished
         _finished_run(tmp_path / "runs", run, accuracy=0.25 * (index % 3 + 1), base=index == 0)
-    collected = reproduce.collect("cpu", reproduce.grid(protocol, list(reproduce.METHODS)), tmp_path / "runs")
+    collected = protocol.collect(tmp_path / "runs")
     assert collected["base"] == {"accuracy": 0.1, "eval_loss": 3.0}
     assert len(collected["runs"]) == 5 and collected["runs"][0]["train_loss"] == [[1, 2.0], [2, 1.0], [3, 2.0 / 3]]
-    lines = reproduce.tables(collected, protocol).splitlines()
+    lines = reporting.grid_tables(collected, protocol).splitlines()
     sgd = next(line for line in lines if line.startswith("| LoRA |"))
     assert sgd == "| LoRA | 0.250 | 0.500 | 0.750 | 0.500 | 0.250 | 0.500 |"  # per lr, mean, worst, spread
     adamw = [line for line in lines if line.startswith("| LoRA |")][2]
     assert adamw == "| LoRA | 0.250 | 0.500 | n/a | n/a | n/a | n/a |"
-    written = reproduce.plot(collected, protocol, tmp_path)
+    written = reporting.grid_plots(collected, protocol, tmp_path)
     assert [p.name for p in written] == ["loss_vs_step.png", "accuracy_vs_lr.png"]
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in written)
+    # the command line, as docs/results.md runs it, writes the same results and tables
+    out, script = tmp_path / "results", "experiments/reproduce.py"
+    argv = [sys.executable, script, "--collect", "--output", str(tmp_path / "runs"), "--results", str(out)]
+    printed = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert json.loads((out / "results.json").read_text()) == collected
+    assert (out / "tables.md").read_text() == reporting.grid_tables(collected, protocol)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "accuracy_vs_lr.png",
+        "loss_vs_step.png",
+        "results.json",
+        "tables.md",
+    ]
+    assert printed.endswith(f"results, tables and plots in {out}/\n")
 
 
 def _tiny_resolve(seeds=(0, 1, 2)):
-    return reproduce.Resolve(overrides={}, tasks={"sst2": {}}, learning_rates={"sgd": 1e-2}, seeds=seeds)
+    return Protocol("resolve", "", overrides={}, learning_rates={"sgd": (1e-2,)}, tasks={"sst2": {}}, seeds=seeds)
 
 
 def test_finished_trials_become_intervals_verdicts_and_plots(tmp_path):
@@ -225,11 +274,11 @@ def test_finished_trials_become_intervals_verdicts_and_plots(tmp_path):
     }
     for method, per_seed in outcomes.items():
         for seed, correct in enumerate(per_seed):
-            trial = reproduce.Trial("sst2", method, "sgd", 1e-2, seed)
+            trial = Run(method, "sgd", 1e-2, "sst2", seed)
             _finished_run(
                 tmp_path, trial, correct.count("1") / 4, base=seed == 0 and method == "moe_lora", correct=correct
             )
-    collected = reproduce.collect_resolve(resolve, tmp_path)
+    collected = resolve.collect(tmp_path)
     assert collected["base"] == {"sst2": {"accuracy": 0.1, "eval_loss": 3.0}}
     assert collected["examples"] == {"sst2": ["dev.tsv:2", "dev.tsv:3", "dev.tsv:4", "dev.tsv:5"]}
     cell = next(c for c in collected["cells"] if c["method"] == "moe_lora+riemann")
@@ -240,23 +289,23 @@ def test_finished_trials_become_intervals_verdicts_and_plots(tmp_path):
         ("moe_lora+riemann+sqrt_gate", "moe_lora"): ([0, 1], "not resolved"),  # one of 8 pairs differs
         ("moe_lora+riemann+sqrt_gate", "moe_lora+riemann"): ([0, 1], "disagrees"),  # wrong on all 8 where B is right
     }
-    lines = reproduce.resolve_tables(collected, resolve).splitlines()
+    lines = reporting.paired_tables(collected, resolve).splitlines()
     assert "### SST-2 (4 held-out examples)" in lines and "Base model: accuracy 0.100, held-out loss 3.000." in lines
     row = next(line for line in lines if line.startswith("| MoE-LoRA + riemann + sqrt-gate |"))
     assert row == "| MoE-LoRA + riemann + sqrt-gate | 0.000 [0.000, 0.000] (2 of 3 seeds) |"
     assert "| MoE-LoRA + riemann | 2 | 0.750, 0.250 |" in lines  # each seed's accuracy and held-out loss
     assert "- Sun et al. 2025, sqrt-gate adds to riemann, under sgd: disagrees on SST-2." in lines
-    written = reproduce.plot_resolve(collected, resolve, tmp_path)
+    written = reporting.paired_plots(collected, resolve, tmp_path)
     assert [p.name for p in written] == ["accuracy.png", "claims.png"]
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in written)
 
-    trial = reproduce.Trial("sst2", "lora", "sgd", 1e-2, 0)
+    trial = Run("lora", "sgd", 1e-2, "sst2", 0)
     _finished_run(tmp_path, trial, 0.0, base=False, correct="000")  # scored on other examples
     with pytest.raises(UserError, match="other examples than the task's other runs"):
-        reproduce.collect_resolve(resolve, tmp_path)
+        resolve.collect(tmp_path)
     (tmp_path / trial.name / EXAMPLES_FILE).unlink()
     with pytest.raises(UserError, match=f"has no {EXAMPLES_FILE}"):
-        reproduce.collect_resolve(resolve, tmp_path)
+        resolve.collect(tmp_path)
 
 
 def test_runs_that_give_one_answer_are_flagged(tmp_path):
@@ -268,10 +317,10 @@ def test_runs_that_give_one_answer_are_flagged(tmp_path):
     }
     for method, answers in runs.items():
         accuracy = np.mean([a == label for a, label in zip(answers, labels, strict=True)])
-        trial = reproduce.Trial("sst2", method, "sgd", 1e-2, 0)
+        trial = Run(method, "sgd", 1e-2, "sst2", 0)
         _finished_run(tmp_path, trial, accuracy, base=False, answers=answers, labels=labels)
     resolve = _tiny_resolve(seeds=(0,))
-    collected = reproduce.collect_resolve(resolve, tmp_path)
+    collected = resolve.collect(tmp_path)
     assert collected["majority"] == {"sst2": {"label": "negative", "accuracy": 0.6}}
     shares = {r["method"]: (r["top_answer"], r["top_answer_share"]) for r in collected["runs"]}
     assert shares == {
@@ -282,7 +331,7 @@ def test_runs_that_give_one_answer_are_flagged(tmp_path):
     flags = {(c["a"], c["b"]): c["one_answer"] for c in collected["claims"]}
     assert flags[("moe_lora+riemann", "moe_lora")] == ["A", "B"]
     assert flags[("moe_lora+riemann+sqrt_gate", "moe_lora+riemann")] == ["B"]
-    lines = reproduce.resolve_tables(collected, resolve).splitlines()
+    lines = reporting.paired_tables(collected, resolve).splitlines()
     assert "Always answering the commonest label (negative) scores 0.600." in lines
     assert "| MoE-LoRA | 0 | 0.600, 0.400 ('negative' to 100%) |" in lines
     assert "| MoE-LoRA + riemann + sqrt-gate | 0 | 1.000, 0.000 |" in lines
@@ -297,14 +346,25 @@ def test_runs_that_give_one_answer_are_flagged(tmp_path):
     assert sqrt_gate == "- Sun et al. 2025, sqrt-gate adds to riemann, under sgd: agrees on SST-2."
 
 
+def test_the_committed_resolve_results_are_regenerated_from_their_runs():
+    # docs/results/resolve/: its statistics, results.json and tables from the records of its runs that it keeps
+    path = RESULTS / "resolve" / "results.json"
+    committed = json.loads(path.read_text())
+    collected = {key: committed[key] for key in ("protocol", "machine", "base", "majority", "examples", "runs")}
+    regenerated = collected | statistics(collected)
+    assert json.dumps(regenerated, indent=1) == path.read_text()
+    text = reporting.paired_tables(regenerated, protocols(ROOT)["resolve"])
+    assert text == (RESULTS / "resolve" / "tables.md").read_text()
+
+
 def test_a_run_another_process_holds_is_left_to_it(tmp_path, monkeypatch, capsys):
-    launched = []
-    monkeypatch.setattr(reproduce, "train", lambda argv, log: launched.append(argv))
-    with reproduce.claimed(tmp_path / "run") as mine, reproduce.claimed(tmp_path / "run") as other:
+    launched, run = [], Run("lora", "sgd", 1e-2)
+    monkeypatch.setattr(experiments.runs, "train", lambda argv, log: launched.append(argv))
+    with claimed(tmp_path / run.name) as mine, claimed(tmp_path / run.name) as other:
         assert mine and not other
-        reproduce.run_grid("", [("run", {})], tmp_path, {})
+        launch([run], tmp_path, {})
     assert launched == [] and "running in another process, skipped" in capsys.readouterr().out
-    with reproduce.claimed(tmp_path / "run") as mine:  # released with the first holder
+    with claimed(tmp_path / run.name) as mine:  # released with the first holder
         assert mine
 
 
@@ -315,7 +375,9 @@ def test_a_resumed_protocol_skips_finished_runs_and_reproduces_the_tables(tiny_m
     lines = ["sentence\tlabel", *(f"what colour is the sky {w} ?\t{i % 2}" for i, w in enumerate(["a", "b", "c"] * 2))]
     for name in ("train.tsv", "dev.tsv"):
         (tmp_path / name).write_text("\n".join(lines) + "\n")
-    resolve = reproduce.Resolve(
+    resolve = Protocol(
+        "resolve",
+        "",
         overrides={
             "data.chat_template": False,
             "data.max_length": 64,
@@ -337,20 +399,22 @@ def test_a_resumed_protocol_skips_finished_runs_and_reproduces_the_tables(tiny_m
                 "data.eval_path": tmp_path / "dev.tsv",
             }
         },
-        learning_rates={"adamw": 1e-2},
+        learning_rates={"adamw": (1e-2,)},
         seeds=(0, 1),
     )
     methods, root = ["moe_lora", "moe_lora+riemann"], tmp_path / "runs"
-    names = [t.name for t in reproduce.trials(resolve, methods)]
-    launched, train = [], reproduce.train
+    names = [t.name for t in resolve.runs(methods)]
+    launched, train = [], experiments.runs.train
     monkeypatch.setattr(
-        reproduce, "train", lambda argv, log: launched.append(str(log.parent.relative_to(root))) or train(argv, log)
+        experiments.runs,
+        "train",
+        lambda argv, log: launched.append(str(log.parent.relative_to(root))) or train(argv, log),
     )
     extra = {"model.path": str(tiny_model_dir)}
 
-    reproduce.run_resolve(resolve, methods, root, extra)
+    resolve.launch(methods, root, extra)
     assert launched == names
-    whole = reproduce.collect_resolve(resolve, root)
+    whole = resolve.collect(root)
     records = [json.loads(line) for line in (root / names[0] / EXAMPLES_FILE).read_text().splitlines()]
     sources = [r["source"] for r in records]
     assert len(sources) == 4 and set(sources) < {f"{tmp_path / 'dev.tsv'}:{n}" for n in range(2, 8)}
@@ -365,13 +429,13 @@ def test_a_resumed_protocol_skips_finished_runs_and_reproduces_the_tables(tiny_m
         (root / names[2] / name).unlink()
     finished = {n: (root / n / "summary.json").stat().st_mtime_ns for n in names[:2]}
     launched.clear()
-    reproduce.run_resolve(resolve, methods, root, extra)
+    resolve.launch(methods, root, extra)
     assert launched == names[2:]
     assert {n: (root / n / "summary.json").stat().st_mtime_ns for n in names[:2]} == finished
     assert json.loads((root / names[2] / "summary.json").read_text())["resumed_from_step"] == 2
-    resumed = reproduce.collect_resolve(resolve, root)
-    assert reproduce.resolve_tables(resumed, resolve) == reproduce.resolve_tables(whole, resolve)
+    resumed = resolve.collect(root)
+    assert reporting.paired_tables(resumed, resolve) == reporting.paired_tables(whole, resolve)
     assert [r["correct"] for r in resumed["runs"]] == [r["correct"] for r in whole["runs"]]
     launched.clear()
-    reproduce.run_resolve(resolve, methods, root, extra)
+    resolve.launch(methods, root, extra)
     assert launched == []

@@ -1,0 +1,1 @@
+"""The reproduction of the papers' claims: ``python experiments/reproduce.py`` (docs/results.md)."""

@@ -1,0 +1,260 @@
+"""The results of a protocol: ``results.json``, tables, plots, and a reading of the claims' verdicts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from experiments.protocols import METHODS, Protocol
+from experiments.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CLAIMS, ONE_ANSWER_SHARE
+from moelora_jax.io.atomic import write_text_atomically
+
+TASK_NAMES = {"bbc_news": "BBC News", "sst2": "SST-2"}
+
+
+def write(collected: dict[str, Any], protocol: Protocol, directory: Path) -> str:
+    """Write a protocol's ``collected`` results (:meth:`~experiments.protocols.Protocol.collect`) into ``directory``:
+    ``results.json``, ``tables.md`` and the plots; returns the tables."""
+    text = paired_tables(collected, protocol) if protocol.paired else grid_tables(collected, protocol)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(directory / "results.json", json.dumps(collected, indent=1))
+    write_text_atomically(directory / "tables.md", text)
+    (paired_plots if protocol.paired else grid_plots)(collected, protocol, directory)
+    return text
+
+
+def grid_tables(collected: dict[str, Any], protocol: Protocol) -> str:
+    """Markdown: per optimizer, accuracy and held-out loss per method and learning rate, with the spread."""
+    by_key = {(r["method"], r["optimizer"], r["lr"]): r for r in collected["runs"]}
+    out = []
+    if collected["base"]:
+        b = collected["base"]
+        out.append(f"Base model (no adapter): accuracy {b['accuracy']:.3f}, held-out loss {b['eval_loss']:.3f}.\n")
+    for optimizer, rates in protocol.learning_rates.items():
+        for field, label, fmt in (("accuracy", "accuracy", ".3f"), ("eval_loss", "held-out loss", ".3f")):
+            header = [f"{optimizer} {label}", *(f"lr {lr:.0e}" for lr in rates), "mean", "worst", "spread"]
+            out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            for method, (name, _) in METHODS.items():
+                values = [by_key.get((method, optimizer, lr), {}).get(field) for lr in rates]
+                if all(v is None for v in values):
+                    continue
+                done = [v for v in values if v is not None]
+                worst = (min if field == "accuracy" else max)(done) if done else None
+                cells = [format(v, fmt) if v is not None else "n/a" for v in values]
+                if len(done) == len(values):
+                    cells += [
+                        format(sum(done) / len(done), fmt),
+                        format(worst, fmt),
+                        format(max(done) - min(done), fmt),
+                    ]
+                else:
+                    cells += ["n/a"] * 3
+                out.append("| " + " | ".join([name, *cells]) + " |")
+            out.append("")
+    return "\n".join(out)
+
+
+def grid_plots(collected: dict[str, Any], protocol: Protocol, directory: Path) -> list[Path]:
+    """``loss_vs_step.png`` (one panel per optimizer and learning rate) and ``accuracy_vs_lr.png``."""
+    from matplotlib.figure import Figure
+
+    by_key = {(r["method"], r["optimizer"], r["lr"]): r for r in collected["runs"]}
+    optimizers = list(protocol.learning_rates)
+    columns = max(len(r) for r in protocol.learning_rates.values())
+    losses = Figure(figsize=(4 * columns, 3.2 * len(optimizers)), layout="constrained")
+    axes = losses.subplots(len(optimizers), columns, squeeze=False, sharey=True)
+    for row, optimizer in enumerate(optimizers):
+        for column, lr in enumerate(protocol.learning_rates[optimizer]):
+            ax = axes[row][column]
+            for color, (method, (name, _)) in enumerate(METHODS.items()):
+                run = by_key.get((method, optimizer, lr))
+                if run:
+                    steps, values = zip(*run["train_loss"], strict=True)
+                    ax.plot(steps, values, color=f"C{color}", label=name, lw=1.2)
+            ax.set(title=f"{optimizer}, lr {lr:.0e}", xlabel="step", yscale="log")
+            ax.grid(alpha=0.3)
+        axes[row][0].set_ylabel("training loss (batch)")
+    axes[0][0].legend(fontsize=8)
+    accuracy = Figure(figsize=(5 * len(optimizers), 3.6), layout="constrained")
+    for ax, optimizer in zip(accuracy.subplots(1, len(optimizers), squeeze=False)[0], optimizers, strict=True):
+        rates = protocol.learning_rates[optimizer]
+        for color, (method, (name, _)) in enumerate(METHODS.items()):
+            points = [
+                (lr, by_key[(method, optimizer, lr)]["accuracy"]) for lr in rates if (method, optimizer, lr) in by_key
+            ]
+            if points:
+                ax.plot(*zip(*points, strict=True), "o-", color=f"C{color}", label=name)
+        if collected["base"]:
+            ax.axhline(collected["base"]["accuracy"], color="gray", ls=":", label="base model")
+        ax.set(title=optimizer, xlabel="learning rate", ylabel="held-out accuracy", xscale="log", ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    written = []
+    for figure, name in ((losses, "loss_vs_step.png"), (accuracy, "accuracy_vs_lr.png")):
+        figure.savefig(directory / name, dpi=100)
+        written.append(directory / name)
+    return written
+
+
+def _columns(protocol: Protocol) -> list[str]:
+    """A paired protocol's optimizers with their one learning rate each, as its tables and plots head them."""
+    return [f"{optimizer}, lr {lr:.0e}" for optimizer, (lr,) in protocol.learning_rates.items()]
+
+
+def _interval(mean: float, lo: float, hi: float, sign: str = "") -> str:
+    return f"{mean:{sign}.3f} [{lo:{sign}.3f}, {hi:{sign}.3f}]"
+
+
+def _cell(cell: dict[str, Any] | None, seeds: int) -> str:
+    """A cell's accuracy and interval, and how many of the protocol's ``seeds`` it has when not all."""
+    if cell is None:
+        return "n/a"
+    done = len(cell["seeds"])
+    return _interval(cell["mean"], cell["low"], cell["high"]) + (f" ({done} of {seeds} seeds)" if done < seeds else "")
+
+
+def paired_tables(collected: dict[str, Any], protocol: Protocol) -> str:
+    """Markdown: per task, accuracy with its 95% interval per method and optimizer, and each seed's accuracy and
+    held-out loss (and its one answer, where it gives one to :data:`ONE_ANSWER_SHARE` of the examples); then each
+    claim's paired difference and verdict, and a reading of the verdicts."""
+    cells = {(c["task"], c["optimizer"], c["method"]): c for c in collected["cells"]}
+    optimizers, columns = list(protocol.learning_rates), _columns(protocol)
+    out = [
+        f"Accuracy over {len(protocol.seeds)} seeds and all held-out examples; in brackets its 95% percentile "
+        f"bootstrap interval ({BOOTSTRAP_RESAMPLES:,} resamples of seeds and examples, RNG seed {BOOTSTRAP_SEED}). "
+        "It over-counts seed-by-example noise (wide where that dominates) and counts the seeds' own spread "
+        f"{len(protocol.seeds) - 1}/{len(protocol.seeds)} times.\n"
+    ]
+    for task in protocol.tasks:
+        if task not in collected["examples"]:
+            continue
+        out.append(f"### {TASK_NAMES.get(task, task)} ({len(collected['examples'][task])} held-out examples)\n")
+        if task in collected["base"]:
+            b = collected["base"][task]
+            out.append(f"Base model: accuracy {b['accuracy']:.3f}, held-out loss {b['eval_loss']:.3f}.\n")
+        m = collected["majority"][task]
+        out.append(f"Always answering the commonest label ({m['label']}) scores {m['accuracy']:.3f}.\n")
+        out += ["| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+        seeds_table = ["| method | seed | " + " | ".join(f"{c}: accuracy, held-out loss" for c in columns) + " |"]
+        seeds_table.append("|---|---|" + "---|" * len(columns))
+        for method, (name, _) in METHODS.items():
+            row = [cells.get((task, o, method)) for o in optimizers]
+            if not any(row):
+                continue
+            out.append(f"| {name} | " + " | ".join(_cell(c, len(protocol.seeds)) for c in row) + " |")
+            for seed in protocol.seeds:
+                values = []
+                for c in row:
+                    i = c["seeds"].index(seed) if c and seed in c["seeds"] else None
+                    values.append("n/a" if i is None else _seed_cell(c, i))
+                seeds_table.append(f"| {name} | {seed} | " + " | ".join(values) + " |")
+        out += ["", *seeds_table, ""]
+    out += [
+        "### The papers' claims: accuracy of A minus B on the same seeds and examples\n",
+        "Each interval is a paired bootstrap of one comparison, not adjusted for the others: where there is no "
+        "difference, about one interval in 20 still excludes 0.\n",
+        f"The last column names the methods with a run that gives one answer to at least {ONE_ANSWER_SHARE:.0%} of "
+        "the examples, a method that has not learned the task: where both are named, the verdict compares answer "
+        "biases.\n",
+        "| paper | claim (A against B) | task | optimizer | A - B [95%] | seeds | verdict | one answer |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in collected["claims"]:
+        pair = f"{c['claim']} ({METHODS[c['a']][0]} against {METHODS[c['b']][0]})"
+        out.append(
+            f"| {c['paper']} | {pair} | {TASK_NAMES.get(c['task'], c['task'])} | {c['optimizer']} | "
+            f"{_interval(c['difference'], c['low'], c['high'], '+')} | {len(c['seeds'])} | {c['verdict']} | "
+            f"{', '.join(c['one_answer']) or '-'} |"
+        )
+    out += ["", "### Reading (generated from the verdicts)\n", *reading(collected["claims"]), ""]
+    return "\n".join(out)
+
+
+def _seed_cell(cell: dict[str, Any], i: int) -> str:
+    """One seed's accuracy and held-out loss, and its one answer where it gives it to most examples."""
+    text = f"{cell['accuracy'][i]:.3f}, {cell['eval_loss'][i]:.3f}"
+    if (share := cell["top_answer_share"][i]) >= ONE_ANSWER_SHARE:
+        answer = cell["top_answer"][i]
+        text += f" ({'no readable answer' if answer is None else repr(answer)} to {share:.0%})"
+    return text
+
+
+def reading(claims: list[dict[str, Any]]) -> list[str]:
+    """One line per claim and optimizer: where the data agree with the paper, where they disagree, where they do
+    not resolve it, and where both methods give one answer (:data:`ONE_ANSWER_SHARE`) in some seed."""
+    lines = []
+    for paper, claim, _, _ in CLAIMS:
+        for optimizer in dict.fromkeys(c["optimizer"] for c in claims):
+            rows = [c for c in claims if (c["paper"], c["claim"], c["optimizer"]) == (paper, claim, optimizer)]
+            if not rows:
+                continue
+            parts = []
+            for verdict in ("agrees", "disagrees", "not resolved"):
+                tasks = [TASK_NAMES.get(c["task"], c["task"]) for c in rows if c["verdict"] == verdict]
+                if tasks:
+                    parts.append(f"{verdict} on {', '.join(tasks)}")
+            biased = [TASK_NAMES.get(c["task"], c["task"]) for c in rows if len(c["one_answer"]) == 2]
+            caveat = (
+                f" On {', '.join(biased)} each method gives one answer in some seed: there it partly compares biases."
+                if biased
+                else ""
+            )
+            lines.append(f"- {paper}, {claim}, under {optimizer}: {'; '.join(parts)}.{caveat}")
+    return lines
+
+
+def paired_plots(collected: dict[str, Any], protocol: Protocol, directory: Path) -> list[Path]:
+    """``accuracy.png`` (per task: each method's accuracy per optimizer, the 95% interval as error bars, each seed
+    as a dot; the base model's and the commonest label's accuracy as lines) and ``claims.png`` (each claim's
+    paired difference with its interval, hollow where both methods give one answer in some seed)."""
+    from matplotlib.figure import Figure
+
+    cells = {(c["task"], c["optimizer"], c["method"]): c for c in collected["cells"]}
+    tasks = [t for t in protocol.tasks if t in collected["examples"]]
+    optimizers = list(protocol.learning_rates)
+    accuracy = Figure(figsize=(5 * len(tasks), 3.8), layout="constrained")
+    for ax, task in zip(accuracy.subplots(1, len(tasks), squeeze=False)[0], tasks, strict=True):
+        present = [m for m in METHODS if any((task, o, m) in cells for o in optimizers)]
+        for j, method in enumerate(present):
+            color, offset = f"C{list(METHODS).index(method)}", 0.6 * (j + 0.5) / len(present) - 0.3
+            points = [(x, cells[(task, o, method)]) for x, o in enumerate(optimizers) if (task, o, method) in cells]
+            for k, (x, c) in enumerate(points):
+                yerr = [[c["mean"] - c["low"]], [c["high"] - c["mean"]]]
+                label = METHODS[method][0] if k == 0 else None
+                ax.errorbar(x + offset, c["mean"], yerr=yerr, fmt="o", color=color, capsize=3, label=label)
+                seeds_x = [x + offset + 0.03] * len(c["accuracy"])
+                ax.plot(seeds_x, c["accuracy"], ".", color=color, alpha=0.5, ms=4)
+        if task in collected["base"]:
+            ax.axhline(collected["base"][task]["accuracy"], color="gray", ls=":", label="base model")
+        ax.axhline(collected["majority"][task]["accuracy"], color="gray", ls="--", lw=0.8, label="commonest label")
+        ax.set_xticks(range(len(optimizers)), _columns(protocol))
+        ax.set(title=TASK_NAMES.get(task, task), ylabel="held-out accuracy", ylim=(-0.02, 1.02))
+        ax.set_xlim(-0.5, len(optimizers) - 0.5)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+    claims = collected["claims"]
+    differences = Figure(figsize=(8, 0.35 * len(claims) + 1.2), layout="constrained")
+    ax = differences.subplots()
+    for y, c in enumerate(claims):
+        color = {"agrees": "C2", "disagrees": "C3"}.get(c["verdict"], "gray")
+        xerr = [[c["difference"] - c["low"]], [c["high"] - c["difference"]]]
+        face = "white" if len(c["one_answer"]) == 2 else color  # hollow: both methods give one answer in some seed
+        ax.errorbar(c["difference"], y, xerr=xerr, fmt="o", color=color, mfc=face, capsize=3)
+    ax.set_yticks(
+        range(len(claims)),
+        [f"{c['paper']}: {c['claim']}, {TASK_NAMES.get(c['task'], c['task'])}, {c['optimizer']}" for c in claims],
+        fontsize=7,
+    )
+    ax.axvline(0, color="black", lw=0.8)
+    ax.invert_yaxis()
+    differences.suptitle(
+        "green: agrees, red: disagrees, gray: not resolved; hollow: both give one answer in some seed", fontsize=9
+    )
+    ax.set(xlabel="accuracy of A - B, with its 95% paired interval")
+    ax.grid(alpha=0.3, axis="x")
+    written = []
+    for figure, name in ((accuracy, "accuracy.png"), (differences, "claims.png")):
+        figure.savefig(directory / name, dpi=100)
+        written.append(directory / name)
+    return written
