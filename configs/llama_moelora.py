@@ -67,6 +67,8 @@ def get_config(preset: str = "") -> ConfigDict:
     config.data.max_train_examples = 0  # 0: all
     config.data.max_eval_examples = 64
     config.data.eval_seed = -1  # draws the max_eval_examples subset; -1: train.seed + 1; >= 0: one for all seeds
+    config.data.validation_examples = 0  # training examples held out (the same for every seed), never trained on
+    config.data.eval_on = "test"  # test: the eval file's eval_split | validation: the held-out training examples
 
     config.train = ConfigDict()
     config.train.steps = 50
@@ -77,6 +79,7 @@ def get_config(preset: str = "") -> ConfigDict:
     config.train.eval_before = True  # False: skip the step-0 evaluation of the untrained adapters (the base model)
     config.train.eval_batch_size = 32
     config.train.max_new_tokens = 8
+    config.train.score = True  # False: evaluation measures the held-out loss only (no generation)
     config.train.log_every = 1
     config.train.max_skipped_fraction = 0.5  # stop with an error when more updates than this are non-finite
     # several processes agree on a stop (SIGTERM/SIGINT on any of them) every this many steps and at checkpoints

@@ -45,6 +45,7 @@ from moelora_jax.data.encoding import (
     turn_end_id,
 )
 from moelora_jax.data.pipeline import TrainBatches
+from moelora_jax.data.splits import hold_out
 from moelora_jax.data.tasks import Task, load_task
 from moelora_jax.errors import UserError, in_setting
 from moelora_jax.evaluation.scoring import task_score
@@ -112,13 +113,18 @@ def _encoded(tokenizer: Any, examples: list, data: DataSettings, which: str, end
 
 
 def load_data(settings: Settings, tokenizer: Any, end_ids: Sequence[int] = ()) -> TaskData:
-    """The task's training and held-out examples (``data.max_*_examples`` subsets drawn by the seeds), encoded with
+    """The task's training and held-out examples (the test examples, or the validation ones held out of training:
+    ``data.eval_on``; ``data.max_*_examples`` subsets drawn by the seeds), encoded with
     each response ended as the chat template ends a turn, where that is one of the model's ``end_ids``
     (:func:`~moelora_jax.data.encoding.turn_end_id`); a ``UserError`` for bad files and for a training set smaller
     than one batch."""
     d, t = settings.data, settings.train
     task, train_examples = load_task(d.task, d.train_path or None, d.train_split)
     _, eval_examples = load_task(d.task, d.eval_file or None, d.eval_split)
+    test_prompts = {e.prompt for e in eval_examples}
+    train_examples, validation = hold_out(train_examples, d.validation_examples, test_prompts)
+    if d.eval_on == "validation":
+        eval_examples = validation
     end = turn_end_id(tokenizer, end_ids) if d.chat_template else None
     train = _subset(train_examples, d.max_train_examples, t.seed)
     train_examples, train = _encoded(tokenizer, train, d, "training", end)
@@ -239,9 +245,13 @@ class Job:
     started: float
 
     def evaluate(self, adapters: Any, step: int, examples_file: Path | None = None) -> dict[str, Any]:
-        """``{"step", <the task's metric>, "eval_loss"}`` of ``adapters`` on the held-out examples: the metric by
-        greedy generation (each example's outcome also to ``examples_file``), the loss on ``eval_batches``."""
+        """``{"step", <the task's metric>, "eval_loss"}`` of ``adapters`` on the held-out examples: the loss on
+        ``eval_batches``; the metric by greedy generation (each example's outcome also to ``examples_file``) unless
+        ``train.score`` is off."""
         d, t, task = self.settings.data, self.settings.train, self.data.task
+        loss = self.trainer.eval_loss(self.params, adapters, self.eval_batches)
+        if not t.score:
+            return {"step": step, "eval_loss": loss}
         score = task_score(
             self.trainer,
             self.params,
@@ -256,7 +266,6 @@ class Job:
             length_bucket=d.length_bucket,
             examples_file=examples_file,
         )
-        loss = self.trainer.eval_loss(self.params, adapters, self.eval_batches)
         return {"step": step, task.metric: score, "eval_loss": loss}
 
 

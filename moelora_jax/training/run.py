@@ -73,8 +73,8 @@ def finish(job: Job, state: TrainState, training: Training) -> dict[str, Any]:
         "resumed_from_step": job.first_step,
         "init_from": a.init_from or None,
         "skipped_updates": int(state.skipped),
-        f"{metric}_before": before[metric] if before else None,
-        f"{metric}_after": after[metric],
+        f"{metric}_before": before.get(metric) if before else None,
+        f"{metric}_after": after.get(metric),
         "eval_loss_before": before["eval_loss"] if before else None,
         "eval_loss_after": after["eval_loss"],
         "train_examples": len(job.data.train),
@@ -144,8 +144,10 @@ def _export(settings: ExportSettings, directory: Path, job: Job, adapters: Any) 
 
 def _print_summary(summary: dict[str, Any], metric: str, n_eval: int, batch_size: int, output_dir: str) -> None:
     def change(name: str) -> str:
-        before = summary[f"{name}_before"]
-        return (f"{before:.3f} -> " if before is not None else "") + f"{summary[f'{name}_after']:.3f}"
+        before, after = summary[f"{name}_before"], summary[f"{name}_after"]
+        if after is None:
+            return "not scored (train.score=False)"
+        return (f"{before:.3f} -> " if before is not None else "") + f"{after:.3f}"
 
     speed = summary["train_tokens_per_s"]
     resumed = f", resumed from step {summary['resumed_from_step']}" if summary["resumed_from_step"] else ""

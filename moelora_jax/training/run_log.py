@@ -155,7 +155,8 @@ def plot_curves(records: Sequence[dict[str, Any]], path: str | os.PathLike, metr
     loss_ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out")
     loss_ax.set(xlabel="step", ylabel="response-token cross-entropy", title="loss")
     loss_ax.legend()
-    metric_ax.plot([r["step"] for r in evals], [r[metric] for r in evals], "o-", color="C2")
+    scored = [r for r in evals if metric in r]  # none when the run only measured the loss (train.score=False)
+    metric_ax.plot([r["step"] for r in scored], [r[metric] for r in scored], "o-", color="C2")
     metric_ax.set(xlabel="step", ylabel=metric, title=f"held-out {metric} (greedy generation)")
     for ax in (loss_ax, metric_ax):
         ax.grid(alpha=0.3)

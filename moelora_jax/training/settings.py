@@ -17,6 +17,7 @@ from moelora_jax.adapters.layers import AdapterConfig, AdapterKind, MoleConfig
 from moelora_jax.adapters.quantize import QUANT_MODES, QuantConfig
 from moelora_jax.adapters.routing import RouterLosses
 from moelora_jax.data.encoding import OVERFLOW_POLICIES
+from moelora_jax.data.splits import EVAL_SETS
 from moelora_jax.data.tasks import TASKS
 from moelora_jax.errors import UserError, check_at_least, check_choice, in_setting
 from moelora_jax.formats.mole import describe_lora
@@ -178,7 +179,10 @@ class AdapterSettings:
 @dataclasses.dataclass(frozen=True)
 class DataSettings:
     """``data.*``: the task's files, how examples are tokenized (``overflow``: what an example longer than
-    ``max_length`` becomes) and how they are laid out in batches."""
+    ``max_length`` becomes) and how they are laid out in batches. ``validation_examples`` training examples are held
+    out (the same ones for every seed and run: :mod:`moelora_jax.data.splits`) and never
+    trained on; ``eval_on`` picks the held-out examples evaluation uses: ``test`` (the eval file's ``eval_split``) or
+    ``validation`` (those)."""
 
     task: str
     train_path: str
@@ -194,6 +198,8 @@ class DataSettings:
     max_train_examples: int
     max_eval_examples: int
     eval_seed: int
+    validation_examples: int
+    eval_on: str
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -202,6 +208,10 @@ class DataSettings:
         check_choice("data.overflow", self.overflow, OVERFLOW_POLICIES)
         check_at_least("data.length_bucket", self.length_bucket, 1)
         check_at_least("data.eval_seed", self.eval_seed, -1)
+        check_at_least("data.validation_examples", self.validation_examples, 0)
+        check_choice("data.eval_on", self.eval_on, EVAL_SETS)
+        if self.eval_on == "validation" and not self.validation_examples:
+            raise UserError("data.eval_on=validation needs data.validation_examples > 0 to hold out.")
         if self.pack_length and self.pack_length < self.max_length:
             raise UserError(
                 f"data.pack_length={self.pack_length} must be 0 (rows as long as the window) or at least "
@@ -221,8 +231,9 @@ class DataSettings:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-    """``train.*``: steps, batches, evaluation, logging, how many non-finite (skipped) updates a run may have, and how
-    often the processes of a multi-process run agree on whether to stop (``stop_check_every`` steps)."""
+    """``train.*``: steps, batches, evaluation (``score``: the task's metric by generation besides the loss; False:
+    the loss only), logging, how many non-finite (skipped) updates a run may have, and how often the processes of a
+    multi-process run agree on whether to stop (``stop_check_every`` steps)."""
 
     steps: int
     batch_size: int
@@ -232,6 +243,7 @@ class TrainSettings:
     eval_before: bool
     eval_batch_size: int
     max_new_tokens: int
+    score: bool
     log_every: int
     max_skipped_fraction: float
     stop_check_every: int
