@@ -24,6 +24,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
         "MoE-LoRA + riemann + sqrt-gate",
         {"adapter.kind": "moe_lora", "adapter.strategy": "sqrt_gate", "optim.riemann": True},
     ),
+    "lora+riemann": ("LoRA + riemann", {"adapter.kind": "lora", "optim.riemann": True}),
     "moslora": ("MoSLoRA", {"adapter.kind": "lora", "adapter.mixer": True, "optim.riemann": False}),
     "moslora+riemann": ("MoSLoRA + riemann", {"adapter.kind": "lora", "adapter.mixer": True, "optim.riemann": True}),
     "moe_moslora+riemann+sqrt_gate": (
@@ -58,6 +59,15 @@ class Protocol:
     learning_rates: dict[str, tuple[float, ...]]
     tasks: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     seeds: tuple[int, ...] = ()
+
+    @property
+    def default_methods(self) -> tuple[str, ...]:
+        """The methods it runs when none are named: :data:`CORE_METHODS`."""
+        return CORE_METHODS
+
+    def columns(self) -> dict[str, str]:
+        """Its optimizers, each as a paired protocol's tables and plots head it (its one learning rate)."""
+        return {optimizer: f"{optimizer}, lr {rates[0]:.0e}" for optimizer, rates in self.learning_rates.items()}
 
     @property
     def paired(self) -> bool:

@@ -2,25 +2,33 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
 
 from experiments.protocols import METHODS, Protocol
 from experiments.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CLAIMS, ONE_ANSWER_SHARE
+from experiments.tuned import TunedProtocol
 from moelora_jax.io.atomic import write_text_atomically
 
 TASK_NAMES = {"bbc_news": "BBC News", "sst2": "SST-2"}
 
 
-def write(collected: dict[str, Any], protocol: Protocol, directory: Path) -> str:
-    """Write a protocol's ``collected`` results (:meth:`~experiments.protocols.Protocol.collect`) into ``directory``:
-    ``results.json``, ``tables.md`` and the plots; returns the tables."""
-    text = paired_tables(collected, protocol) if protocol.paired else grid_tables(collected, protocol)
+def write(collected: dict[str, Any], protocol: Protocol | TunedProtocol, directory: Path) -> str:
+    """Write a protocol's ``collected`` results (its ``collect``) into ``directory``: ``results.json``, ``tables.md``
+    and the plots; returns the tables."""
+    if isinstance(protocol, TunedProtocol):
+        text = tuned_tables(collected, protocol) + paired_tables(collected, protocol)
+    else:
+        text = paired_tables(collected, protocol) if protocol.paired else grid_tables(collected, protocol)
     directory.mkdir(parents=True, exist_ok=True)
     write_text_atomically(directory / "results.json", json.dumps(collected, indent=1))
     write_text_atomically(directory / "tables.md", text)
-    (paired_plots if protocol.paired else grid_plots)(collected, protocol, directory)
+    if collected["runs"]:
+        (paired_plots if protocol.paired else grid_plots)(collected, protocol, directory)
+    if isinstance(protocol, TunedProtocol):
+        tuning_plot(collected, protocol, directory)
     return text
 
 
@@ -97,11 +105,6 @@ def grid_plots(collected: dict[str, Any], protocol: Protocol, directory: Path) -
     return written
 
 
-def _columns(protocol: Protocol) -> list[str]:
-    """A paired protocol's optimizers with their one learning rate each, as its tables and plots head them."""
-    return [f"{optimizer}, lr {lr:.0e}" for optimizer, (lr,) in protocol.learning_rates.items()]
-
-
 def _interval(mean: float, lo: float, hi: float, sign: str = "") -> str:
     return f"{mean:{sign}.3f} [{lo:{sign}.3f}, {hi:{sign}.3f}]"
 
@@ -119,7 +122,7 @@ def paired_tables(collected: dict[str, Any], protocol: Protocol) -> str:
     held-out loss (and its one answer, where it gives one to :data:`ONE_ANSWER_SHARE` of the examples); then each
     claim's paired difference and verdict, and a reading of the verdicts."""
     cells = {(c["task"], c["optimizer"], c["method"]): c for c in collected["cells"]}
-    optimizers, columns = list(protocol.learning_rates), _columns(protocol)
+    optimizers, columns = list(protocol.columns()), list(protocol.columns().values())
     out = [
         f"Accuracy over {len(protocol.seeds)} seeds and all held-out examples; in brackets its 95% percentile "
         f"bootstrap interval ({BOOTSTRAP_RESAMPLES:,} resamples of seeds and examples, RNG seed {BOOTSTRAP_SEED}). "
@@ -212,7 +215,7 @@ def paired_plots(collected: dict[str, Any], protocol: Protocol, directory: Path)
 
     cells = {(c["task"], c["optimizer"], c["method"]): c for c in collected["cells"]}
     tasks = [t for t in protocol.tasks if t in collected["examples"]]
-    optimizers = list(protocol.learning_rates)
+    optimizers = list(protocol.columns())
     accuracy = Figure(figsize=(5 * len(tasks), 3.8), layout="constrained")
     for ax, task in zip(accuracy.subplots(1, len(tasks), squeeze=False)[0], tasks, strict=True):
         present = [m for m in METHODS if any((task, o, m) in cells for o in optimizers)]
@@ -228,7 +231,7 @@ def paired_plots(collected: dict[str, Any], protocol: Protocol, directory: Path)
         if task in collected["base"]:
             ax.axhline(collected["base"][task]["accuracy"], color="gray", ls=":", label="base model")
         ax.axhline(collected["majority"][task]["accuracy"], color="gray", ls="--", lw=0.8, label="commonest label")
-        ax.set_xticks(range(len(optimizers)), _columns(protocol))
+        ax.set_xticks(range(len(optimizers)), list(protocol.columns().values()))
         ax.set(title=TASK_NAMES.get(task, task), ylabel="held-out accuracy", ylim=(-0.02, 1.02))
         ax.set_xlim(-0.5, len(optimizers) - 0.5)
         ax.grid(alpha=0.3, axis="y")
@@ -258,3 +261,92 @@ def paired_plots(collected: dict[str, Any], protocol: Protocol, directory: Path)
         figure.savefig(directory / name, dpi=100)
         written.append(directory / name)
     return written
+
+
+def _betas(betas: list[float] | None) -> str:
+    return "-" if betas is None else f"({betas[0]:g}, {betas[1]:g})"
+
+
+def tuned_tables(collected: dict[str, Any], protocol: TunedProtocol) -> str:
+    """Markdown: how the validation split is made, each optimizer's grid, and per task each arm's tuning budget,
+    chosen setting and its validation loss; then every tuning run's validation loss."""
+    v = collected["validation_examples"]
+    out = [
+        "## Each arm at its own tuned setting\n",
+        f"Validation: {v} training examples per task, held out of training for every run "
+        "(`moelora_jax/data/splits.py`: a fixed permutation, never a test example's or a repeated prompt), so "
+        "training keeps "
+        + ", ".join(f"{n:,} for {TASK_NAMES.get(t, t)}" for t, n in collected["train_examples"].items())
+        + ". Each setting of an arm's grid trains once (seed "
+        f"{protocol.tuning_seed}) and is judged by its validation loss (no generation); the lowest wins (ties: the "
+        "smaller rate); a winner on the grid's edge adds the next rate that way. The winner then trains with seeds "
+        f"{', '.join(map(str, protocol.seeds))}, scored on the test examples.\n",
+    ]
+    for optimizer, grid in collected["grids"].items():
+        rates = sorted({s["lr"] for s in grid})
+        betas = list(dict.fromkeys(_betas(s["betas"]) for s in grid))
+        out.append(
+            f"- {optimizer}: rates {', '.join(f'{r:.0e}' for r in rates)}"
+            + (f" x betas {', '.join(betas)}" if betas != ["-"] else "")
+            + f" ({len(grid)} runs per arm)"
+        )
+    out.append("")
+    for task in protocol.tasks:
+        rows = [c for c in collected["choices"] if c["task"] == task]
+        if not rows:
+            continue
+        out += [
+            f"### {TASK_NAMES.get(task, task)}: the chosen settings\n",
+            "| method | optimizer | tuning runs | chosen rate | betas | validation loss |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in rows:
+            out.append(
+                f"| {METHODS[c['method']][0]} | {c['optimizer']} | {c['tuning_runs']} | {c['lr']:.0e} | "
+                f"{_betas(c['betas'])} | {c['validation_loss']:.4f} |"
+            )
+        out.append("")
+    out += [
+        "### Every tuning run's validation loss\n",
+        "| task | method | optimizer | rate | betas | validation loss |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in sorted(collected["tuning"], key=lambda r: (r["task"], r["method"], r["optimizer"], r["lr"])):
+        out.append(
+            f"| {TASK_NAMES.get(r['task'], r['task'])} | {METHODS[r['method']][0]} | {r['optimizer']} | "
+            f"{r['lr']:.0e} | {_betas(r.get('betas'))} | {r['eval_loss']:.4f} |"
+        )
+    return "\n".join(out) + "\n\n"
+
+
+def tuning_plot(collected: dict[str, Any], protocol: TunedProtocol, directory: Path) -> Path:
+    """``tuning.png``: per task and optimizer, each arm's validation loss against the rate (one line per beta pair),
+    its chosen setting circled."""
+    from matplotlib.figure import Figure
+
+    tasks, optimizers = list(protocol.tasks), list(protocol.columns())
+    figure = Figure(figsize=(5 * len(optimizers), 3.6 * len(tasks)), layout="constrained")
+    axes = figure.subplots(len(tasks), len(optimizers), squeeze=False)
+    chosen = {(c["task"], c["method"], c["optimizer"]): c for c in collected["choices"]}
+    for (i, task), (j, optimizer) in itertools.product(enumerate(tasks), enumerate(optimizers)):
+        ax = axes[i][j]
+        for method, arm_optimizer in protocol.arms:
+            if arm_optimizer != optimizer:
+                continue
+            color = f"C{list(METHODS).index(method)}"
+            runs = [
+                r for r in collected["tuning"] if (r["task"], r["method"], r["optimizer"]) == (task, method, optimizer)
+            ]
+            for k, betas in enumerate(dict.fromkeys(_betas(r.get("betas")) for r in runs)):
+                line = sorted((r["lr"], r["eval_loss"]) for r in runs if _betas(r.get("betas")) == betas)
+                label = METHODS[method][0] + ("" if betas == "-" else f", betas {betas}")
+                ax.plot(*zip(*line, strict=True), "o-" if k == 0 else "s--", color=color, label=label, ms=4)
+            if (c := chosen.get((task, method, optimizer))) is not None:
+                ax.plot(c["lr"], c["validation_loss"], "o", ms=11, mfc="none", color=color)
+        title = f"{TASK_NAMES.get(task, task)}, {optimizer}"
+        ax.set(xscale="log", xlabel="learning rate", ylabel="validation loss", title=title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+    figure.savefig(directory / "tuning.png", dpi=100)
+    return directory / "tuning.png"

@@ -2,6 +2,7 @@
 
     python experiments/reproduce.py                          # the CPU protocol: SmolLM2-135M, BBC News, ~75 min
     python experiments/reproduce.py --protocol resolve       # 2 tasks x 4 methods x 2 optimizers x 3 seeds: ~4 h
+    python experiments/reproduce.py --protocol tuned         # each of 7 arms at its own rate (experiments/tuned.py)
     python experiments/reproduce.py --protocol paper         # CommonsenseQA, 2000 steps of 80 (a GPU or TPU)
     python experiments/reproduce.py --protocol paper --model /models/Llama-3.2-3B
     python experiments/reproduce.py --methods moslora,moslora+riemann,moe_moslora+riemann+sqrt_gate   # MoSLoRA rows
@@ -44,15 +45,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.protocols import CORE_METHODS, METHODS, protocols  # noqa: E402
+from experiments.protocols import METHODS, Protocol, protocols  # noqa: E402
 from experiments.reporting import write  # noqa: E402
+from experiments.tuned import SST2_STEPS, TunedProtocol, tuned_protocol  # noqa: E402
 from moelora_jax.errors import UserError  # noqa: E402
+
+
+def every_protocol(data_dir: Path, tuned_results: Path) -> dict[str, Protocol | TunedProtocol]:
+    """Every protocol by name, the ``tuned`` one recording its runs under ``tuned_results / "runs"``."""
+    grids = protocols(data_dir)
+    return grids | {"tuned": tuned_protocol(grids["resolve"], tuned_results / "runs", SST2_STEPS)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--protocol", default="cpu", choices=list(protocols(Path())))
-    parser.add_argument("--methods", default=",".join(CORE_METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument("--protocol", default="cpu", choices=list(every_protocol(Path(), Path())))
+    parser.add_argument(
+        "--methods", help=f"comma-separated, of {', '.join(METHODS)} (default: the protocol's, e.g. the four core)"
+    )
     parser.add_argument("--model", default="", help="a HF directory or .gguf file; default SmolLM2-135M-Instruct")
     parser.add_argument(
         "--data-dir", type=Path, default=ROOT.parent / "shared" / "data", help="the parent of commonsenseqa, glue_data"
@@ -64,23 +74,23 @@ def main() -> None:
     parser.add_argument("--results", type=Path, help="where the results go (default docs/results/<protocol>)")
     parser.add_argument("--collect", action="store_true", help="only collect finished runs into tables and plots")
     args = parser.parse_args()
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    out = (args.results or ROOT / "docs" / "results" / args.protocol).resolve()
+    protocol = every_protocol(args.data_dir.resolve(), out)[args.protocol]
+    methods = [m.strip() for m in (args.methods or ",".join(protocol.default_methods)).split(",") if m.strip()]
     if unknown := set(methods) - set(METHODS):
         parser.error(f"unknown methods {sorted(unknown)}: choose from {', '.join(METHODS)}.")
     if bad := [item for item in args.set if "=" not in item]:
         parser.error(f"--set {bad[0]!r} must be KEY=VALUE, e.g. --set train.steps=2.")
     extra = dict(item.split("=", 1) for item in args.set) | ({"model.path": args.model} if args.model else {})
     root = (args.output or ROOT / "runs" / "reproduce" / args.protocol).resolve()
-    protocol = protocols(args.data_dir.resolve())[args.protocol]
     try:
         if not args.collect:
             protocol.launch(methods, root, extra)
         collected = protocol.collect(root)
     except UserError as e:
         sys.exit(f"error: {e}")
-    if not collected["runs"]:
+    if not (collected["runs"] or collected.get("tuning")):
         sys.exit(f"no finished runs under {root}: run without --collect first.")
-    out = (args.results or ROOT / "docs" / "results" / args.protocol).resolve()
     text = write(collected, protocol, out)
     print(f"\n{text}\nresults, tables and plots in {out}/")
 

@@ -28,9 +28,10 @@ CONFIG = ROOT / "configs" / "llama_moelora.py"
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One run: a method under an optimizer at a learning rate, on a task and a seed where the protocol sets them
-    (None: the config's), as ``train.py`` on a ``preset`` of :data:`CONFIG` ("": none) with ``overrides`` (dotted
-    keys of the config). Runs are equal when they are the same method, optimizer, rate, task and seed."""
+    """One run: a method under an optimizer at a learning rate (and Adam's ``betas`` where the protocol varies them),
+    on a task and a seed where the protocol sets them (None: the config's), as ``train.py`` on a ``preset`` of
+    :data:`CONFIG` ("": none) with ``overrides`` (dotted keys of the config). Runs are equal when they are the same
+    method, optimizer, rate, task, seed and betas."""
 
     method: str
     optimizer: str
@@ -39,23 +40,26 @@ class Run:
     seed: int | None = None
     preset: str = dataclasses.field(default="", compare=False)
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    betas: tuple[float, float] | None = None
 
     @property
     def name(self) -> str:
-        """Its directory under the protocol's: ``[<task>/]<method>-<optimizer>-<lr>[-seed<seed>]``."""
+        """Its directory under the protocol's: ``[<task>/]<method>-<optimizer>-<lr>[-b<b1>-<b2>][-seed<seed>]``."""
         name = f"{self.method}-{self.optimizer}-{self.lr:.0e}"
+        name = name if self.betas is None else f"{name}-b{self.betas[0]:g}-{self.betas[1]:g}"
         name = name if self.seed is None else f"{name}-seed{self.seed}"
         return name if self.task is None else f"{self.task}/{name}"
 
     @property
     def key(self) -> dict[str, Any]:
-        """What names it in the results: its task, method, optimizer, learning rate and seed, those that are set."""
+        """What names it in the results: its task, method, optimizer, learning rate, seed and betas, those set."""
         fields = {
             "task": self.task,
             "method": self.method,
             "optimizer": self.optimizer,
             "lr": self.lr,
             "seed": self.seed,
+            "betas": None if self.betas is None else list(self.betas),
         }
         return {k: v for k, v in fields.items() if v is not None}
 
@@ -124,9 +128,11 @@ def launch(runs: list[Run], root: Path, extra: dict[str, str]) -> None:
             print(f"[{index + 1}/{len(runs)}] {run.name}: FAILED (exit {code}): {last_line(directory / 'train.log')}")
             continue
         summary = json.loads((directory / "summary.json").read_text())
+        accuracy = summary["accuracy_after"]  # None: a run scored by its loss only (train.score=False)
         print(
-            f"[{index + 1}/{len(runs)}] {run.name}: accuracy {summary['accuracy_after']:.3f}, "
-            f"held-out loss {summary['eval_loss_after']:.3f}, {summary['skipped_updates']} skipped, {seconds:.0f} s",
+            f"[{index + 1}/{len(runs)}] {run.name}: "
+            + ("" if accuracy is None else f"accuracy {accuracy:.3f}, ")
+            + f"held-out loss {summary['eval_loss_after']:.3f}, {summary['skipped_updates']} skipped, {seconds:.0f} s",
             flush=True,
         )
 

@@ -12,13 +12,15 @@ from moelora_jax.errors import UserError
 
 CLAIMS = (
     ("Sun et al. 2025", "a mixture of LoRA experts beats LoRA", "moe_lora", "lora"),
+    ("Zhang & Pilanci 2024", "riemann_precond helps LoRA", "lora+riemann", "lora"),
     ("Zhang & Pilanci 2024", "riemann_precond helps", "moe_lora+riemann", "moe_lora"),
     ("Sun et al. 2025", "riemann + sqrt-gate beats MoE-LoRA", "moe_lora+riemann+sqrt_gate", "moe_lora"),
     ("Sun et al. 2025", "sqrt-gate adds to riemann", "moe_lora+riemann+sqrt_gate", "moe_lora+riemann"),
 )
 """(paper, claim, method A, method B): each paper claims that A scores above B, under SGD and under AdamW (Sun et
 al. take the first as their premise, "a visible improvement" of MoE-LoRA over LoRA). Zhang & Pilanci's claim is
-about LoRA; the four core methods test it on MoE-LoRA, whose experts are preconditioned each."""
+about LoRA (the ``tuned`` protocol runs it there); the four core methods test it on MoE-LoRA, whose experts are
+preconditioned each."""
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 ONE_ANSWER_SHARE = 0.9
