@@ -13,7 +13,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,12 +102,17 @@ def claimed(directory: Path) -> Iterator[bool]:
             yield True
 
 
-def launch(runs: list[Run], root: Path, extra: dict[str, str]) -> None:
+def launch(
+    runs: list[Run], root: Path, extra: dict[str, str], on_finish: Callable[[Run, Path], None] | None = None
+) -> None:
     """Run each of ``runs`` not finished (``summary.json``) nor running in another process, into ``root / run.name``
-    with the ``extra`` overrides; stops at a bad config or data (exit 2: every run would fail alike)."""
+    with the ``extra`` overrides, calling ``on_finish(run, directory)`` for each that is finished, as soon as it is;
+    stops at a bad config or data (exit 2: every run would fail alike)."""
     for index, run in enumerate(runs):
         directory = root / run.name
         if (directory / "summary.json").exists():
+            if on_finish is not None:
+                on_finish(run, directory)
             continue
         with claimed(directory) as mine:
             if not mine:
@@ -127,6 +132,8 @@ def launch(runs: list[Run], root: Path, extra: dict[str, str]) -> None:
         if code:
             print(f"[{index + 1}/{len(runs)}] {run.name}: FAILED (exit {code}): {last_line(directory / 'train.log')}")
             continue
+        if on_finish is not None:
+            on_finish(run, directory)
         summary = json.loads((directory / "summary.json").read_text())
         accuracy = summary["accuracy_after"]  # None: a run scored by its loss only (train.score=False)
         print(

@@ -184,8 +184,8 @@ class TunedProtocol:
 
     def launch(self, methods: list[str], root: Path, extra: dict[str, str]) -> None:
         """Run what :meth:`plan` calls for and has no record yet, into ``root`` (:func:`~experiments.runs.launch`:
-        resumed from a checkpoint, or left to the process that holds it), recording each as it finishes; again
-        until the records call for nothing new (grids, then extensions, then the final seeds)."""
+        resumed from a checkpoint, or left to the process that holds it), recording each as soon as it finishes;
+        again until the records call for nothing new (grids, then extensions, then the final seeds)."""
         if fixed := sorted(PROTOCOL_KEYS & set(extra)):
             raise UserError(f"--set {fixed[0]} would undo the protocol: it sets each run's seed and its held-out data.")
         failed: set[str] = set()
@@ -194,12 +194,9 @@ class TunedProtocol:
             todo = [run for run in self.plan(methods, done) if run.name not in done and run.name not in failed]
             if not todo:
                 return
-            launch(todo, root, extra)
-            for run in todo:
-                if (root / run.name / "summary.json").exists():
-                    self.record(run, root / run.name)
-                else:  # its log says why; the next invocation tries it again
-                    failed.add(run.name)
+            launch(todo, root, extra, on_finish=self.record)  # each recorded as it finishes: commit as they land
+            recorded = self.recorded()
+            failed |= {run.name for run in todo if run.name not in recorded}  # its log says why; tried next time
 
     def record(self, run: Run, directory: Path) -> None:
         """Write a finished run's record: :attr:`Run.key`, :func:`~experiments.runs.run_record`, its training and

@@ -9,6 +9,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
+
 from moelora_jax.evaluation.scoring import EXAMPLES_FILE
 from moelora_jax.training.config_file import load_config
 from moelora_jax.training.settings import Settings
@@ -171,3 +173,17 @@ def test_a_protocol_resumed_from_its_committed_records_equals_an_uninterrupted_o
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {"results.json", "tables.md", "tuning.png", "claims.png"}
     text = (tmp_path / "out" / "tables.md").read_text()
     assert "riemann_precond helps LoRA" in text and "| LoRA + riemann | adamw | 8 | 3e-03 | (0.7, 0.8) |" in text
+
+
+def test_a_run_is_recorded_as_soon_as_it_finishes_even_if_the_protocol_then_stops(tmp_path, monkeypatch):
+    calls = []
+
+    def preempted_on_the_third(argv, log):
+        calls.append(log)
+        return 75 if len(calls) == 3 else _fake_train(argv, log)  # 75: train.py checkpointed and stopped
+
+    monkeypatch.setattr(experiments.runs, "train", preempted_on_the_third)
+    protocol = _protocol(tmp_path)
+    with pytest.raises(SystemExit, match="stopped during"):
+        protocol.launch(["lora"], tmp_path / "runs", {})
+    assert sorted(protocol.recorded()) == sorted(str(log.parent.relative_to(tmp_path / "runs")) for log in calls[:2])
