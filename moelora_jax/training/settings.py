@@ -180,9 +180,8 @@ class AdapterSettings:
 class DataSettings:
     """``data.*``: the task's files, how examples are tokenized (``overflow``: what an example longer than
     ``max_length`` becomes) and how they are laid out in batches. ``validation_examples`` training examples are held
-    out (the same ones for every seed and run: :mod:`moelora_jax.data.splits`) and never
-    trained on; ``eval_on`` picks the held-out examples evaluation uses: ``test`` (the eval file's ``eval_split``) or
-    ``validation`` (those)."""
+    out, never trained on (the same ones for every seed and run: :mod:`moelora_jax.data.splits`); ``eval_on`` picks
+    the held-out examples evaluation uses: ``test`` (the eval file's ``eval_split``) or ``validation`` (those)."""
 
     task: str
     train_path: str
