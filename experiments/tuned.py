@@ -143,8 +143,10 @@ class TunedProtocol:
         order = self.betas[optimizer]
         return min(losses, key=lambda s: (losses[s], s.lr, order.index(s.betas)))
 
-    def _extension(self, best: Setting, optimizer: str) -> Setting | None:
-        """The next rate beyond the grid's edge where ``best`` sits on it, with its betas; else None."""
+    def _extension(self, losses: dict[Setting, float], optimizer: str) -> Setting | None:
+        """The next rate beyond the grid's edge, with its betas, where the best of the grid (which ``losses``
+        covers) sits on that edge; else None."""
+        best = self._best({s: losses[s] for s in self.grid(optimizer)}, optimizer)
         rates = self.rates[optimizer]
         if best.lr not in (min(rates), max(rates)):
             return None
@@ -158,7 +160,7 @@ class TunedProtocol:
         grid = self.grid(optimizer)
         if any(s not in losses for s in grid):
             return None, len(losses)
-        extension = self._extension(self._best({s: losses[s] for s in grid}, optimizer), optimizer)
+        extension = self._extension(losses, optimizer)
         if extension is not None and extension not in losses:
             return None, len(losses)
         return self._best(losses, optimizer), len(losses)
@@ -171,10 +173,9 @@ class TunedProtocol:
             for setting in self.grid(optimizer):
                 out.append(self._run(task, method, optimizer, setting, self.tuning_seed, False))
             losses = self._losses(task, method, optimizer, done)
-            if all(s in losses for s in self.grid(optimizer)):
-                best = self._best({s: losses[s] for s in self.grid(optimizer)}, optimizer)
-                if (extension := self._extension(best, optimizer)) is not None:
-                    out.append(self._run(task, method, optimizer, extension, self.tuning_seed, False))
+            finished = all(s in losses for s in self.grid(optimizer))
+            if finished and (extension := self._extension(losses, optimizer)) is not None:
+                out.append(self._run(task, method, optimizer, extension, self.tuning_seed, False))
         arms = self._arms(methods)
         for seed, task, arm in itertools.product(self.seeds, self.tasks, arms):
             chosen, _ = self.choice(task, *arm, done)
