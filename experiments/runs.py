@@ -72,15 +72,17 @@ class Run:
 
 
 def train(argv: list[str], log_path: Path) -> int:
-    """Run one ``train.py`` with its output in ``log_path``; Ctrl-C lets it checkpoint before the protocol stops."""
+    """Run one ``train.py`` with its output in ``log_path`` and return its exit code; Ctrl-C lets it checkpoint, and
+    stops the protocol (:data:`EXIT_PREEMPTED`) unless the run had just finished."""
     env = dict(os.environ)
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / "runs" / "reproduce" / ".xla_cache"))
     with open(log_path, "a") as log:
         process = subprocess.Popen([sys.executable, *argv[1:]], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             return process.wait()
-        except KeyboardInterrupt:  # the terminal's SIGINT reached the child too: it saves and exits 75
-            return process.wait()
+        except KeyboardInterrupt:  # the terminal's SIGINT reached the child too: it saves and exits 75, or, still
+            code = process.wait()  # starting (no handler yet), dies of it; either way the protocol stops here
+            return 0 if code == 0 else EXIT_PREEMPTED
 
 
 def last_line(path: Path) -> str:

@@ -4,9 +4,12 @@ and a resumed protocol skips finished runs and gives the same tables."""
 
 import json
 import math
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -366,6 +369,24 @@ def test_a_run_another_process_holds_is_left_to_it(tmp_path, monkeypatch, capsys
     assert launched == [] and "running in another process, skipped" in capsys.readouterr().out
     with claimed(tmp_path / run.name) as mine:  # released with the first holder
         assert mine
+
+
+def test_ctrl_c_while_a_run_starts_stops_the_protocol(tmp_path, monkeypatch):
+    """A SIGINT that kills a child before it installs its handler (exit -2, not 75) still stops the protocol, where
+    it used to be counted a failed run and the next one started."""
+    started, real_popen = [], subprocess.Popen
+
+    def popen(*args, **kwargs):  # a child without train.py's handler, interrupted as the terminal's Ctrl-C would
+        process = real_popen([sys.executable, "-c", "import time; time.sleep(30)"], **kwargs)
+        started.append(process)
+        threading.Timer(0.5, lambda: (process.send_signal(signal.SIGINT), os.kill(os.getpid(), signal.SIGINT))).start()
+        return process
+
+    monkeypatch.setattr(experiments.runs.subprocess, "Popen", popen)
+    runs = [Run("lora", "sgd", 1e-2), Run("lora", "sgd", 3e-2)]
+    with pytest.raises(SystemExit, match="stopped during lora-sgd-1e-02"):
+        launch(runs, tmp_path, {})
+    assert len(started) == 1 and started[0].returncode == -signal.SIGINT
 
 
 def test_a_resumed_protocol_skips_finished_runs_and_reproduces_the_tables(tiny_model_dir, tmp_path, monkeypatch):
