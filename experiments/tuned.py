@@ -39,10 +39,10 @@ RATE_LADDER = tuple(float(f"{m}e{e}") for e in range(-6, 1) for m in (1, 3))
 PROTOCOL_KEYS = frozenset({"train.seed", "data.validation_examples", "data.eval_on", "train.score"})
 """What the protocol sets per run, which ``--set`` may not undo."""
 ADAMW_BETAS = ((0.9, 0.999), (0.7, 0.8))
+"""Adam's default betas, and those of Zhang & Pilanci's scaled AdamW runs on GPT-2 (their Table 6)."""
 SST2_STEPS = 240
 """SST-2's training steps (of 4 sentences): where MoE-LoRA + riemann + sqrt-gate stops giving one answer (measured
 in ``docs/results/tuned/sst2_steps.md``; the ``resolve`` protocol's 60 left half its runs answering one label)."""
-"""Adam's default betas, and those of Zhang & Pilanci's scaled AdamW runs on GPT-2 (their Table 6)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,27 +166,28 @@ class TunedProtocol:
         return self._best(losses, optimizer), len(losses)
 
     def plan(self, methods: Iterable[str], done: dict[str, dict]) -> list[Run]:
-        """Every run the records so far call for: each arm's grid; the extension of a finished grid whose best rate
-        sits on its edge; and the final seeds of each arm whose choice is made."""
-        out = []
-        for task, (method, optimizer) in itertools.product(self.tasks, self._arms(methods)):
-            for setting in self.grid(optimizer):
-                out.append(self._run(task, method, optimizer, setting, self.tuning_seed, False))
-            losses = self._losses(task, method, optimizer, done)
-            finished = all(s in losses for s in self.grid(optimizer))
-            if finished and (extension := self._extension(losses, optimizer)) is not None:
-                out.append(self._run(task, method, optimizer, extension, self.tuning_seed, False))
-        arms = self._arms(methods)
-        for seed, task, arm in itertools.product(self.seeds, self.tasks, arms):
-            chosen, _ = self.choice(task, *arm, done)
-            if chosen is not None:  # the first arm's first seed also scores the base model
-                out.append(self._run(task, *arm, chosen, seed, (seed, arm) == (self.seeds[0], arms[0])))
+        """Every run the records so far call for, task by task: each arm's grid; the extension of a finished grid
+        whose best rate sits on its edge; and the final seeds of each arm whose choice is made."""
+        out, arms = [], self._arms(methods)
+        for task in self.tasks:
+            for method, optimizer in arms:
+                for setting in self.grid(optimizer):
+                    out.append(self._run(task, method, optimizer, setting, self.tuning_seed, False))
+                losses = self._losses(task, method, optimizer, done)
+                finished = all(s in losses for s in self.grid(optimizer))
+                if finished and (extension := self._extension(losses, optimizer)) is not None:
+                    out.append(self._run(task, method, optimizer, extension, self.tuning_seed, False))
+            for seed, arm in itertools.product(self.seeds, arms):
+                chosen, _ = self.choice(task, *arm, done)
+                if chosen is not None:  # the first arm's first seed also scores the base model
+                    out.append(self._run(task, *arm, chosen, seed, (seed, arm) == (self.seeds[0], arms[0])))
         return out
 
     def launch(self, methods: list[str], root: Path, extra: dict[str, str]) -> None:
         """Run what :meth:`plan` calls for and has no record yet, into ``root`` (:func:`~experiments.runs.launch`:
         resumed from a checkpoint, or left to the process that holds it), recording each as soon as it finishes;
-        again until the records call for nothing new (grids, then extensions, then the final seeds)."""
+        again until the records call for nothing new. A task at a time (its grids, extensions, then final seeds), so
+        one task's results are whole before the next task's tuning starts."""
         if fixed := sorted(PROTOCOL_KEYS & set(extra)):
             raise UserError(f"--set {fixed[0]} would undo the protocol: it sets each run's seed and its held-out data.")
         failed: set[str] = set()
@@ -195,6 +196,7 @@ class TunedProtocol:
             todo = [run for run in self.plan(methods, done) if run.name not in done and run.name not in failed]
             if not todo:
                 return
+            todo = [run for run in todo if run.task == todo[0].task]
             launch(todo, root, extra, on_finish=self.record)  # each recorded as it finishes: commit as they land
             recorded = self.recorded()
             failed |= {run.name for run in todo if run.name not in recorded}  # its log says why; tried next time

@@ -129,12 +129,19 @@ def _fake_train(argv, log):
 
 
 def test_a_protocol_resumed_from_its_committed_records_equals_an_uninterrupted_one(tmp_path, monkeypatch):
-    monkeypatch.setattr(experiments.runs, "train", _fake_train)
+    launched = []
+    monkeypatch.setattr(
+        experiments.runs, "train", lambda argv, log: launched.append(log.parent) or _fake_train(argv, log)
+    )
     methods = ["lora", "lora+riemann", "moe_lora+riemann"]
     whole = _protocol(tmp_path, "whole")
     root = tmp_path / "runs"
     whole.launch(methods, root, {})
     expected = whole.collect(root)
+    tasks = [directory.parent.name for directory in launched]  # a task at a time, its final seeds included
+    assert tasks == sorted(tasks) and {tasks[0], tasks[-1]} == {"bbc_news", "sst2"}
+    first_sst2 = tasks.index("sst2")
+    assert [d.name.endswith("seed0") for d in launched[first_sst2 - 1 : first_sst2 + 1]] == [False, True]
     chosen = {(c["method"], c["optimizer"], c["lr"], c["tuning_runs"]) for c in expected["choices"]}
     assert chosen == {
         ("lora", "adamw", 1e-3, 8),
@@ -154,7 +161,8 @@ def test_a_protocol_resumed_from_its_committed_records_equals_an_uninterrupted_o
             path.unlink()
     missing = sorted(set(whole.recorded()) - set(parted.recorded()))
     assert 0 < len(missing) < len(whole.recorded())
-    launched, fake = [], _fake_train
+    launched.clear()
+    fake = _fake_train
     monkeypatch.setattr(
         experiments.runs,
         "train",
