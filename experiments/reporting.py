@@ -29,6 +29,8 @@ def write(collected: dict[str, Any], protocol: Protocol | TunedProtocol, directo
         (paired_plots if protocol.paired else grid_plots)(collected, protocol, directory)
     if isinstance(protocol, TunedProtocol):
         tuning_plot(collected, protocol, directory)
+        if collected["damping"]:
+            damping_plot(collected, protocol, directory)
     return text
 
 
@@ -269,7 +271,7 @@ def _betas(betas: list[float] | None) -> str:
 
 def tuned_tables(collected: dict[str, Any], protocol: TunedProtocol) -> str:
     """Markdown: how the validation split is made, each optimizer's grid, and per task each arm's tuning budget,
-    chosen setting and its validation loss; then every tuning run's validation loss."""
+    chosen setting and its validation loss; the damping sweep; then every tuning run's validation loss."""
     v = collected["validation_examples"]
     out = [
         "## Each arm at its own tuned setting\n",
@@ -306,6 +308,7 @@ def tuned_tables(collected: dict[str, Any], protocol: TunedProtocol) -> str:
                 f"{_betas(c['betas'])} | {c['validation_loss']:.4f} |"
             )
         out.append("")
+    out += damping_table(collected, protocol)
     out += [
         "### Every tuning run's validation loss\n",
         "| task | method | optimizer | rate | betas | validation loss |",
@@ -317,6 +320,70 @@ def tuned_tables(collected: dict[str, Any], protocol: TunedProtocol) -> str:
             f"{r['lr']:.0e} | {_betas(r.get('betas'))} | {r['eval_loss']:.4f} |"
         )
     return "\n".join(out) + "\n\n"
+
+
+def damping_table(collected: dict[str, Any], protocol: TunedProtocol) -> list[str]:
+    """Markdown lines: the damping sweep's rows (:func:`~experiments.stats.damping_stats`), none before it runs."""
+    if not collected["damping"]:
+        return []
+    task = TASK_NAMES.get(protocol.damping_task, protocol.damping_task)
+    out = [
+        f"### {task}: riemann_precond's damping `reg`\n",
+        "MoE-LoRA + riemann under AdamW at its chosen setting with each `reg`, against plain MoE-LoRA under AdamW at "
+        f"its own; each trained once (seed {protocol.tuning_seed}) and evaluated on the validation split and on the "
+        "test examples. Intervals: 95%, over the test examples (one seed); a difference's is paired.\n",
+        "| method | reg | validation loss | vs plain | test accuracy | vs plain |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in collected["damping"]:
+        loss = f"{row['validation_loss']:.4f}" if "validation_loss" in row else "-"
+        loss_difference = f"{row['validation_loss_difference']:+.4f}" if "validation_loss_difference" in row else "-"
+        accuracy = _interval(row["accuracy"], row["low"], row["high"]) if "accuracy" in row else "-"
+        difference = "-"
+        if "difference" in row:
+            difference = _interval(row["difference"], row["difference_low"], row["difference_high"], "+")
+        reg = "-" if row["reg"] is None else f"{row['reg']:.0e}"
+        out.append(f"| {METHODS[row['method']][0]} | {reg} | {loss} | {loss_difference} | {accuracy} | {difference} |")
+    return [*out, ""]
+
+
+def damping_plot(collected: dict[str, Any], protocol: TunedProtocol, directory: Path) -> Path:
+    """``damping.png``: the damping sweep's validation loss and test accuracy (95% interval) against ``reg``, plain
+    AdamW's as a horizontal line (its interval shaded)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 3.6), layout="constrained")
+    loss_ax, accuracy_ax = figure.subplots(1, 2)
+    rows = collected["damping"]
+    swept = [r for r in rows if r["reg"] is not None]
+    for row in rows:
+        if row["reg"] is not None:
+            continue
+        label = f"{METHODS[row['method']][0]} (no reg)"
+        if "validation_loss" in row:
+            loss_ax.axhline(row["validation_loss"], color="C1", label=label)
+        if "accuracy" in row:
+            accuracy_ax.axhline(row["accuracy"], color="C1", label=label)
+            accuracy_ax.axhspan(row["low"], row["high"], color="C1", alpha=0.15)
+    label = METHODS[swept[0]["method"]][0] if swept else ""
+    points = [(r["reg"], r["validation_loss"]) for r in swept if "validation_loss" in r]
+    if points:
+        loss_ax.plot(*zip(*points, strict=True), "o-", color="C2", label=label)
+    scored = [r for r in swept if "accuracy" in r]
+    if scored:
+        errors = [[r["accuracy"] - r["low"] for r in scored], [r["high"] - r["accuracy"] for r in scored]]
+        accuracy_ax.errorbar(
+            [r["reg"] for r in scored], [r["accuracy"] for r in scored], yerr=errors, fmt="o-", color="C2", label=label
+        )
+    task = TASK_NAMES.get(protocol.damping_task, protocol.damping_task)
+    loss_ax.set(xscale="log", xlabel="reg", ylabel="validation loss", title=f"{task}, adamw: validation")
+    accuracy_ax.set(xscale="log", xlabel="reg", ylabel="accuracy", title=f"{task}, adamw: test (95% interval)")
+    for ax in (loss_ax, accuracy_ax):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    figure.savefig(directory / "damping.png", dpi=100)
+    return directory / "damping.png"
 
 
 def tuning_plot(collected: dict[str, Any], protocol: TunedProtocol, directory: Path) -> Path:

@@ -28,10 +28,10 @@ CONFIG = ROOT / "configs" / "llama_moelora.py"
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One run: a method under an optimizer at a learning rate (and Adam's ``betas`` where the protocol varies them),
-    on a task and a seed where the protocol sets them (None: the config's), as ``train.py`` on a ``preset`` of
-    :data:`CONFIG` ("": none) with ``overrides`` (dotted keys of the config). Runs are equal when they are the same
-    method, optimizer, rate, task, seed and betas."""
+    """One run: a method under an optimizer at a learning rate (and Adam's ``betas``, riemann_precond's damping
+    ``reg`` and the ``split`` it is evaluated on, where the protocol varies them), on a task and a seed where the
+    protocol sets them (None: the config's), as ``train.py`` on a ``preset`` of :data:`CONFIG` ("": none) with
+    ``overrides`` (dotted keys of the config). Runs are equal when all but the preset and overrides are."""
 
     method: str
     optimizer: str
@@ -41,18 +41,24 @@ class Run:
     preset: str = dataclasses.field(default="", compare=False)
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
     betas: tuple[float, float] | None = None
+    reg: float | None = None
+    split: str | None = None
 
     @property
     def name(self) -> str:
-        """Its directory under the protocol's: ``[<task>/]<method>-<optimizer>-<lr>[-b<b1>-<b2>][-seed<seed>]``."""
+        """Its directory under the protocol's:
+        ``[<task>/]<method>-<optimizer>-<lr>[-b<b1>-<b2>][-reg<reg>][-seed<seed>][-<split>]``."""
         name = f"{self.method}-{self.optimizer}-{self.lr:.0e}"
         name = name if self.betas is None else f"{name}-b{self.betas[0]:g}-{self.betas[1]:g}"
+        name = name if self.reg is None else f"{name}-reg{self.reg:.0e}"
         name = name if self.seed is None else f"{name}-seed{self.seed}"
+        name = name if self.split is None else f"{name}-{self.split}"
         return name if self.task is None else f"{self.task}/{name}"
 
     @property
     def key(self) -> dict[str, Any]:
-        """What names it in the results: its task, method, optimizer, learning rate, seed and betas, those set."""
+        """What names it in the results: its task, method, optimizer, learning rate, seed, betas, damping and
+        split, those set."""
         fields = {
             "task": self.task,
             "method": self.method,
@@ -60,6 +66,8 @@ class Run:
             "lr": self.lr,
             "seed": self.seed,
             "betas": None if self.betas is None else list(self.betas),
+            "reg": self.reg,
+            "split": self.split,
         }
         return {k: v for k, v in fields.items() if v is not None}
 

@@ -1,5 +1,5 @@
 """The statistics of a paired protocol's runs: each cell's accuracy over seeds and examples with a bootstrap
-interval, and each paper claim's paired difference with its verdict."""
+interval, each paper claim's paired difference with its verdict, and the damping sweep's rows."""
 
 from __future__ import annotations
 
@@ -121,6 +121,39 @@ def claim_stats(collected: dict[str, Any]) -> list[dict[str, Any]]:
                     | {"one_answer": one_answer}
                 )
     return out
+
+
+def damping_stats(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The damping sweep's rows (of its runs' ``records``, one seed): plain AdamW's (``reg`` None) first, then the
+    preconditioned arm's by ``reg``, each with its validation loss and test accuracy with its 95% interval (the
+    binomial one: :func:`bootstrap_interval` of one seed) where run, and, beside plain's, the differences: of the
+    validation loss, and of the accuracy on the same test examples with its paired interval."""
+    by_key = {(r["method"], r.get("reg"), r["split"]): r for r in records}
+    arms = sorted({(method, reg) for method, reg, _ in by_key}, key=lambda arm: (arm[1] is not None, arm[1] or 0.0))
+    plain = next((arm for arm in arms if arm[1] is None), None)
+
+    def correct(arm: tuple[str, float | None]) -> np.ndarray | None:
+        test = by_key.get((*arm, "test"))
+        return None if test is None else np.array([[c == "1" for c in test["correct"]]], dtype=float)
+
+    rows = []
+    for arm in arms:
+        validation, test = by_key.get((*arm, "validation")), by_key.get((*arm, "test"))
+        row: dict[str, Any] = {"method": arm[0], "reg": arm[1]}
+        if validation is not None:
+            row["validation_loss"] = validation["eval_loss"]
+            if plain is not None and arm != plain and (*plain, "validation") in by_key:
+                row["validation_loss_difference"] = (
+                    validation["eval_loss"] - by_key[(*plain, "validation")]["eval_loss"]
+                )
+        if test is not None:
+            mean, lo, hi = bootstrap_interval(correct(arm))
+            row |= {"accuracy": mean, "low": lo, "high": hi, "top_answer_share": test["top_answer_share"]}
+            if plain is not None and arm != plain and (baseline := correct(plain)) is not None:
+                mean, lo, hi = bootstrap_interval(correct(arm) - baseline)
+                row |= {"difference": mean, "difference_low": lo, "difference_high": hi}
+        rows.append(row)
+    return rows
 
 
 def statistics(collected: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,9 @@ split carved from the training data, then scored on fresh seeds.
 3. Final: each arm at its choice, seeds :attr:`TunedProtocol.seeds`, trained on the same examples and scored by
    generation on the task's test examples, each example's outcome kept, for the paired statistics of
    :mod:`experiments.stats`.
+4. Damping: on one task, MoE-LoRA + riemann under AdamW at its choice with each ``reg`` of :data:`DAMPING`, and
+   plain MoE-LoRA at its own choice, each trained once (the tuning seed) and evaluated twice: by the validation loss
+   and by scoring the test examples (:func:`~experiments.stats.damping_stats`).
 
 Each finished run's record (its key, scores, loss curve and, for a final run, its per-example outcomes) is written
 as one small JSON file under :attr:`TunedProtocol.records` (``docs/results/tuned/runs/``, committed as it lands): a
@@ -30,7 +33,7 @@ from typing import Any
 
 from experiments.protocols import GATE_LR_RATIO, METHODS, Protocol
 from experiments.runs import Run, base_record, launch, machine, run_record, scored_examples
-from experiments.stats import commonest, statistics
+from experiments.stats import commonest, damping_stats, statistics
 from moelora_jax.errors import UserError
 from moelora_jax.io.atomic import write_text_atomically
 
@@ -43,6 +46,12 @@ ADAMW_BETAS = ((0.9, 0.999), (0.7, 0.8))
 SST2_STEPS = 240
 """SST-2's training steps (of 4 sentences): where MoE-LoRA + riemann + sqrt-gate stops giving one answer (measured
 in ``docs/results/tuned/sst2_steps.md``; the ``resolve`` protocol's 60 left half its runs answering one label)."""
+DAMPING = (1e-6, 1e-4, 1e-2, 1.0, 100.0)
+"""riemann_precond's ``reg`` values the damping sweep runs: the default (1e-6) up to 100, the range Zhang & Pilanci
+tune it over per task for Mistral-7B. As ``reg`` grows past the factors' Gram matrices, the preconditioned gradient
+tends to ``G / reg``: plain AdamW's direction (Adam undoes the scale but for its epsilon)."""
+DAMPING_ARMS = (("moe_lora", "adamw"), ("moe_lora+riemann", "adamw"))
+"""The damping sweep's arms: plain AdamW, and the preconditioned arm, run with each ``reg``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +74,7 @@ class TunedProtocol:
     """``overrides`` for every run; ``tasks`` (each with its overrides); ``arms``, ``(method, optimizer)`` pairs;
     each optimizer's ``rates`` (on :data:`RATE_LADDER`) and ``betas`` (None: the optimizer has none to tune);
     ``validation_examples`` held out of each task's training examples; ``records``, the directory of the finished
-    runs' records."""
+    runs' records; ``damping``, the ``reg`` values of the damping sweep on ``damping_task`` (None: none)."""
 
     name: str
     overrides: dict[str, Any]
@@ -78,6 +87,8 @@ class TunedProtocol:
     tuning_seed: int = 0
     seeds: tuple[int, ...] = (1, 2, 3)
     preset: str = ""
+    damping: tuple[float, ...] = DAMPING
+    damping_task: str | None = None
 
     paired = True
 
@@ -98,18 +109,19 @@ class TunedProtocol:
     def _arms(self, methods: Iterable[str]) -> list[tuple[str, str]]:
         return [(method, optimizer) for method, optimizer in self.arms if method in set(methods)]
 
-    def _run(self, task: str, method: str, optimizer: str, setting: Setting, seed: int, base: bool) -> Run:
-        """A tuning run (seed :attr:`tuning_seed`: the validation loss only) or a final one (scored on the test
-        examples; ``base``: the first of its task, which also scores the base model)."""
-        final = seed != self.tuning_seed
+    def _run(
+        self, task: str, method: str, optimizer: str, setting: Setting, seed: int, *, scored: bool, base: bool = False
+    ) -> Run:
+        """A run evaluated by the validation loss only (a tuning run) or ``scored`` on the test examples (a final
+        one; ``base``: the first of its task, which also scores the base model)."""
         settings = {
             **self.overrides,
             **self.tasks[task],
             **METHODS[method][1],
             "train.seed": seed,
             "data.validation_examples": self.validation_examples,
-            "data.eval_on": "test" if final else "validation",
-            "train.score": final,
+            "data.eval_on": "test" if scored else "validation",
+            "train.score": scored,
             "train.eval_before": base,
             "optim.family": optimizer,
             "optim.lr": setting.lr,
@@ -117,7 +129,7 @@ class TunedProtocol:
             "export.peft": False,
             "export.merged": False,
         }
-        if not final:
+        if not scored:
             settings["data.max_eval_examples"] = 0  # every validation example
         if setting.betas is not None:
             settings |= {"optim.b1": setting.betas[0], "optim.b2": setting.betas[1]}
@@ -129,11 +141,11 @@ class TunedProtocol:
         return {f"{p.parent.name}/{p.stem}": json.loads(p.read_text()) for p in paths}
 
     def _losses(self, task: str, method: str, optimizer: str, done: dict[str, dict]) -> dict[Setting, float]:
-        """The validation loss of each finished tuning run of an arm on ``task``."""
+        """The validation loss of each finished tuning run of an arm on ``task`` (the damping sweep's aside)."""
         out = {}
         for record in done.values():
             key = (record["task"], record["method"], record["optimizer"], record["seed"])
-            if key == (task, method, optimizer, self.tuning_seed):
+            if key == (task, method, optimizer, self.tuning_seed) and "split" not in record:
                 betas = tuple(record["betas"]) if "betas" in record else None
                 out[Setting(record["lr"], betas)] = record["eval_loss"]
         return out
@@ -172,15 +184,33 @@ class TunedProtocol:
         for task in self.tasks:
             for method, optimizer in arms:
                 for setting in self.grid(optimizer):
-                    out.append(self._run(task, method, optimizer, setting, self.tuning_seed, False))
+                    out.append(self._run(task, method, optimizer, setting, self.tuning_seed, scored=False))
                 losses = self._losses(task, method, optimizer, done)
                 finished = all(s in losses for s in self.grid(optimizer))
                 if finished and (extension := self._extension(losses, optimizer)) is not None:
-                    out.append(self._run(task, method, optimizer, extension, self.tuning_seed, False))
+                    out.append(self._run(task, method, optimizer, extension, self.tuning_seed, scored=False))
             for seed, arm in itertools.product(self.seeds, arms):
                 chosen, _ = self.choice(task, *arm, done)
                 if chosen is not None:  # the first arm's first seed also scores the base model
-                    out.append(self._run(task, *arm, chosen, seed, (seed, arm) == (self.seeds[0], arms[0])))
+                    base = (seed, arm) == (self.seeds[0], arms[0])
+                    out.append(self._run(task, *arm, chosen, seed, scored=True, base=base))
+            if task == self.damping_task:
+                out += self._damping_runs(task, [arm for arm in DAMPING_ARMS if arm in arms], done)
+        return out
+
+    def _damping_runs(self, task: str, arms: list[tuple[str, str]], done: dict[str, dict]) -> list[Run]:
+        """The damping sweep's runs of ``arms`` (of :data:`DAMPING_ARMS`) whose choice is made: each at its chosen
+        setting, the preconditioned one with each ``reg`` of :attr:`damping`, seed :attr:`tuning_seed`, evaluated
+        on the validation split and (the same training again) scored on the test examples."""
+        out = []
+        for split, (method, optimizer) in itertools.product(("validation", "test"), arms):
+            chosen, _ = self.choice(task, method, optimizer, done)
+            if chosen is None:
+                continue
+            run = self._run(task, method, optimizer, chosen, self.tuning_seed, scored=split == "test")
+            for reg in self.damping if METHODS[method][1]["optim.riemann"] else (None,):
+                overrides = run.overrides | ({} if reg is None else {"optim.riemann_reg": reg})
+                out.append(dataclasses.replace(run, overrides=overrides, reg=reg, split=split))
         return out
 
     def launch(self, methods: list[str], root: Path, extra: dict[str, str]) -> None:
@@ -210,7 +240,7 @@ class TunedProtocol:
         record |= {"train_examples": summary["train_examples"], "eval_examples": summary["eval_examples"]}
         if scores := base_record(directory):
             record["base"] = scores
-        if run.seed != self.tuning_seed:
+        if run.overrides["train.score"]:
             examples = scored_examples(directory)
             answer, share = commonest(examples, "answer")
             record |= {
@@ -229,7 +259,8 @@ class TunedProtocol:
         arm's choice and budget, and the final runs with the base model's scores, the held-out examples, the
         commonest label and the paired :func:`~experiments.stats.statistics`."""
         done = self.recorded()
-        tuning = [r for r in done.values() if r["seed"] == self.tuning_seed]
+        damping = [r for r in done.values() if "split" in r]
+        tuning = [r for r in done.values() if r["seed"] == self.tuning_seed and "split" not in r]
         runs = [r for r in done.values() if r["seed"] != self.tuning_seed]
         choices = []
         for task, (method, optimizer) in itertools.product(self.tasks, self.arms):
@@ -245,7 +276,7 @@ class TunedProtocol:
         base, examples, majority, sizes = {}, {}, {}, {}
         for record in tuning + runs:
             sizes.setdefault(record["task"], record["train_examples"])
-        for record in runs:
+        for record in runs + [r for r in damping if "sources" in r]:
             task = record["task"]
             if examples.setdefault(task, record["sources"]) != record["sources"]:
                 raise UserError(f"the {task} runs score different held-out examples: they must share the eval set.")
@@ -266,6 +297,7 @@ class TunedProtocol:
             "majority": majority,
             "examples": examples,
             "runs": runs,
+            "damping": damping_stats(damping),
         }
         return collected | statistics(collected)
 
@@ -273,7 +305,8 @@ class TunedProtocol:
 def tuned_protocol(resolve: Protocol, records: Path, sst2_steps: int) -> TunedProtocol:
     """The ``tuned`` protocol on the ``resolve`` protocol's tasks, schedules and held-out examples (SST-2 trained for
     ``sst2_steps``), its records in ``records``: LoRA, LoRA + riemann, MoE-LoRA, MoE-LoRA + riemann and MoE-LoRA +
-    riemann + sqrt-gate under AdamW; MoE-LoRA with and without riemann under SGD (whose claim held at one rate)."""
+    riemann + sqrt-gate under AdamW; MoE-LoRA with and without riemann under SGD (whose claim held at one rate); the
+    damping sweep on BBC News."""
     sst2 = resolve.tasks["sst2"] | {
         "train.steps": sst2_steps,
         "optim.warmup_steps": sst2_steps // 10,
@@ -290,4 +323,5 @@ def tuned_protocol(resolve: Protocol, records: Path, sst2_steps: int) -> TunedPr
         betas={"adamw": ADAMW_BETAS, "sgd": (None,)},
         validation_examples=200,
         records=records,
+        damping_task="bbc_news",
     )

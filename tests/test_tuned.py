@@ -1,7 +1,7 @@
 """The ``tuned`` protocol (``experiments/tuned.py``): its runs are valid configs that tune on the validation split
 and score the finals on the test examples; the choice is the lowest validation loss, extended past a grid's edge;
-every arm of an optimizer has the same budget; and a protocol resumed from its committed records alone, on a fresh
-work tree, gives the results of an uninterrupted one."""
+every arm of an optimizer has the same budget; a protocol resumed from its committed records alone, on a fresh
+work tree, gives the results of an uninterrupted one; and the damping sweep runs each ``reg`` at the arm's choice."""
 
 import json
 import math
@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 import experiments.runs  # noqa: E402
 from experiments import reporting  # noqa: E402
 from experiments.protocols import GATE_LR_RATIO, protocols  # noqa: E402
-from experiments.tuned import ADAMW_BETAS, RATE_LADDER, SST2_STEPS, Setting, tuned_protocol  # noqa: E402
+from experiments.tuned import ADAMW_BETAS, DAMPING, RATE_LADDER, SST2_STEPS, Setting, tuned_protocol  # noqa: E402
 
 BEST = {"lora": 1e-3, "lora+riemann": 3e-3, "moe_lora": 1e-3, "moe_lora+riemann": 3e-2}
 """The fake runs' best rate per method (the loss is lowest there); moe_lora+riemann's lies past the AdamW grid's
@@ -35,7 +35,7 @@ def _done(protocol, losses):
     """Records of tuning runs with the given validation ``losses`` per ``(task, method, optimizer, Setting)``."""
     out = {}
     for (task, method, optimizer, setting), loss in losses.items():
-        run = protocol._run(task, method, optimizer, setting, protocol.tuning_seed, False)
+        run = protocol._run(task, method, optimizer, setting, protocol.tuning_seed, scored=False)
         out[run.name] = run.key | {"eval_loss": loss}
     return out
 
@@ -100,26 +100,31 @@ def test_every_arm_of_an_optimizer_has_the_same_tuning_budget(tmp_path):
 
 def _fake_train(argv, log):
     """What ``train.py`` leaves: a validation loss lowest at the method's :data:`BEST` rate (higher with Adam's
-    default betas), and for a final run each test example's outcome, drawn from its method and seed."""
+    default betas, for a preconditioned method by ``0.2 / (1 + reg)``, on the test examples by 1), and for a scored
+    run each test example's outcome, drawn from its method and seed (a preconditioned one damped with ``reg >= 1``:
+    plain's)."""
     options = dict(a.removeprefix("--config.").split("=", 1) for a in argv[3:])
     method = next(m for m in sorted(BEST, key=len, reverse=True) if options["output_dir"].split("/")[-1].startswith(m))
-    lr, seed = float(options["optim.lr"]), int(options["train.seed"])
+    lr, seed, scored = float(options["optim.lr"]), int(options["train.seed"]), options["train.score"] == "True"
+    reg = float(options.get("optim.riemann_reg", 1e-6)) if "riemann" in method else None
     directory = log.parent
     loss = (math.log10(lr) - math.log10(BEST[method])) ** 2 + (0.1 if options.get("optim.b1") == "0.9" else 0.0)
-    correct = [(i * (seed + 2) + len(method)) % 3 != 0 for i in range(12)] if seed else []
+    loss += (0.0 if reg is None else 0.2 / (1 + reg)) + (1.0 if scored else 0.0)  # the test examples' loss is higher
+    outcome = method.removesuffix("+riemann") if reg is not None and reg >= 1 else method
+    correct = [(i * (seed + 2) + len(outcome)) % 3 != 0 for i in range(12)] if scored else []
     summary = {
         "accuracy_before": 0.2 if options["train.eval_before"] == "True" else None,
         "eval_loss_before": 2.0 if options["train.eval_before"] == "True" else None,
-        "accuracy_after": sum(correct) / 12 if seed else None,
+        "accuracy_after": sum(correct) / 12 if scored else None,
         "eval_loss_after": loss,
         "skipped_updates": 0,
         "train_seconds": 1.0,
         "train_examples": 1483,
-        "eval_examples": 12 if seed else 200,
+        "eval_examples": 12 if scored else 200,
     }
     (directory / "summary.json").write_text(json.dumps(summary))
     (directory / "metrics.jsonl").write_text(json.dumps({"event": "train", "step": 1, "loss": loss}) + "\n")
-    if seed:
+    if scored:
         lines = [
             {"index": i, "source": f"test:{i}", "label": "a", "answer": "a" if c else "b", "correct": c}
             for i, c in enumerate(correct)
@@ -133,7 +138,7 @@ def test_a_protocol_resumed_from_its_committed_records_equals_an_uninterrupted_o
     monkeypatch.setattr(
         experiments.runs, "train", lambda argv, log: launched.append(log.parent) or _fake_train(argv, log)
     )
-    methods = ["lora", "lora+riemann", "moe_lora+riemann"]
+    methods = ["lora", "lora+riemann", "moe_lora", "moe_lora+riemann"]
     whole = _protocol(tmp_path, "whole")
     root = tmp_path / "runs"
     whole.launch(methods, root, {})
@@ -146,6 +151,8 @@ def test_a_protocol_resumed_from_its_committed_records_equals_an_uninterrupted_o
     assert chosen == {
         ("lora", "adamw", 1e-3, 8),
         ("lora+riemann", "adamw", 3e-3, 8),
+        ("moe_lora", "adamw", 1e-3, 8),
+        ("moe_lora", "sgd", 1e-3, 4),  # the edge's extension won
         ("moe_lora+riemann", "adamw", 3e-2, 9),  # the edge's extension won
         ("moe_lora+riemann", "sgd", 3e-2, 4),  # the edge's extension (1e-1) lost
     }
@@ -157,7 +164,7 @@ def test_a_protocol_resumed_from_its_committed_records_equals_an_uninterrupted_o
     parted.records.mkdir(parents=True)
     shutil.copytree(whole.records / "bbc_news", parted.records / "bbc_news")
     for path in (parted.records / "bbc_news").glob("*.json"):
-        if not path.stem.endswith("seed0"):
+        if not path.stem.endswith("seed0"):  # the finals and the damping sweep
             path.unlink()
     missing = sorted(set(whole.recorded()) - set(parted.recorded()))
     assert 0 < len(missing) < len(whole.recorded())
@@ -171,7 +178,7 @@ def test_a_protocol_resumed_from_its_committed_records_equals_an_uninterrupted_o
     parted.launch(methods, root, {})
     assert sorted(launched) == missing  # what was committed is not run again
     resumed = parted.collect(root)
-    keep = ("choices", "tuning", "runs", "cells", "claims", "base", "majority", "examples", "train_examples")
+    keep = ("choices", "tuning", "runs", "cells", "claims", "base", "majority", "examples", "train_examples", "damping")
     assert {k: resumed[k] for k in keep} == {k: expected[k] for k in keep}
     assert reporting.tuned_tables(resumed, parted) == reporting.tuned_tables(expected, whole)
     launched.clear()
@@ -195,3 +202,48 @@ def test_a_run_is_recorded_as_soon_as_it_finishes_even_if_the_protocol_then_stop
     with pytest.raises(SystemExit, match="stopped during"):
         protocol.launch(["lora"], tmp_path / "runs", {})
     assert sorted(protocol.recorded()) == sorted(str(log.parent.relative_to(tmp_path / "runs")) for log in calls[:2])
+
+
+def test_the_damping_sweep_runs_the_preconditioned_arm_at_its_choice_with_each_reg(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments.runs, "train", _fake_train)
+    protocol = _protocol(tmp_path)
+    protocol.launch(["moe_lora", "moe_lora+riemann"], tmp_path / "runs", {})
+    collected = protocol.collect(tmp_path / "runs")
+    sweep = [r for r in protocol.recorded().values() if "split" in r]
+    assert len(sweep) == 2 * (1 + len(DAMPING)) and {(r["task"], r["seed"], r["optimizer"]) for r in sweep} == {
+        ("bbc_news", 0, "adamw")
+    }
+    chosen = {c["method"]: c for c in collected["choices"] if (c["task"], c["optimizer"]) == ("bbc_news", "adamw")}
+    for r in sweep:  # each arm at its own choice, the preconditioned one damped by its reg
+        assert (r["lr"], r["betas"]) == (chosen[r["method"]]["lr"], chosen[r["method"]]["betas"])
+        assert ("reg" in r) == (r["method"] == "moe_lora+riemann")
+        assert ("--config.optim.riemann_reg=" in r["command"]) == ("reg" in r)
+        if "reg" in r:
+            assert f"--config.optim.riemann_reg={r['reg']:.3g}" in r["command"].split()
+        assert f"--config.data.eval_on={r['split']}" in r["command"].split()
+        assert ("sources" in r) == (r["split"] == "test")
+    done = protocol.recorded()
+    marked = {n: r for n, r in done.items() if "split" not in r} | {
+        n: r | {"eval_loss": 9.0} for n, r in done.items() if "split" in r
+    }
+    for method in chosen:  # the sweep's runs share the choice's setting but are no tuning runs
+        assert 9.0 not in protocol._losses("bbc_news", method, "adamw", marked).values()
+    finals = [r for r in collected["runs"] if r["task"] == "bbc_news"]
+    assert all(r["sources"] == finals[0]["sources"] for r in sweep if "sources" in r)  # the finals' test examples
+
+    rows = collected["damping"]
+    assert [(row["method"], row["reg"]) for row in rows] == [
+        ("moe_lora", None),
+        *(("moe_lora+riemann", reg) for reg in DAMPING),
+    ]
+    default = next(row for row in rows if row["reg"] == 1e-6)  # the default reg: the tuning run at the choice again
+    assert default["validation_loss"] == chosen["moe_lora+riemann"]["validation_loss"]
+    differences = [row["validation_loss_difference"] for row in rows[1:]]
+    assert differences == sorted(differences, reverse=True) and differences[-1] < 0.01 < differences[0]
+    for row in rows[1:]:  # the fake's outcomes are plain's from reg 1 on: no difference, and an interval of 0
+        vanished = row["reg"] >= 1
+        assert (row["difference"] == row["difference_low"] == row["difference_high"] == 0) == vanished
+    reporting.write(collected, protocol, tmp_path / "out")
+    text = (tmp_path / "out" / "tables.md").read_text()
+    assert "riemann_precond's damping `reg`" in text and "| MoE-LoRA + riemann | 1e+02 |" in text
+    assert (tmp_path / "out" / "damping.png").exists()
