@@ -14,6 +14,7 @@ from train_cli import tiny_job, train, write_records
 from moelora_jax.data.splits import hold_out
 from moelora_jax.data.tasks import load_task
 from moelora_jax.errors import UserError
+from moelora_jax.evaluation.scoring import EXAMPLES_FILE
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue_data" / "SST-2"
 
@@ -84,3 +85,5 @@ def test_train_py_tunes_on_the_validation_examples_by_loss_only(tmp_path, tiny_m
     assert tune["accuracy_after"] is None and tune["eval_loss_after"] > 0
     assert final["accuracy_after"] is not None
     assert (tmp_path / "tune" / "curves.png").exists() and "accuracy not scored" in printed["tune"]
+    for name, scored in (("tune", False), ("final", True)):  # the outputs it lists are those it wrote
+        assert (tmp_path / name / EXAMPLES_FILE).exists() == scored == (EXAMPLES_FILE in printed[name])

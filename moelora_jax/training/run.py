@@ -151,12 +151,13 @@ def _print_summary(summary: dict[str, Any], metric: str, n_eval: int, batch_size
 
     speed = summary["train_tokens_per_s"]
     resumed = f", resumed from step {summary['resumed_from_step']}" if summary["resumed_from_step"] else ""
+    examples = f"{EXAMPLES_FILE}, " if summary[f"{metric}_after"] is not None else ""  # written where scored
     print(
         f"\n{summary['task']}: {metric} {change(metric)}, eval loss {change('eval_loss')} over {n_eval} held-out "
         f"examples\n{summary['steps']} steps x {batch_size} examples ({summary['skipped_updates']} skipped{resumed}), "
         f"{summary['train_seconds']:.0f} s training"
         + (f" at {speed:.0f} tokens/s" if speed else "")
         + f", {summary['total_seconds']:.0f} s total\nin {output_dir}: metrics.jsonl, tensorboard/, {CURVES_FILE}, "
-        f"{SETTINGS_FILE}, {COMMANDS_FILE}, {EXAMPLES_FILE}, summary.json, checkpoints/"
+        f"{SETTINGS_FILE}, {COMMANDS_FILE}, {examples}summary.json, checkpoints/"
         + (", export/" if summary["exports"] else "")
     )
