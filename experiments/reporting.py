@@ -283,6 +283,9 @@ def tuned_tables(collected: dict[str, Any], protocol: TunedProtocol) -> str:
         f"{protocol.tuning_seed}) and is judged by its validation loss (no generation); the lowest wins (ties: the "
         "smaller rate); a winner on the grid's edge adds the next rate that way. The winner then trains with seeds "
         f"{', '.join(map(str, protocol.seeds))}, scored on the test examples.\n",
+        f"The {collected['wall_time']['runs']} runs (the damping sweep's included) took "
+        f"{collected['wall_time']['hours']:.1f} h of wall time one after another on {collected['machine']['cpu']} "
+        f"({collected['machine']['cores']} cores).\n",
     ]
     for optimizer, grid in collected["grids"].items():
         rates = sorted({s["lr"] for s in grid})

@@ -90,7 +90,8 @@ def main() -> None:
     except UserError as e:
         sys.exit(f"error: {e}")
     if not (collected["runs"] or collected.get("tuning")):
-        sys.exit(f"no finished runs under {root}: run without --collect first.")
+        where = protocol.records if isinstance(protocol, TunedProtocol) else root  # the tuned one reads its records
+        sys.exit(f"no finished runs under {where}: run without --collect first.")
     text = write(collected, protocol, out)
     print(f"\n{text}\nresults, tables and plots in {out}/")
 

@@ -233,11 +233,12 @@ class TunedProtocol:
 
     def record(self, run: Run, directory: Path) -> None:
         """Write a finished run's record: :attr:`Run.key`, :func:`~experiments.runs.run_record`, its training and
-        held-out example counts, the base model's scores where it measured them and, for a final run, each held-out
-        example's source, label and outcome with its commonest answer."""
+        held-out example counts, its wall time, the base model's scores where it measured them and, for a scored
+        run, each held-out example's source, label and outcome with its commonest answer."""
         summary = json.loads((directory / "summary.json").read_text())
         record = run.key | run_record(directory)
         record |= {"train_examples": summary["train_examples"], "eval_examples": summary["eval_examples"]}
+        record["total_seconds"] = summary["total_seconds"]  # training, evaluation and start-up: what the run cost
         if scores := base_record(directory):
             record["base"] = scores
         if run.overrides["train.score"]:
@@ -288,6 +289,7 @@ class TunedProtocol:
         collected = {
             "protocol": self.name,
             "machine": machine(),
+            "wall_time": {"runs": len(done), "hours": sum(r["total_seconds"] for r in done.values()) / 3600},
             "validation_examples": self.validation_examples,
             "train_examples": sizes,
             "grids": {o: [dataclasses.asdict(s) for s in self.grid(o)] for o in self.columns()},

@@ -119,6 +119,7 @@ def _fake_train(argv, log):
         "eval_loss_after": loss,
         "skipped_updates": 0,
         "train_seconds": 1.0,
+        "total_seconds": 60.0,
         "train_examples": 1483,
         "eval_examples": 12 if scored else 200,
     }
@@ -188,6 +189,8 @@ def test_a_protocol_resumed_from_its_committed_records_equals_an_uninterrupted_o
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {"results.json", "tables.md", "tuning.png", "claims.png"}
     text = (tmp_path / "out" / "tables.md").read_text()
     assert "riemann_precond helps LoRA" in text and "| LoRA + riemann | adamw | 8 | 3e-03 | (0.7, 0.8) |" in text
+    runs = len(whole.recorded())
+    assert f"The {runs} runs (the damping sweep's included) took {runs / 60:.1f} h of wall time" in text
 
 
 def test_a_run_is_recorded_as_soon_as_it_finishes_even_if_the_protocol_then_stops(tmp_path, monkeypatch):
