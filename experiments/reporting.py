@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -233,7 +234,7 @@ def paired_plots(collected: dict[str, Any], protocol: Protocol, directory: Path)
         if task in collected["base"]:
             ax.axhline(collected["base"][task]["accuracy"], color="gray", ls=":", label="base model")
         ax.axhline(collected["majority"][task]["accuracy"], color="gray", ls="--", lw=0.8, label="commonest label")
-        ax.set_xticks(range(len(optimizers)), list(protocol.columns().values()))
+        ax.set_xticks(range(len(optimizers)), [textwrap.fill(label, 24) for label in protocol.columns().values()])
         ax.set(title=TASK_NAMES.get(task, task), ylabel="held-out accuracy", ylim=(-0.02, 1.02))
         ax.set_xlim(-0.5, len(optimizers) - 0.5)
         ax.grid(alpha=0.3, axis="y")
@@ -391,10 +392,11 @@ def damping_plot(collected: dict[str, Any], protocol: TunedProtocol, directory: 
 
 def tuning_plot(collected: dict[str, Any], protocol: TunedProtocol, directory: Path) -> Path:
     """``tuning.png``: per task and optimizer, each arm's validation loss against the rate (one line per beta pair),
-    its chosen setting circled."""
+    its chosen setting circled; tasks without a tuning run yet are left out."""
     from matplotlib.figure import Figure
 
-    tasks, optimizers = list(protocol.tasks), list(protocol.columns())
+    tasks = [t for t in protocol.tasks if any(r["task"] == t for r in collected["tuning"])]
+    optimizers = list(protocol.columns())
     figure = Figure(figsize=(5 * len(optimizers), 3.6 * len(tasks)), layout="constrained")
     axes = figure.subplots(len(tasks), len(optimizers), squeeze=False)
     chosen = {(c["task"], c["method"], c["optimizer"]): c for c in collected["choices"]}
@@ -414,7 +416,7 @@ def tuning_plot(collected: dict[str, Any], protocol: TunedProtocol, directory: P
             if (c := chosen.get((task, method, optimizer))) is not None:
                 ax.plot(c["lr"], c["validation_loss"], "o", ms=11, mfc="none", color=color)
         title = f"{TASK_NAMES.get(task, task)}, {optimizer}"
-        ax.set(xscale="log", xlabel="learning rate", ylabel="validation loss", title=title)
+        ax.set(xscale="log", yscale="log", xlabel="learning rate", ylabel="validation loss", title=title)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6)
