@@ -1,7 +1,8 @@
 """The ``tuned`` protocol (``experiments/tuned.py``): its runs are valid configs that tune on the validation split
 and score the finals on the test examples; the choice is the lowest validation loss, extended past a grid's edge;
 every arm of an optimizer has the same budget; a protocol resumed from its committed records alone, on a fresh
-work tree, gives the results of an uninterrupted one; and the damping sweep runs each ``reg`` at the arm's choice."""
+work tree, gives the results of an uninterrupted one; the damping sweep runs each ``reg`` at the arm's choice; and
+the committed results are what the committed records give."""
 
 import json
 import math
@@ -18,6 +19,7 @@ from moelora_jax.training.settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import experiments.runs  # noqa: E402
+import experiments.tuned  # noqa: E402
 from experiments import reporting  # noqa: E402
 from experiments.protocols import GATE_LR_RATIO, protocols  # noqa: E402
 from experiments.tuned import ADAMW_BETAS, DAMPING, RATE_LADDER, SST2_STEPS, Setting, tuned_protocol  # noqa: E402
@@ -250,3 +252,16 @@ def test_the_damping_sweep_runs_the_preconditioned_arm_at_its_choice_with_each_r
     text = (tmp_path / "out" / "tables.md").read_text()
     assert "riemann_precond's damping `reg`" in text and "| MoE-LoRA + riemann | 1e+02 |" in text
     assert (tmp_path / "out" / "damping.png").exists()
+
+
+def test_the_committed_results_are_collected_from_the_committed_records(tmp_path, monkeypatch):
+    # docs/results/tuned/: results.json and tables.md from its records alone (the run directories are long gone),
+    # on the machine that ran them and wherever the data lies
+    results = ROOT / "docs" / "results" / "tuned"
+    committed = (results / "results.json").read_text()
+    monkeypatch.setattr(experiments.tuned, "machine", lambda: json.loads(committed)["machine"])
+    protocol = tuned_protocol(protocols(tmp_path)["resolve"], results / "runs", SST2_STEPS)
+    collected = protocol.collect(tmp_path / "no runs")
+    assert json.dumps(collected, indent=1) == committed
+    tables = reporting.tuned_tables(collected, protocol) + reporting.paired_tables(collected, protocol)
+    assert tables == (results / "tables.md").read_text()
