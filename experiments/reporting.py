@@ -19,10 +19,7 @@ TASK_NAMES = {"bbc_news": "BBC News", "sst2": "SST-2"}
 def write(collected: dict[str, Any], protocol: Protocol | TunedProtocol, directory: Path) -> str:
     """Write a protocol's ``collected`` results (its ``collect``) into ``directory``: ``results.json``, ``tables.md``
     and the plots; returns the tables."""
-    if isinstance(protocol, TunedProtocol):
-        text = tuned_tables(collected, protocol) + paired_tables(collected, protocol)
-    else:
-        text = paired_tables(collected, protocol) if protocol.paired else grid_tables(collected, protocol)
+    text = tables(collected, protocol)
     directory.mkdir(parents=True, exist_ok=True)
     write_text_atomically(directory / "results.json", json.dumps(collected, indent=1))
     write_text_atomically(directory / "tables.md", text)
@@ -33,6 +30,13 @@ def write(collected: dict[str, Any], protocol: Protocol | TunedProtocol, directo
         if collected["damping"]:
             damping_plot(collected, protocol, directory)
     return text
+
+
+def tables(collected: dict[str, Any], protocol: Protocol | TunedProtocol) -> str:
+    """Markdown, ``tables.md``: a grid's tables, or a paired protocol's, after the tuning tables where it tunes."""
+    if isinstance(protocol, TunedProtocol):
+        return tuned_tables(collected, protocol) + paired_tables(collected, protocol)
+    return paired_tables(collected, protocol) if protocol.paired else grid_tables(collected, protocol)
 
 
 def grid_tables(collected: dict[str, Any], protocol: Protocol) -> str:

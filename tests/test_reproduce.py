@@ -356,7 +356,7 @@ def test_the_committed_resolve_results_are_regenerated_from_their_runs():
     collected = {key: committed[key] for key in ("protocol", "machine", "base", "majority", "examples", "runs")}
     regenerated = collected | statistics(collected)
     assert json.dumps(regenerated, indent=1) == path.read_text()
-    text = reporting.paired_tables(regenerated, protocols(ROOT)["resolve"])
+    text = reporting.tables(regenerated, protocols(ROOT)["resolve"])
     assert text == (RESULTS / "resolve" / "tables.md").read_text()
 
 

@@ -263,5 +263,4 @@ def test_the_committed_results_are_collected_from_the_committed_records(tmp_path
     protocol = tuned_protocol(protocols(tmp_path)["resolve"], results / "runs", SST2_STEPS)
     collected = protocol.collect(tmp_path / "no runs")
     assert json.dumps(collected, indent=1) == committed
-    tables = reporting.tuned_tables(collected, protocol) + reporting.paired_tables(collected, protocol)
-    assert tables == (results / "tables.md").read_text()
+    assert reporting.tables(collected, protocol) == (results / "tables.md").read_text()
